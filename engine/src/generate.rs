@@ -1,0 +1,408 @@
+//! Slots (a KV cache plus the ids it was computed from), syncing a slot to a new prompt, sampling,
+//! and the generation loop with its stop rules, deadline and cancellation checks.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::cache::KvCache;
+use crate::error::Result;
+use crate::model::PhiModel;
+use crate::tokenizer::{PhiTokenizer, TextStream};
+
+/// Prefill runs in chunks of this many positions so a cancel is seen between them.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// A KV cache and the token ids it holds. Invariant: `ids.len() == cache.len()`.
+pub struct Slot {
+    cache: KvCache,
+    ids: Vec<u32>,
+    positions_run: u64,
+}
+
+/// What one [`Slot::sync`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Positions kept from the cache (the longest common prefix of ids, at most `len - 1`).
+    pub reused: usize,
+    /// Positions run through the model.
+    pub prefilled: usize,
+}
+
+pub enum SyncOutcome {
+    /// f32 logits `[vocab]` of the prompt's last position.
+    Ready(Tensor, SyncStats),
+    /// The cancel check fired between chunks; the slot holds the prefix computed so far.
+    Cancelled(SyncStats),
+}
+
+impl Slot {
+    pub fn new(model: &PhiModel, capacity: usize) -> Result<Self> {
+        Ok(Slot {
+            cache: model.new_cache(capacity)?,
+            ids: Vec::new(),
+            positions_run: 0,
+        })
+    }
+
+    /// The ids whose K/V the cache holds.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Positions run through the model by this slot since it was made (every sync and decode step).
+    pub fn positions_run(&self) -> u64 {
+        self.positions_run
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+        self.ids.truncate(len);
+    }
+
+    /// Runs `ids` after the cache and records them. Keeps the invariant even on error: a failed
+    /// forward leaves the cache at its old length.
+    fn run(&mut self, model: &PhiModel, ids: &[u32]) -> Result<Tensor> {
+        let before = self.cache.len();
+        match model.forward(ids, &mut self.cache, false) {
+            Ok(logits) => {
+                self.ids.extend_from_slice(ids);
+                self.positions_run += ids.len() as u64;
+                Ok(logits.squeeze(0)?)
+            }
+            Err(e) => {
+                self.cache.truncate(before);
+                Err(e)
+            }
+        }
+    }
+
+    /// Brings the cache to `prompt`: keeps the longest common prefix of ids (never text: BPE is not
+    /// prefix-stable), drops the rest, and runs only the new positions — at least the last one, for
+    /// its logits.
+    pub fn sync(
+        &mut self,
+        model: &PhiModel,
+        prompt: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<SyncOutcome> {
+        if prompt.is_empty() {
+            return Err(crate::EngineError::Request("the prompt has no tokens".into()));
+        }
+        let common = common_prefix(&self.ids, prompt).min(prompt.len() - 1);
+        self.truncate(common);
+        let mut stats = SyncStats {
+            reused: common,
+            prefilled: 0,
+        };
+        let mut logits = None;
+        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
+            if stats.prefilled > 0 && cancelled() {
+                return Ok(SyncOutcome::Cancelled(stats));
+            }
+            logits = Some(self.run(model, chunk)?);
+            stats.prefilled += chunk.len();
+        }
+        match logits {
+            Some(logits) => Ok(SyncOutcome::Ready(logits, stats)),
+            None => Err(crate::EngineError::Request("nothing to run".into())),
+        }
+    }
+}
+
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Greedy (`temperature == 0`, the default: completions must be reproducible) or temperature with
+/// nucleus (top-p) sampling from a seeded generator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation stops at this instant with what it has.
+    pub deadline: Option<Instant>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_new_tokens: 64,
+            sampling: Sampling::default(),
+            deadline: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfText,
+    MaxTokens,
+    Deadline,
+    /// The caller's predicate on the text said stop.
+    Predicate,
+    /// The cache is full.
+    ContextFull,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub reused_tokens: usize,
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    /// New tokens, without the end-of-text token.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+    pub stats: GenerationStats,
+}
+
+pub struct Sampler {
+    sampling: Sampling,
+    rng: StdRng,
+    /// Ids at or above this are not in the vocabulary and are never produced.
+    n_valid: usize,
+}
+
+impl Sampler {
+    pub fn new(sampling: Sampling, n_valid: usize) -> Self {
+        Sampler {
+            sampling,
+            rng: StdRng::seed_from_u64(sampling.seed),
+            n_valid,
+        }
+    }
+
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits: Vec<f32> = logits.to_vec1()?;
+        let valid = &logits[..self.n_valid.min(logits.len())];
+        if self.sampling.temperature <= 0.0 {
+            return Ok(argmax(valid));
+        }
+        Ok(self.sample_top_p(valid))
+    }
+
+    fn sample_top_p(&mut self, logits: &[f32]) -> u32 {
+        let t = self.sampling.temperature as f32;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(usize, f32)> = logits
+            .iter()
+            .map(|&l| ((l - max) / t).exp())
+            .enumerate()
+            .collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // Keep the smallest set of most likely tokens whose mass reaches top_p.
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for &(_, p) in &probs {
+            kept += 1;
+            mass += p / total;
+            if mass >= self.sampling.top_p as f32 {
+                break;
+            }
+        }
+        probs.truncate(kept.max(1));
+        let kept_total: f32 = probs.iter().map(|p| p.1).sum();
+        let mut draw = self.rng.random::<f32>() * kept_total;
+        for &(idx, p) in &probs {
+            if draw < p {
+                return idx as u32;
+            }
+            draw -= p;
+        }
+        probs.last().map(|p| p.0 as u32).unwrap_or(0)
+    }
+}
+
+/// The first maximum, as `torch.argmax` picks it.
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (idx, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = idx;
+        }
+    }
+    best as u32
+}
+
+/// Generates after `prompt` in `slot`. `stop` sees the complete text so far after each token;
+/// `cancelled` is polled between prefill chunks and after every token. The slot stays consistent
+/// whatever the outcome: it holds exactly the ids whose K/V it computed.
+pub fn generate(
+    model: &PhiModel,
+    tokenizer: &PhiTokenizer,
+    slot: &mut Slot,
+    prompt: &[u32],
+    params: &GenerateParams,
+    stop: &mut dyn FnMut(&str) -> bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Generation> {
+    let start = Instant::now();
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let mut generation = Generation {
+        prompt_tokens: prompt.to_vec(),
+        tokens: Vec::new(),
+        text: String::new(),
+        stop: StopReason::Cancelled,
+        stats: GenerationStats::default(),
+    };
+    let mut logits = match slot.sync(model, prompt, cancelled)? {
+        SyncOutcome::Ready(logits, sync) => {
+            stats.reused_tokens = sync.reused;
+            stats.prefilled_tokens = sync.prefilled;
+            logits
+        }
+        SyncOutcome::Cancelled(sync) => {
+            stats.reused_tokens = sync.reused;
+            stats.prefilled_tokens = sync.prefilled;
+            stats.prefill_ms = ms(start.elapsed());
+            generation.stats = stats;
+            return Ok(generation);
+        }
+    };
+    stats.prefill_ms = ms(start.elapsed());
+    let decode_start = Instant::now();
+    let mut sampler = Sampler::new(params.sampling, tokenizer.size());
+    let mut stream = TextStream::default();
+    let reason = loop {
+        if generation.tokens.len() >= params.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sampler.sample(&logits)?;
+        if Some(next) == tokenizer.eos_id() {
+            break StopReason::EndOfText;
+        }
+        generation.tokens.push(next);
+        stream.push(tokenizer, next)?;
+        if stop(stream.text()) {
+            break StopReason::Predicate;
+        }
+        if generation.tokens.len() >= params.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if params.deadline.is_some_and(|d| Instant::now() >= d) {
+            break StopReason::Deadline;
+        }
+        if cancelled() {
+            break StopReason::Cancelled;
+        }
+        if slot.ids().len() + 1 > slot.capacity() {
+            break StopReason::ContextFull;
+        }
+        logits = slot.run(model, &[next])?;
+    };
+    stats.generated_tokens = generation.tokens.len();
+    stats.decode_ms = ms(decode_start.elapsed());
+    generation.text = stream.finish(tokenizer)?;
+    generation.stop = reason;
+    generation.stats = stats;
+    Ok(generation)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_counts_equal_leading_ids() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[5], &[6]), 0);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[0.5]), 0);
+    }
+
+    #[test]
+    fn sampling_masks_ids_outside_the_vocabulary() {
+        let device = candle_core::Device::Cpu;
+        // The largest logit is at id 4, which a 4-token vocabulary does not have.
+        let logits = Tensor::new(&[0.0f32, 1.0, 0.5, 0.2, 9.0], &device).expect("tensor");
+        let mut greedy = Sampler::new(Sampling::default(), 4);
+        assert_eq!(greedy.sample(&logits).expect("samples"), 1);
+        let hot = Sampling {
+            temperature: 5.0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let mut sampler = Sampler::new(hot, 4);
+        for _ in 0..200 {
+            assert!(sampler.sample(&logits).expect("samples") < 4);
+        }
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_top_p_narrows() {
+        let device = candle_core::Device::Cpu;
+        let logits = Tensor::new(&[2.0f32, 1.9, 0.0, -1.0], &device).expect("tensor");
+        let params = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 42,
+        };
+        let draw = |s: Sampling| -> Vec<u32> {
+            let mut sampler = Sampler::new(s, 4);
+            (0..50)
+                .map(|_| sampler.sample(&logits).expect("samples"))
+                .collect()
+        };
+        assert_eq!(draw(params), draw(params));
+        assert!(
+            draw(params).iter().any(|&id| id >= 2),
+            "all four ids are possible at top_p 1"
+        );
+        let narrow = Sampling { top_p: 0.4, ..params };
+        assert!(
+            draw(narrow).iter().all(|&id| id == 0),
+            "top_p 0.4 keeps only the most likely id (p = 0.48)"
+        );
+    }
+}

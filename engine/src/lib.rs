@@ -1,0 +1,22 @@
+//! phi-engine: Microsoft's Phi-1 on candle, with a KV cache that keeps the unchanged prefix. The
+//! model and nothing else: no LSP, no JSON-RPC, no async runtime.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+pub mod worker;
+
+pub use candle_core::{DType, Device};
+pub use config::PhiConfig;
+pub use error::{EngineError, Result};
+pub use generate::{
+    generate, GenerateParams, Generation, GenerationStats, Sampling, Slot, StopReason, SyncOutcome, SyncStats,
+};
+pub use model::PhiModel;
+pub use tokenizer::{PhiTokenizer, TextStream};
+pub use weights::{Engine, ModelFiles};
+pub use worker::{Job, JobOutcome, Prompt, Ticket, Worker, WorkerOptions, WorkerStats};

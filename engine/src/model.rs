@@ -1,0 +1,271 @@
+//! The Phi-1 forward pass, equal to transformers' `PhiForCausalLM`. Struct fields carry the weight
+//! names of the checkpoint (`model.layers.N.self_attn.q_proj`, ...).
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+use crate::cache::KvCache;
+use crate::config::PhiConfig;
+use crate::error::Result;
+
+/// A linear layer with bias whose weight is dense or quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(weight: QMatMul, bias: Tensor) -> Self {
+        Linear { weight, bias }
+    }
+
+    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = vb.get(out_dim, "bias")?;
+        Ok(Linear {
+            weight: QMatMul::Tensor(weight),
+            bias,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.weight.forward(xs)?.broadcast_add(&self.bias)?)
+    }
+
+    pub fn weight(&self) -> &QMatMul {
+        &self.weight
+    }
+}
+
+fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get(size, "weight")?;
+    let bias = vb.get(size, "bias")?;
+    Ok(LayerNorm::new(weight, bias, eps))
+}
+
+/// cos/sin tables of the rotary embedding for every position the cache can hold.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    dim: usize,
+}
+
+impl Rotary {
+    fn new(cfg: &PhiConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.rotary_dim();
+        let theta = cfg.rope_theta();
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| (1.0 / theta.powf(i as f64 / dim as f64)) as f32)
+            .collect();
+        let n_freq = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, n_freq), device)?;
+        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        Ok(Rotary {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            dim,
+        })
+    }
+
+    /// NeoX `rotate_half` RoPE on the first `dim` features of `xs` (`[1, heads, n, head_dim]`).
+    fn apply(&self, xs: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, n_tokens, head_dim) = xs.dims4()?;
+        let cos = self.cos.narrow(0, start, n_tokens)?;
+        let sin = self.sin.narrow(0, start, n_tokens)?;
+        let rot = candle_nn::rotary_emb::rope(&xs.narrow(D::Minus1, 0, self.dim)?.contiguous()?, &cos, &sin)?;
+        if self.dim == head_dim {
+            return Ok(rot);
+        }
+        let pass = xs.narrow(D::Minus1, self.dim, head_dim - self.dim)?;
+        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    dense: Linear,
+    n_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, kv) = (cfg.hidden_size, cfg.num_kv_heads() * cfg.head_dim());
+        Ok(Attention {
+            q_proj: Linear::load(h, h, vb.pp("q_proj"))?,
+            k_proj: Linear::load(h, kv, vb.pp("k_proj"))?,
+            v_proj: Linear::load(h, kv, vb.pp("v_proj"))?,
+            dense: Linear::load(h, h, vb.pp("dense"))?,
+            n_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
+        let (b, n_tokens, hidden) = xs.dims3()?;
+        let start = cache.len();
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n_tokens, self.n_heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = rotary.apply(&heads(self.q_proj.forward(xs)?)?, start)?;
+        let k = rotary.apply(&heads(self.k_proj.forward(xs)?)?, start)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let (k, v) = cache.append(layer_idx, &k, &v)?;
+
+        // Scores and softmax in f32, as transformers upcasts them.
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = q.to_dtype(DType::F32)?;
+        let k = k.to_dtype(DType::F32)?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if n_tokens > 1 {
+            scores = scores.broadcast_add(&causal_mask(n_tokens, start, xs.device())?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n_tokens, hidden))?;
+        self.dense.forward(&out)
+    }
+}
+
+/// `[n_tokens, start + n_tokens]`: query `i` (absolute position `start + i`) sees keys `0..=start + i`.
+fn causal_mask(n_tokens: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let total = start + n_tokens;
+    let mask: Vec<f32> = (0..n_tokens)
+        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (n_tokens, total), device)?)
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Mlp {
+            fc1: Linear::load(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: Linear::load(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // gelu_new is the tanh approximation, which is candle's `gelu`.
+        self.fc2.forward(&self.fc1.forward(xs)?.gelu()?)
+    }
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: LayerNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("input_layernorm"))?,
+        })
+    }
+
+    /// Attention and MLP run in parallel on one LayerNorm and both add to the residual.
+    fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(xs)?;
+        let attn = self.self_attn.forward(&h, rotary, cache, layer_idx)?;
+        let ff = self.mlp.forward(&h)?;
+        Ok(((attn + ff)? + xs)?)
+    }
+}
+
+pub struct PhiModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    final_layernorm: LayerNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cfg: PhiConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl PhiModel {
+    pub fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+        let vb_m = vb.pp("model");
+        let embed_tokens = Embedding::new(
+            vb_m.pp("embed_tokens")
+                .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+            cfg.hidden_size,
+        );
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|layer_idx| DecoderLayer::new(cfg, vb_m.pp("layers").pp(layer_idx)))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
+        let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?;
+        Ok(PhiModel {
+            embed_tokens,
+            layers,
+            final_layernorm,
+            lm_head,
+            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A cache for this model holding up to `capacity` positions (at most the model's maximum).
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.min(self.cfg.max_position_embeddings);
+        KvCache::new(&self.cfg, capacity, self.dtype, &self.device)
+    }
+
+    /// Runs `ids` after what `cache` holds and appends their K/V. Returns f32 logits `[n, vocab]`
+    /// for every new position when `all_positions`, else `[1, vocab]` for the last one (the
+    /// lm_head over every position is a large part of prefill and rarely needed).
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        let n_tokens = ids.len();
+        if n_tokens == 0 {
+            return Err(crate::EngineError::Request(
+                "forward needs at least one token".into(),
+            ));
+        }
+        cache.check_room(n_tokens)?;
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut xs = self.embed_tokens.forward(&input)?;
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &self.rotary, cache, layer_idx)?;
+        }
+        cache.advance(n_tokens);
+        if !all_positions {
+            xs = xs.narrow(1, n_tokens - 1, 1)?;
+        }
+        let xs = self.final_layernorm.forward(&xs)?;
+        Ok(self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,224 @@
+//! Finding and loading a checkpoint: a Hugging Face model folder (config.json, tokenizer.json,
+//! model.safetensors or a sharded index), checked file by file so a bad folder fails with a message
+//! that names the file and the fix.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::config::PhiConfig;
+use crate::error::{EngineError, Result};
+use crate::model::PhiModel;
+use crate::tokenizer::PhiTokenizer;
+
+/// The files of one model, found and checked but not yet loaded.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+fn load_error(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Load {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl ModelFiles {
+    /// A folder in Hugging Face layout. `tokenizer` overrides the folder's tokenizer.json.
+    pub fn from_dir(dir: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(load_error(
+                dir,
+                "no such model folder: pass a folder with config.json, tokenizer.json and model.safetensors",
+            ));
+        }
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(load_error(
+                &config,
+                "missing: a Hugging Face model folder needs config.json",
+            ));
+        }
+        let tokenizer = tokenizer
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join("tokenizer.json"));
+        if !tokenizer.is_file() {
+            return Err(load_error(
+                &tokenizer,
+                "missing: pass --tokenizer or use a Hugging Face model folder that has tokenizer.json",
+            ));
+        }
+        let weights = find_safetensors(dir)?;
+        Ok(ModelFiles {
+            config,
+            tokenizer,
+            weights,
+        })
+    }
+}
+
+fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return shards_from_index(dir, &index);
+    }
+    for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
+        if dir.join(pickle).exists() {
+            return Err(load_error(
+                &dir.join(pickle),
+                "pickle checkpoints are refused because loading them can run arbitrary code: convert with \
+                 `python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"`",
+            ));
+        }
+    }
+    Err(load_error(
+        dir,
+        "no model.safetensors or model.safetensors.index.json in this folder",
+    ))
+}
+
+/// Shard names come from a file: they must be plain file names inside `dir`.
+fn shards_from_index(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text =
+        std::fs::read_to_string(index).map_err(|e| load_error(index, format!("cannot read it: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| load_error(index, format!("not valid JSON ({e}): re-download it")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| load_error(index, "no weight_map object: re-download it"))?;
+    let mut shards = BTreeSet::new();
+    for value in map.values() {
+        let name = value
+            .as_str()
+            .ok_or_else(|| load_error(index, "a weight_map value is not a string"))?;
+        let mut components = Path::new(name).components();
+        let plain = matches!(
+            (components.next(), components.next()),
+            (Some(Component::Normal(_)), None)
+        );
+        if !plain {
+            return Err(load_error(
+                index,
+                format!("shard {name:?} is not a plain file name in the model folder; refusing it"),
+            ));
+        }
+        shards.insert(name.to_string());
+    }
+    shards
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(load_error(
+                    &path,
+                    "missing shard named by model.safetensors.index.json: re-download the model",
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Reads each file's header so a truncated download is reported with its name, before any tensor
+/// is touched.
+fn check_safetensors(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| load_error(path, format!("cannot open it: {e}")))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| load_error(path, e.to_string()))?
+        .len();
+    let truncated = || load_error(path, "truncated or not a safetensors file: download it again");
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(|_| truncated())?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+        return Err(truncated());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|_| truncated())?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|_| truncated())?;
+    let data_len = file_len - 8 - header_len;
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let end = info
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|v| v.as_u64())
+            .ok_or_else(truncated)?;
+        if end > data_len {
+            return Err(load_error(
+                path,
+                format!("truncated: tensor {name} ends at byte {end} but the data has {data_len} bytes; download it again"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A loaded model: weights on their device and the tokenizer that goes with them.
+pub struct Engine {
+    pub model: PhiModel,
+    pub tokenizer: std::sync::Arc<PhiTokenizer>,
+    /// Where it came from, for logs and status.
+    pub name: String,
+}
+
+impl Engine {
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = PhiConfig::from_file(&files.config)?;
+        let tokenizer = PhiTokenizer::from_file(&files.tokenizer)?;
+        if tokenizer.size() > cfg.vocab_size {
+            return Err(load_error(
+                &files.tokenizer,
+                format!(
+                    "the tokenizer has {} tokens but the model only {}: use the tokenizer.json of this model",
+                    tokenizer.size(),
+                    cfg.vocab_size
+                ),
+            ));
+        }
+        for path in &files.weights {
+            check_safetensors(path)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; they must not be modified while loaded,
+        // as with every mmap-based loader.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+            .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
+        let model = PhiModel::new(&cfg, vb).map_err(|e| {
+            let where_ = files
+                .weights
+                .first()
+                .map(|p| p.as_path())
+                .unwrap_or(files.config.as_path());
+            load_error(
+                where_,
+                format!("does not match config.json ({e}): use the config.json that came with these weights"),
+            )
+        })?;
+        let name = files
+            .config
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Ok(Engine {
+            model,
+            tokenizer: std::sync::Arc::new(tokenizer),
+            name,
+        })
+    }
+}

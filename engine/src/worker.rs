@@ -1,0 +1,353 @@
+//! The one thread that owns the model and its slots. Jobs arrive on a channel, each with its own
+//! reply; a job whose requester has gone (its [`Ticket`] dropped) or that a newer job for the same
+//! key superseded is dropped, before it starts or within one token.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::config::PhiConfig;
+use crate::error::{EngineError, Result};
+use crate::generate::{generate, GenerateParams, Generation, Slot};
+use crate::model::PhiModel;
+use crate::tokenizer::PhiTokenizer;
+use crate::weights::Engine;
+
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Slots kept at once (one per recently used key); the least recently used one is reused.
+    pub max_slots: usize,
+    /// Positions each slot can hold (prompt plus generated tokens).
+    pub slot_capacity: usize,
+}
+
+impl WorkerOptions {
+    /// As many slots of `slot_capacity` positions as fit `budget_bytes` of KV cache, at least one.
+    pub fn within_budget(
+        cfg: &PhiConfig,
+        bytes_per_value: usize,
+        slot_capacity: usize,
+        budget_bytes: u64,
+    ) -> Self {
+        let slot_bytes = cfg.kv_bytes_per_token(bytes_per_value) * slot_capacity as u64;
+        let max_slots = (budget_bytes / slot_bytes.max(1)).max(1) as usize;
+        WorkerOptions {
+            max_slots,
+            slot_capacity,
+        }
+    }
+}
+
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+pub type StopPredicate = Box<dyn FnMut(&str) -> bool + Send>;
+
+pub struct Job {
+    /// Which slot: the same key reuses the same cache (the server uses the document URI).
+    pub key: String,
+    pub prompt: Prompt,
+    pub params: GenerateParams,
+    pub stop: Option<StopPredicate>,
+}
+
+#[derive(Debug)]
+pub enum JobOutcome {
+    Finished(Generation),
+    /// Not run: cancelled or superseded before it started.
+    Dropped,
+}
+
+pub type Reply = Box<dyn FnOnce(Result<JobOutcome>) + Send>;
+
+/// Cancels its job when dropped (or on [`Ticket::cancel`]).
+pub struct Ticket {
+    cancel: Arc<AtomicBool>,
+}
+
+impl Ticket {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+struct Envelope {
+    job: Job,
+    seq: u64,
+    latest: Arc<AtomicU64>,
+    cancel: Arc<AtomicBool>,
+    reply: Reply,
+}
+
+enum Message {
+    Run(Box<Envelope>),
+    Forget(String),
+}
+
+/// Counts kept by the worker, for status and tests.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStats {
+    pub slots: usize,
+    pub jobs_run: u64,
+    pub jobs_dropped: u64,
+    pub panics: u64,
+}
+
+pub struct Worker {
+    tx: mpsc::Sender<Message>,
+    latest: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    next_seq: AtomicU64,
+    tokenizer: Arc<PhiTokenizer>,
+    config: PhiConfig,
+    stats: Arc<Mutex<WorkerStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(engine: Engine, options: WorkerOptions) -> Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let tokenizer = engine.tokenizer.clone();
+        let config = engine.model.config().clone();
+        let stats = Arc::new(Mutex::new(WorkerStats::default()));
+        let mut state = WorkerState {
+            engine,
+            options,
+            slots: Vec::new(),
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("phi-model".into())
+            .spawn(move || {
+                while let Ok(message) = rx.recv() {
+                    state.handle(message);
+                }
+            })
+            .map_err(|e| EngineError::Worker(format!("cannot start the model thread: {e}")))?;
+        Ok(Worker {
+            tx,
+            latest: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            tokenizer,
+            config,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<PhiTokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Queues `job`; `reply` is called once on the model thread. A newer job with the same key
+    /// supersedes this one. Dropping the ticket cancels it.
+    pub fn submit(&self, job: Job, reply: Reply) -> Ticket {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let latest = {
+            let mut map = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(job.key.clone()).or_default().clone()
+        };
+        latest.store(seq, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let envelope = Envelope {
+            job,
+            seq,
+            latest,
+            cancel: cancel.clone(),
+            reply,
+        };
+        if let Err(mpsc::SendError(Message::Run(envelope))) = self.tx.send(Message::Run(Box::new(envelope))) {
+            (envelope.reply)(Err(EngineError::Worker("the model thread has exited".into())));
+        }
+        Ticket { cancel }
+    }
+
+    /// Submits and waits on this thread (for the CLI and tests).
+    pub fn run(&self, job: Job) -> Result<JobOutcome> {
+        let (tx, rx) = mpsc::channel();
+        let _ticket = self.submit(job, Box::new(move |result| drop(tx.send(result))));
+        rx.recv()
+            .map_err(|_| EngineError::Worker("the model thread dropped the job".into()))?
+    }
+
+    /// Frees the slot of `key` (the server calls this when a document closes).
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut map) = self.latest.lock() {
+            map.remove(key);
+        }
+        let _ = self.tx.send(Message::Forget(key.to_string()));
+    }
+
+    /// Stops the thread after the job in hand and waits for it.
+    pub fn shutdown(mut self) {
+        let (tx, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct WorkerState {
+    engine: Engine,
+    options: WorkerOptions,
+    /// Least recently used first.
+    slots: Vec<(String, Slot)>,
+    stats: Arc<Mutex<WorkerStats>>,
+}
+
+impl WorkerState {
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Forget(key) => self.slots.retain(|(k, _)| *k != key),
+            Message::Run(envelope) => {
+                let Envelope {
+                    job,
+                    seq,
+                    latest,
+                    cancel,
+                    reply,
+                } = *envelope;
+                let stale = || cancel.load(Ordering::Relaxed) || latest.load(Ordering::Relaxed) != seq;
+                if stale() {
+                    self.count(|s| s.jobs_dropped += 1);
+                    reply(Ok(JobOutcome::Dropped));
+                    return;
+                }
+                let key = job.key.clone();
+                let result = catch_unwind(AssertUnwindSafe(|| self.run(job, &stale)));
+                let result = match result {
+                    Ok(result) => result,
+                    Err(panic) => {
+                        // The slot may be half-written: throw it away.
+                        self.slots.retain(|(k, _)| *k != key);
+                        self.count(|s| s.panics += 1);
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!("the model thread panicked on a job and recovered: {what}");
+                        Err(EngineError::Worker(format!("generation panicked: {what}")))
+                    }
+                };
+                self.count(|s| s.jobs_run += 1);
+                reply(result.map(JobOutcome::Finished));
+            }
+        }
+        let n_slots = self.slots.len();
+        self.count(|s| s.slots = n_slots);
+    }
+
+    fn count(&self, f: impl FnOnce(&mut WorkerStats)) {
+        if let Ok(mut stats) = self.stats.lock() {
+            f(&mut stats);
+        }
+    }
+
+    fn run(&mut self, job: Job, cancelled: &dyn Fn() -> bool) -> Result<Generation> {
+        let Job {
+            key,
+            prompt,
+            params,
+            stop,
+        } = job;
+        let ids = match prompt {
+            Prompt::Text(text) => self.engine.tokenizer.encode(&text)?,
+            Prompt::Ids(ids) => ids,
+        };
+        let ids = fit_to_context(&ids, self.options.slot_capacity, params.max_new_tokens)?;
+        let slot = take_slot(&mut self.slots, self.options, &self.engine.model, &key)?;
+        let mut stop = stop;
+        let mut never = |_: &str| false;
+        let stop: &mut dyn FnMut(&str) -> bool = match stop.as_mut() {
+            Some(f) => f,
+            None => &mut never,
+        };
+        generate(
+            &self.engine.model,
+            &self.engine.tokenizer,
+            slot,
+            ids,
+            &params,
+            stop,
+            cancelled,
+        )
+    }
+}
+
+/// The slot of `key`, made (or taken from the least recently used key) when it has none.
+fn take_slot<'a>(
+    slots: &'a mut Vec<(String, Slot)>,
+    options: WorkerOptions,
+    model: &PhiModel,
+    key: &str,
+) -> Result<&'a mut Slot> {
+    let entry = match slots.iter().position(|(k, _)| k == key) {
+        Some(idx) => slots.remove(idx),
+        None if slots.len() < options.max_slots.max(1) => {
+            (key.to_string(), Slot::new(model, options.slot_capacity)?)
+        }
+        None => {
+            let (_, mut slot) = slots.remove(0);
+            slot.clear();
+            (key.to_string(), slot)
+        }
+    };
+    slots.push(entry);
+    let last = slots.len() - 1;
+    Ok(&mut slots[last].1)
+}
+
+/// Keeps the end of a prompt that does not fit `capacity - max_new_tokens`, cutting from the left
+/// in quarters of the capacity so the next keystrokes keep the same start (and the cached prefix).
+fn fit_to_context(ids: &[u32], capacity: usize, max_new_tokens: usize) -> Result<&[u32]> {
+    let room = capacity.saturating_sub(max_new_tokens.min(capacity / 2)).max(1);
+    if ids.is_empty() {
+        return Err(EngineError::Request("the prompt is empty".into()));
+    }
+    if ids.len() <= room {
+        return Ok(ids);
+    }
+    let step = (capacity / 4).max(1);
+    let excess = ids.len() - room;
+    let cut = excess.div_ceil(step) * step;
+    Ok(&ids[cut.min(ids.len() - 1)..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fitting_cuts_the_left_in_large_steps() {
+        let ids: Vec<u32> = (0..1000).collect();
+        assert_eq!(fit_to_context(&ids, 2048, 64).expect("fits").len(), 1000);
+        // 1000 + 64 > 512: cut in steps of 128 until 1000 - cut <= 448.
+        let kept = fit_to_context(&ids, 512, 64).expect("fits");
+        assert_eq!(kept.len(), 360);
+        assert_eq!(kept[0], 640);
+        // One more token does not move the start.
+        let ids: Vec<u32> = (0..1001).collect();
+        assert_eq!(fit_to_context(&ids, 512, 64).expect("fits")[0], 640);
+        assert!(fit_to_context(&[], 512, 64).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! The `phi-lsp` command: serve LSP on stdio (the default), or run one job from the command line
+//! (`complete`, `generate`, `bench`, `memory`).
+
+#![deny(clippy::print_stdout)]
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, saying what to do: the message chain joined, newlines folded.
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("phi-lsp: error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

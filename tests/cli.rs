@@ -1,0 +1,172 @@
+//! The `phi-lsp` binary's one-shot commands, end to end: `generate` against the tokens HF
+//! transformers produced for the committed fixture, and one-line errors (exit code 2) for bad
+//! model folders.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture_dir, phi_lsp, Reference};
+
+#[test]
+fn generate_json_equals_transformers_greedy_tokens() {
+    let reference = Reference::load();
+    for case in &reference.cases {
+        let output = phi_lsp()
+            .args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--prompt", &case.prompt, "--max-new-tokens", "16", "--json"])
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+        let ids = |key: &str| -> Vec<u32> { serde_json::from_value(json[key].clone()).expect("ids") };
+        assert_eq!(ids("prompt_tokens"), case.input_ids);
+        let mut expected = case.greedy_tokens.clone();
+        if expected.last() == Some(&reference.eos_token_id) {
+            expected.pop();
+        }
+        assert_eq!(ids("tokens"), expected, "{:?}", case.prompt);
+        assert_eq!(json["text"].as_str().map(str::is_empty), Some(false));
+    }
+}
+
+#[test]
+fn generate_reads_a_prompt_file() {
+    let reference = Reference::load();
+    let case = &reference.cases[2];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prompt_file = dir.path().join("prompt.py");
+    std::fs::write(&prompt_file, &case.prompt).expect("writes");
+    let output = phi_lsp()
+        .args(["generate", "--model"])
+        .arg(fixture_dir())
+        .arg("--prompt-file")
+        .arg(&prompt_file)
+        .args(["--max-new-tokens", "4", "--json"])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).expect("ids");
+    assert_eq!(tokens, case.greedy_tokens[..4]);
+}
+
+/// A copy of the fixture that a test may break.
+fn broken_copy(break_it: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(fixture_dir().join(name), dir.path().join(name)).expect("copies");
+    }
+    break_it(dir.path());
+    dir
+}
+
+/// Runs `generate` on `dir` and returns its stderr, checking exit code 2 and a one-line message.
+fn expect_load_error(dir: &Path) -> String {
+    let output = phi_lsp()
+        .args(["generate", "--model"])
+        .arg(dir)
+        .args(["--prompt", "def f():", "--max-new-tokens", "2"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(output.stdout.is_empty());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn missing_config_names_the_file() {
+    let dir = broken_copy(|d| std::fs::remove_file(d.join("config.json")).expect("removes"));
+    let stderr = expect_load_error(dir.path());
+    assert!(
+        stderr.contains("config.json") && stderr.contains("missing"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_tokenizer_says_to_pass_one() {
+    let dir = broken_copy(|d| std::fs::remove_file(d.join("tokenizer.json")).expect("removes"));
+    let stderr = expect_load_error(dir.path());
+    assert!(
+        stderr.contains("tokenizer.json") && stderr.contains("--tokenizer"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn truncated_safetensors_says_download_again() {
+    let dir = broken_copy(|d| {
+        let path = d.join("model.safetensors");
+        let bytes = std::fs::read(&path).expect("reads");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("writes");
+    });
+    let stderr = expect_load_error(dir.path());
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_that_does_not_match_the_tensors() {
+    let dir = broken_copy(|d| {
+        let path = d.join("config.json");
+        let text = std::fs::read_to_string(&path).expect("reads");
+        std::fs::write(
+            &path,
+            text.replace("\"intermediate_size\": 256", "\"intermediate_size\": 512"),
+        )
+        .expect("writes");
+    });
+    let stderr = expect_load_error(dir.path());
+    assert!(
+        stderr.contains("does not match config.json") && stderr.contains("shape"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn pickle_checkpoints_are_refused() {
+    let dir = broken_copy(|d| {
+        std::fs::rename(d.join("model.safetensors"), d.join("pytorch_model.bin")).expect("renames");
+    });
+    let stderr = expect_load_error(dir.path());
+    assert!(
+        stderr.contains("pytorch_model.bin") && stderr.contains("arbitrary code"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn not_a_folder() {
+    let stderr = expect_load_error(Path::new("/nonexistent/phi-model"));
+    assert!(stderr.contains("/nonexistent/phi-model"), "{stderr}");
+}
+
+#[test]
+fn unknown_dtype_and_device_are_one_line_errors() {
+    for (flag, value) in [("--dtype", "f8"), ("--device", "tpu")] {
+        let output = phi_lsp()
+            .args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--prompt", "x", flag, value])
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(value), "{stderr}");
+    }
+}

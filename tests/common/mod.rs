@@ -1,0 +1,37 @@
+//! Shared by the end-to-end tests: the binary under test and the committed reference fixture.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+pub fn phi_lsp() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_phi-lsp"))
+}
+
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-phi")
+}
+
+#[derive(Deserialize)]
+pub struct Reference {
+    pub eos_token_id: u32,
+    pub tokenizer_size: usize,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_tokens: Vec<u32>,
+}
+
+impl Reference {
+    pub fn load() -> Self {
+        let text = std::fs::read_to_string(fixture_dir().join("reference.json")).expect("reference.json");
+        serde_json::from_str(&text).expect("reference parses")
+    }
+}
