@@ -4,9 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use phi_engine::{
-    DType, Device, Engine, GenerateParams, Job, JobOutcome, ModelFiles, Prompt, Worker, WorkerOptions,
-};
+use phi_engine::{Engine, GenerateParams, Job, JobOutcome, Prompt, Worker, WorkerOptions};
+use ropey::Rope;
+
+use crate::convert::{self, PositionEncoding};
+use crate::settings::{ModelSpec, Settings};
+use crate::{complete, loading, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,18 +35,47 @@ pub struct ModelArgs {
     /// tokenizer.json to use instead of the model folder's.
     #[arg(long, global = true)]
     pub tokenizer: Option<PathBuf>,
-    /// cpu (the default build has no GPU backend).
+    /// auto, cpu, cuda, cuda:N or metal (GPUs need a build with the cuda or metal feature).
     #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// f32 (weights are converted to it on load).
+    /// f32, f16 or bf16 (weights are converted to it on load).
     #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "f32")]
     pub dtype: String,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The suggestion the server would give at a position of a file.
+    Complete(CompleteArgs),
     /// Raw greedy continuation of a prompt, no post-processing.
     Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CompleteArgs {
+    pub file: PathBuf,
+    /// 0-based line (LSP).
+    #[arg(long)]
+    pub line: u32,
+    /// 0-based character in UTF-16 code units (LSP's default encoding).
+    #[arg(long)]
+    pub character: u32,
+    #[command(flatten)]
+    pub options: CompletionOptions,
+    /// Print {"text": "...", ...} on one line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The server's completion settings, as flags (defaults are the server's).
+#[derive(Args, Debug, Clone)]
+pub struct CompletionOptions {
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
+    #[arg(long)]
+    pub context_tokens: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -61,23 +93,114 @@ pub struct GenerateArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Some(Command::Complete(args)) => complete(&cli.model, args),
         Some(Command::Generate(args)) => generate(&cli.model, args),
-        None => bail!("serving is not built yet: use `phi-lsp generate`"),
+        None => serve(&cli.model),
     }
 }
 
+impl ModelArgs {
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            tokenizer: self.tokenizer.as_ref().map(|p| p.display().to_string()),
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+        }
+    }
+}
+
+/// Logs go to stderr (stdout is the LSP transport), filtered by `PHI_LSP_LOG` or `RUST_LOG`.
+fn init_logging() {
+    let filter = std::env::var("PHI_LSP_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn serve(model: &ModelArgs) -> Result<()> {
+    init_logging();
+    // Names are checked now so a typo in the editor's command line is reported at once.
+    loading::parse_device(&model.device)?;
+    loading::parse_dtype(&model.dtype)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(server::serve_stdio(Settings::new(model.spec())));
+    // A blocking read of stdin may still be pending; do not wait for it (nor for a generation in
+    // flight): the client has said exit or gone away.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(())
+}
+
+fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("{}: cannot read the file", args.file.display()))?;
+    let rope = Rope::from_str(&text);
+    let pos = convert::Pos {
+        line: args.line,
+        character: args.character,
+    };
+    let cursor = convert::pos_to_char(&rope, pos, PositionEncoding::Utf16).with_context(|| {
+        format!(
+            "{}: position {}:{}",
+            args.file.display(),
+            args.line,
+            args.character
+        )
+    })?;
+    let mut settings = Settings::new(model.spec());
+    let options = &args.options;
+    let update = serde_json::json!({
+        "maxNewTokens": options.max_new_tokens,
+        "deadlineMs": options.deadline_ms,
+        "contextTokens": options.context_tokens,
+    });
+    settings.apply(&update).map_err(anyhow::Error::msg)?;
+    let prepared = complete::prepare(&rope, cursor, &settings);
+    let engine = loading::load(&settings.model)?;
+    let capacity = settings
+        .context_tokens
+        .min(engine.model.config().max_position_embeddings);
+    let worker = Worker::spawn(
+        engine,
+        WorkerOptions {
+            max_slots: 1,
+            slot_capacity: capacity,
+        },
+    )?;
+    let (suggestion, generation) = if prepared.window.text.is_empty() {
+        (None, None)
+    } else {
+        match worker.run(prepared.job("cli", &settings))? {
+            JobOutcome::Finished(generation) => (prepared.suggestion(&generation), Some(generation)),
+            JobOutcome::Dropped => bail!("the completion was dropped"),
+        }
+    };
+    let text = suggestion.unwrap_or_default();
+    if args.json {
+        let out = serde_json::json!({
+            "text": text,
+            "raw": generation.as_ref().map(|g| g.text.as_str()),
+            "prompt_tokens": generation.as_ref().map(|g| g.stats.prompt_tokens),
+            "generated_tokens": generation.as_ref().map(|g| g.stats.generated_tokens),
+            "stop": generation.as_ref().map(|g| format!("{:?}", g.stop)),
+        });
+        print_line(&out.to_string());
+    } else {
+        print_line(&text);
+    }
+    Ok(())
+}
+
 pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        other => bail!("unknown device {other:?}: use cpu"),
-    };
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        other => bail!("unknown dtype {other:?}: use f32"),
-    };
-    let dir = PathBuf::from(&args.model);
-    let files = ModelFiles::from_dir(&dir, args.tokenizer.as_deref())?;
-    Ok(Engine::load(&files, &device, dtype)?)
+    loading::load(&args.spec())
 }
 
 fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {

@@ -3,11 +3,10 @@
 
 #![deny(clippy::print_stdout)]
 
-mod cli;
-
 use std::process::ExitCode;
 
 use clap::Parser;
+use phi_lsp::cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

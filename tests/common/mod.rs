@@ -1,6 +1,9 @@
-//! Shared by the end-to-end tests: the binary under test and the committed reference fixture.
+//! Shared by the end-to-end tests: the binary under test, the committed reference fixture and an
+//! LSP client.
 
 #![allow(dead_code)]
+
+pub mod lsp_client;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,15 @@
+//! phi-lsp: the only crate that knows LSP and JSON. The binary's entry point is `main.rs`; the
+//! modules are a library so end-to-end tests and benchmarks can reach them.
+
+#![deny(clippy::print_stdout)]
+
+pub mod cli;
+pub mod complete;
+pub mod convert;
+pub mod documents;
+pub mod framing;
+pub mod loading;
+pub mod postprocess;
+pub mod prompt;
+pub mod server;
+pub mod settings;

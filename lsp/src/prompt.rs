@@ -1,0 +1,282 @@
+//! The prompt window: the text before the cursor that Phi-1 (left-to-right, no fill-in-the-middle)
+//! sees, plus the text around the cursor that post-processing needs.
+//!
+//! The window's start moves in large steps only. The engine keeps the KV cache of the longest common
+//! token prefix between consecutive prompts, so a start that moved on every keystroke would make every
+//! keystroke pay for the whole prompt again.
+
+use ropey::Rope;
+
+use crate::convert::line_content;
+
+/// How much of the cursor line after the cursor `line_suffix` keeps.
+pub const LINE_SUFFIX_MAX_CHARS: usize = 1_000;
+/// How much text after the cursor `after` keeps.
+pub const AFTER_MAX_CHARS: usize = 2_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptWindow {
+    /// The text before the cursor, from `start_char` on: the prompt.
+    pub text: String,
+    /// The char index where the window starts: 0, a line start, or (only when the cursor line alone
+    /// is longer than the window) a point inside the cursor line.
+    pub start_char: usize,
+    /// The cursor line before the cursor, at most `max_chars` chars (its end, if the line is huge).
+    pub line_prefix: String,
+    /// The cursor line after the cursor, without the line terminator, at most `LINE_SUFFIX_MAX_CHARS`.
+    pub line_suffix: String,
+    /// Up to `AFTER_MAX_CHARS` chars after the cursor, `line_suffix` and its terminator included.
+    pub after: String,
+}
+
+/// The window for a cursor at `cursor_char` (clamped to the rope), at most `max_chars` chars long.
+///
+/// Work is proportional to the window, not the document: only rope slices around the cursor are read.
+pub fn window(rope: &Rope, cursor_char: usize, max_chars: usize) -> PromptWindow {
+    let cursor_char = cursor_char.min(rope.len_chars());
+    let cursor_line = rope.char_to_line(cursor_char);
+    let line_start_char = rope.line_to_char(cursor_line);
+    let start_char = window_start(rope, cursor_char, line_start_char, max_chars);
+
+    let prefix_start_char = line_start_char.max(cursor_char.saturating_sub(max_chars));
+    let line_end_char = line_start_char + line_content(rope.line(cursor_line)).len_chars();
+    let suffix_end_char = line_end_char
+        .min(cursor_char + LINE_SUFFIX_MAX_CHARS)
+        .max(cursor_char);
+    let after_end_char = rope.len_chars().min(cursor_char + AFTER_MAX_CHARS);
+
+    PromptWindow {
+        text: rope.slice(start_char..cursor_char).to_string(),
+        start_char,
+        line_prefix: rope.slice(prefix_start_char..cursor_char).to_string(),
+        line_suffix: rope.slice(cursor_char..suffix_end_char).to_string(),
+        after: rope.slice(cursor_char..after_end_char).to_string(),
+    }
+}
+
+/// The earliest start allowed is `cursor_char - max_chars`; rounding it up to a multiple of a quarter
+/// window keeps the start fixed while the cursor moves through a quarter window, and snapping to the
+/// next line start keeps the prompt from opening mid-line.
+fn window_start(rope: &Rope, cursor_char: usize, line_start_char: usize, max_chars: usize) -> usize {
+    let earliest_char = cursor_char.saturating_sub(max_chars);
+    if earliest_char == 0 {
+        return 0;
+    }
+    let step = (max_chars / 4).max(1);
+    let candidate_char = earliest_char.div_ceil(step) * step;
+    if candidate_char > line_start_char {
+        // No line starts between the candidate and the cursor: the cursor line alone is too long.
+        return candidate_char.min(cursor_char);
+    }
+    let candidate_line = rope.char_to_line(candidate_char);
+    let candidate_line_start_char = rope.line_to_char(candidate_line);
+    if candidate_line_start_char == candidate_char {
+        candidate_char
+    } else {
+        // candidate_line < cursor_line here, since the candidate is at or before the cursor line's start.
+        rope.line_to_char(candidate_line + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits a fixture at its `$0` cursor marker into the text and the cursor's char index.
+    fn fixture(text_with_cursor: &str) -> (Rope, usize) {
+        let byte_idx = text_with_cursor.find("$0").expect("fixture has a $0 cursor");
+        let text = text_with_cursor.replacen("$0", "", 1);
+        let rope = Rope::from_str(&text);
+        let char_idx = rope.byte_to_char(byte_idx);
+        (rope, char_idx)
+    }
+
+    fn is_line_start(rope: &Rope, char_idx: usize) -> bool {
+        char_idx == 0 || rope.line_to_char(rope.char_to_line(char_idx)) == char_idx
+    }
+
+    fn numbered_lines(n_lines: usize) -> String {
+        (0..n_lines)
+            .map(|i| format!("value_{i} = compute({i}, {})\n", i * 7))
+            .collect()
+    }
+
+    #[test]
+    fn small_file_is_the_whole_text_before_the_cursor() {
+        let (rope, cursor) = fixture("def add(a, b):\n    \"\"\"Add.\"\"\"\n    return a$0 + b\n");
+        let w = window(&rope, cursor, 8_000);
+        assert_eq!(w.start_char, 0);
+        assert_eq!(w.text, "def add(a, b):\n    \"\"\"Add.\"\"\"\n    return a");
+        assert_eq!(w.line_prefix, "    return a");
+        assert_eq!(w.line_suffix, " + b");
+        assert_eq!(w.after, " + b\n");
+    }
+
+    #[test]
+    fn cursor_at_the_start_and_at_the_end() {
+        let (rope, cursor) = fixture("$0import os\nx = 1\n");
+        let w = window(&rope, cursor, 100);
+        assert_eq!(
+            (w.text.as_str(), w.start_char, w.line_prefix.as_str()),
+            ("", 0, "")
+        );
+        assert_eq!(w.line_suffix, "import os");
+        assert_eq!(w.after, "import os\nx = 1\n");
+
+        let (rope, cursor) = fixture("import os\nx = 1\n$0");
+        let w = window(&rope, cursor, 100);
+        assert_eq!(w.text, "import os\nx = 1\n");
+        assert_eq!(
+            (w.line_prefix.as_str(), w.line_suffix.as_str(), w.after.as_str()),
+            ("", "", "")
+        );
+
+        let (rope, cursor) = fixture("x = 1$0");
+        let w = window(&rope, cursor, 100);
+        assert_eq!(
+            (w.line_prefix.as_str(), w.line_suffix.as_str(), w.after.as_str()),
+            ("x = 1", "", "")
+        );
+
+        let empty = Rope::new();
+        assert_eq!(window(&empty, 0, 100).text, "");
+        // A cursor past the end is clamped rather than trusted.
+        assert_eq!(window(&empty, 5, 100).text, "");
+    }
+
+    #[test]
+    fn crlf_line_prefix_suffix_and_after() {
+        let (rope, cursor) = fixture("def f(x, y):\r\n    return x$0 + y\r\nz = 1\r\n");
+        let w = window(&rope, cursor, 1_000);
+        assert_eq!(w.line_prefix, "    return x");
+        assert_eq!(w.line_suffix, " + y");
+        assert_eq!(w.after, " + y\r\nz = 1\r\n");
+        // At the end of a CRLF line the suffix is empty, not "\r".
+        let (rope, cursor) = fixture("a = 1$0\r\nb = 2\r");
+        let w = window(&rope, cursor, 1_000);
+        assert_eq!((w.line_prefix.as_str(), w.line_suffix.as_str()), ("a = 1", ""));
+        let (rope, cursor) = fixture("a = 1\rb$0 = 2\r");
+        let w = window(&rope, cursor, 1_000);
+        assert_eq!(
+            (w.line_prefix.as_str(), w.line_suffix.as_str(), w.after.as_str()),
+            ("b", " = 2", " = 2\r")
+        );
+    }
+
+    #[test]
+    fn large_file_is_cut_at_a_line_start() {
+        let text = numbered_lines(2_000);
+        let rope = Rope::from_str(&text);
+        let max_chars = 4_000;
+        for cursor in [
+            rope.len_chars(),
+            rope.len_chars() / 2,
+            max_chars + 1,
+            max_chars * 3 + 17,
+        ] {
+            let w = window(&rope, cursor, max_chars);
+            assert!(
+                w.text.chars().count() <= max_chars,
+                "cursor {cursor}: window too long"
+            );
+            assert!(
+                w.text.chars().count() >= max_chars / 2,
+                "cursor {cursor}: window needlessly short"
+            );
+            assert!(
+                is_line_start(&rope, w.start_char),
+                "cursor {cursor}: starts mid-line"
+            );
+            assert_eq!(w.text, rope.slice(w.start_char..cursor).to_string());
+        }
+    }
+
+    #[test]
+    fn start_holds_while_typing() {
+        let max_chars = 4_000;
+        let step = max_chars / 4;
+        let mut text = numbered_lines(1_000);
+        // Put the cursor just past a step boundary, where the start has the longest to hold.
+        while (text.chars().count() - max_chars) % step != 1 {
+            text.push('#');
+        }
+        let mut rope = Rope::from_str(&text);
+        let mut cursor = rope.len_chars();
+        let first = window(&rope, cursor, max_chars);
+        for _ in 0..max_chars / 8 {
+            rope.insert_char(cursor, 'x');
+            cursor += 1;
+            let w = window(&rope, cursor, max_chars);
+            assert_eq!(w.start_char, first.start_char, "start moved at cursor {cursor}");
+            assert!(w.text.starts_with(&first.text));
+        }
+    }
+
+    #[test]
+    fn start_moves_rarely_over_a_long_session() {
+        let max_chars = 2_000;
+        let mut rope = Rope::from_str(&numbered_lines(200));
+        let mut cursor = rope.len_chars();
+        let typed: String = numbered_lines(300)
+            .chars()
+            .skip(7_000)
+            .take(4 * max_chars)
+            .collect();
+        let mut n_moves = 0;
+        let mut start_char = window(&rope, cursor, max_chars).start_char;
+        for ch in typed.chars() {
+            rope.insert_char(cursor, ch);
+            cursor += 1;
+            let w = window(&rope, cursor, max_chars);
+            assert!(w.text.chars().count() <= max_chars);
+            if w.start_char != start_char {
+                assert!(
+                    w.start_char > start_char,
+                    "the start only moves forward when appending"
+                );
+                n_moves += 1;
+                start_char = w.start_char;
+            }
+        }
+        // One move per quarter window typed, at most.
+        assert!(n_moves <= 4 * 4 + 1, "start moved {n_moves} times");
+    }
+
+    #[test]
+    fn huge_single_line_is_cut_inside_the_line() {
+        let line = "a".repeat(1_000_000);
+        let rope = Rope::from_str(&format!("import os\n{line}\nprint(1)\n"));
+        let cursor = 10 + 500_000;
+        let max_chars = 8_000;
+        let w = window(&rope, cursor, max_chars);
+        assert!(w.text.chars().count() <= max_chars);
+        assert!(w.start_char > 10, "the start is inside the huge line");
+        assert_eq!(w.start_char % (max_chars / 4), 0);
+        assert_eq!(w.line_prefix.chars().count(), max_chars);
+        assert_eq!(w.line_suffix.chars().count(), LINE_SUFFIX_MAX_CHARS);
+        assert_eq!(w.after.chars().count(), AFTER_MAX_CHARS);
+        // The start still holds while typing inside the huge line.
+        let mut rope = rope;
+        rope.insert_char(cursor, 'b');
+        assert_eq!(window(&rope, cursor + 1, max_chars).start_char, w.start_char);
+    }
+
+    #[test]
+    fn ten_megabyte_document() {
+        let rope = Rope::from_str(&numbered_lines(400_000));
+        assert!(rope.len_bytes() > 10_000_000);
+        let max_chars = 6_000;
+        let started = std::time::Instant::now();
+        for cursor in (0..rope.len_chars()).step_by(rope.len_chars() / 97) {
+            let w = window(&rope, cursor, max_chars);
+            assert!(w.text.chars().count() <= max_chars);
+            assert!(is_line_start(&rope, w.start_char));
+        }
+        // Generous: 98 windows over O(window) slices take well under a millisecond each.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -1,0 +1,708 @@
+//! The `LanguageServer`: capabilities, documents, model life, and routing completion requests to the
+//! model thread. LSP types stop here: everything below speaks plain structs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use phi_engine::{JobOutcome, Worker, WorkerOptions};
+use ropey::Rope;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tower_lsp_server::jsonrpc::{Error, Result};
+use tower_lsp_server::ls_types::*;
+use tower_lsp_server::{Client, LanguageServer, LspService};
+
+use crate::complete::{self, Prepared};
+use crate::convert::{self, PositionEncoding};
+use crate::documents::{Documents, Edit};
+use crate::loading;
+use crate::settings::{CompletionMode, Settings};
+
+/// Documents larger than this are refused (the prompt window is bounded anyway).
+pub const MAX_DOCUMENT_BYTES: usize = 32 << 20;
+/// KV cache for all slots together; slots hold `context_tokens` positions each.
+pub const KV_BUDGET_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+enum ModelState {
+    Loading { message: String },
+    Ready { message: String },
+    Failed { message: String },
+}
+
+/// What the last completion cost, for `phi-lsp/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LastCompletion {
+    pub uri: String,
+    pub prompt_tokens: usize,
+    pub reused_tokens: usize,
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub total_ms: f64,
+    /// Served by typing through the previous suggestion: no model work.
+    pub from_cache: bool,
+    pub stop: String,
+}
+
+/// The suggestion last shown for a document, for typing through it.
+struct Shown {
+    start_char: usize,
+    before: String,
+    after: String,
+    suggestion: String,
+}
+
+struct Session {
+    settings: Settings,
+    encoding: PositionEncoding,
+    client_inline: bool,
+    work_done_progress: bool,
+    /// A problem with the initial settings, shown once the client is initialized.
+    settings_error: Option<String>,
+}
+
+struct Shared {
+    documents: Mutex<Documents>,
+    session: Mutex<Session>,
+    model: Mutex<(ModelState, Option<Arc<Worker>>)>,
+    shown: Mutex<HashMap<String, Shown>>,
+    last: Mutex<Option<LastCompletion>>,
+    /// Only the newest load may install its worker.
+    load_seq: AtomicU64,
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (every critical section here
+/// leaves the data consistent).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Backend {
+    client: Client,
+    shared: Arc<Shared>,
+}
+
+pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
+    LspService::build(|client| Backend::new(client, settings))
+        .custom_method("phi-lsp/status", Backend::status)
+        .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
+        .custom_method(crate::framing::MALFORMED_METHOD, Backend::malformed_message)
+        .finish()
+}
+
+pub async fn serve_stdio(settings: Settings) {
+    let (service, socket) = service(settings);
+    // stdin passes through the framing guard, so one malformed message cannot end the transport.
+    let (guarded, server_input) = tokio::io::duplex(1 << 16);
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let guard = tokio::spawn(async move {
+        if let Err(e) = crate::framing::guard(stdin, guarded).await {
+            tracing::warn!("reading stdin failed: {e}");
+        }
+    });
+    let stdout = tokio::io::stdout();
+    tower_lsp_server::Server::new(server_input, stdout, socket)
+        .serve(service)
+        .await;
+    guard.abort();
+}
+
+impl Backend {
+    fn new(client: Client, settings: Settings) -> Self {
+        let session = Session {
+            settings,
+            encoding: PositionEncoding::Utf16,
+            client_inline: false,
+            work_done_progress: false,
+            settings_error: None,
+        };
+        let shared = Shared {
+            documents: Mutex::new(Documents::new(MAX_DOCUMENT_BYTES)),
+            session: Mutex::new(session),
+            model: Mutex::new((
+                ModelState::Loading {
+                    message: "waiting for initialized".into(),
+                },
+                None,
+            )),
+            shown: Mutex::new(HashMap::new()),
+            last: Mutex::new(None),
+            load_seq: AtomicU64::new(0),
+        };
+        Backend {
+            client,
+            shared: Arc::new(shared),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        lock(&self.shared.session).settings.clone()
+    }
+
+    /// Loads the model on a blocking thread, reporting work-done progress; the newest load wins.
+    async fn load_model(&self) {
+        let seq = self.shared.load_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let (settings, progress_supported) = {
+            let session = lock(&self.shared.session);
+            (session.settings.clone(), session.work_done_progress)
+        };
+        let spec = settings.model.clone();
+        let description = format!("{} ({}, {})", spec.model, spec.device, spec.dtype);
+        *lock(&self.shared.model) = (
+            ModelState::Loading {
+                message: format!("loading {description}"),
+            },
+            None,
+        );
+        tracing::info!("loading {description}");
+
+        let progress = if progress_supported {
+            let token = ProgressToken::String(format!("phi-lsp/load/{seq}"));
+            match self.client.create_work_done_progress(token.clone()).await {
+                Ok(()) => Some(
+                    self.client
+                        .progress(token, "phi-lsp: loading Phi-1")
+                        .with_message(description.clone())
+                        .begin()
+                        .await,
+                ),
+                Err(e) => {
+                    tracing::warn!("the client refused work-done progress: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(progress) = &progress {
+            progress
+                .report(format!("reading weights of {}", spec.model))
+                .await;
+        }
+
+        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
+            let engine = loading::load(&spec)?;
+            let cfg = engine.model.config().clone();
+            let bytes = engine.model.dtype().size_in_bytes();
+            let capacity = settings.context_tokens.min(cfg.max_position_embeddings);
+            let options = WorkerOptions::within_budget(&cfg, bytes, capacity, KV_BUDGET_BYTES);
+            Ok(Worker::spawn(engine, options)?)
+        })
+        .await;
+        let result = match load {
+            Ok(result) => result,
+            Err(join) => Err(anyhow::anyhow!("the loading thread failed: {join}")),
+        };
+        if self.shared.load_seq.load(Ordering::SeqCst) != seq {
+            tracing::info!("a newer model load superseded {description}");
+            if let Some(progress) = progress {
+                progress.finish_with_message("superseded").await;
+            }
+            return;
+        }
+        match result {
+            Ok(worker) => {
+                let message = format!("ready: {description}");
+                tracing::info!("{message}");
+                *lock(&self.shared.model) = (
+                    ModelState::Ready {
+                        message: message.clone(),
+                    },
+                    Some(Arc::new(worker)),
+                );
+                lock(&self.shared.shown).clear();
+                if let Some(progress) = progress {
+                    progress.finish_with_message(message.clone()).await;
+                }
+                self.client
+                    .log_message(MessageType::INFO, format!("phi-lsp: {message}"))
+                    .await;
+            }
+            Err(e) => {
+                let message = format!("{e:#}").replace('\n', " ");
+                tracing::error!("model load failed: {message}");
+                *lock(&self.shared.model) = (
+                    ModelState::Failed {
+                        message: message.clone(),
+                    },
+                    None,
+                );
+                if let Some(progress) = progress {
+                    progress.finish_with_message("failed").await;
+                }
+                self.client
+                    .show_message(
+                        MessageType::ERROR,
+                        format!("phi-lsp could not load the model: {message}"),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    async fn malformed_message(&self, params: Value) {
+        let reason = params
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string();
+        self.client
+            .log_message(
+                MessageType::WARNING,
+                format!("phi-lsp: ignored a malformed message: {reason}"),
+            )
+            .await;
+    }
+
+    async fn status(&self) -> Result<Value> {
+        let (settings, encoding, client_inline) = {
+            let session = lock(&self.shared.session);
+            (session.settings.clone(), session.encoding, session.client_inline)
+        };
+        let (state, worker) = lock(&self.shared.model).clone();
+        let mut status = serde_json::json!({
+            "model": settings.model.model,
+            "device": settings.model.device,
+            "dtype": settings.model.dtype,
+            "positionEncoding": format!("{encoding:?}").to_lowercase(),
+            "completionMode": settings.completion_mode,
+            "clientInlineCompletion": client_inline,
+            "maxNewTokens": settings.max_new_tokens,
+            "deadlineMs": settings.deadline_ms,
+            "contextTokens": settings.context_tokens,
+            "documents": lock(&self.shared.documents).len(),
+            "last": *lock(&self.shared.last),
+        });
+        if let (Value::Object(map), Ok(Value::Object(state))) = (&mut status, serde_json::to_value(&state)) {
+            map.extend(state);
+        }
+        if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
+            let stats = worker.stats();
+            map.insert(
+                "worker".into(),
+                serde_json::json!({"slots": stats.slots, "jobsRun": stats.jobs_run,
+                    "jobsDropped": stats.jobs_dropped, "panics": stats.panics}),
+            );
+        }
+        Ok(status)
+    }
+
+    /// The suggestion at `position` in `uri`: typed through from the last one, or from the model.
+    /// Unknown documents and positions out of range are errors; a model that is not ready gives none.
+    async fn suggest(&self, uri: &Uri, position: Position) -> Result<Option<(Rope, usize, String)>> {
+        let started = Instant::now();
+        let key = uri.as_str().to_string();
+        let settings = self.settings();
+        let encoding = lock(&self.shared.session).encoding;
+        let rope = {
+            let documents = lock(&self.shared.documents);
+            let doc = documents.get(&key).ok_or_else(|| {
+                Error::invalid_params(format!("unknown document {key}: send didOpen first"))
+            })?;
+            doc.rope.clone()
+        };
+        let pos = convert::Pos {
+            line: position.line,
+            character: position.character,
+        };
+        let cursor =
+            convert::pos_to_char(&rope, pos, encoding).map_err(|e| Error::invalid_params(e.to_string()))?;
+        let prepared = complete::prepare(&rope, cursor, &settings);
+
+        if let Some(rest) = self.type_through(&key, &prepared) {
+            *lock(&self.shared.last) = Some(LastCompletion {
+                uri: key.clone(),
+                total_ms: started.elapsed().as_secs_f64() * 1000.0,
+                from_cache: true,
+                stop: "typed-through".into(),
+                ..Default::default()
+            });
+            return Ok(Some((rope, cursor, rest)));
+        }
+        let Some(worker) = lock(&self.shared.model).1.clone() else {
+            return Ok(None);
+        };
+        if prepared.window.text.is_empty() {
+            return Ok(None);
+        }
+
+        let (tx, rx) = oneshot::channel();
+        // Dropping the ticket (this future dropped by $/cancelRequest) cancels the job.
+        let _ticket = worker.submit(prepared.job(&key, &settings), Box::new(move |r| drop(tx.send(r))));
+        let generation = match rx.await {
+            Ok(Ok(JobOutcome::Finished(generation))) => generation,
+            Ok(Ok(JobOutcome::Dropped)) | Err(_) => return Ok(None),
+            Ok(Err(e)) => {
+                tracing::error!("completion failed: {e}");
+                return Err(Error {
+                    message: format!("completion failed: {e}").into(),
+                    ..Error::internal_error()
+                });
+            }
+        };
+        let suggestion = prepared.suggestion(&generation);
+        let stats = &generation.stats;
+        *lock(&self.shared.last) = Some(LastCompletion {
+            uri: key.clone(),
+            prompt_tokens: stats.prompt_tokens,
+            reused_tokens: stats.reused_tokens,
+            prefilled_tokens: stats.prefilled_tokens,
+            generated_tokens: stats.generated_tokens,
+            prefill_ms: stats.prefill_ms,
+            decode_ms: stats.decode_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1000.0,
+            from_cache: false,
+            stop: format!("{:?}", generation.stop),
+        });
+        let mut shown = lock(&self.shared.shown);
+        match &suggestion {
+            Some(text) => {
+                shown.insert(
+                    key,
+                    Shown {
+                        start_char: prepared.window.start_char,
+                        before: prepared.window.text.clone(),
+                        after: prepared.window.after.clone(),
+                        suggestion: text.clone(),
+                    },
+                );
+            }
+            None => {
+                shown.remove(&key);
+            }
+        }
+        Ok(suggestion.map(|text| (rope, cursor, text)))
+    }
+
+    /// When the text typed since the last suggestion is a prefix of it, the rest is the answer.
+    fn type_through(&self, key: &str, prepared: &Prepared) -> Option<String> {
+        let shown = lock(&self.shared.shown);
+        let last = shown.get(key)?;
+        let window = &prepared.window;
+        if window.start_char != last.start_char || window.after != last.after {
+            return None;
+        }
+        let typed = window.text.strip_prefix(last.before.as_str())?;
+        let rest = last.suggestion.strip_prefix(typed)?;
+        (!typed.is_empty() && !rest.trim().is_empty()).then(|| rest.to_string())
+    }
+
+    fn mode_allows(&self, inline: bool) -> bool {
+        let session = lock(&self.shared.session);
+        match session.settings.completion_mode {
+            CompletionMode::Both => true,
+            CompletionMode::Inline => inline,
+            CompletionMode::Menu => !inline,
+            CompletionMode::Auto => inline == session.client_inline,
+        }
+    }
+
+    async fn inline_completion(
+        &self,
+        params: InlineCompletionParams,
+    ) -> Result<Option<InlineCompletionResponse>> {
+        if !self.mode_allows(true) {
+            return Ok(None);
+        }
+        let doc = &params.text_document_position;
+        let Some((_, _, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
+            return Ok(Some(InlineCompletionResponse::Array(Vec::new())));
+        };
+        let item = InlineCompletionItem {
+            insert_text: text,
+            filter_text: None,
+            range: Some(Range::new(doc.position, doc.position)),
+            command: None,
+            insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+        };
+        Ok(Some(InlineCompletionResponse::Array(vec![item])))
+    }
+
+    fn encoding(&self) -> PositionEncoding {
+        lock(&self.shared.session).encoding
+    }
+}
+
+fn lsp_encoding(encoding: PositionEncoding) -> PositionEncodingKind {
+    match encoding {
+        PositionEncoding::Utf8 => PositionEncodingKind::UTF8,
+        PositionEncoding::Utf16 => PositionEncodingKind::UTF16,
+        PositionEncoding::Utf32 => PositionEncodingKind::UTF32,
+    }
+}
+
+/// utf-8 where the client offers it (no conversion cost), else utf-16, which every client supports.
+fn negotiate_encoding(capabilities: &ClientCapabilities) -> PositionEncoding {
+    let offered = capabilities
+        .general
+        .as_ref()
+        .and_then(|g| g.position_encodings.clone())
+        .unwrap_or_default();
+    if offered.contains(&PositionEncodingKind::UTF8) {
+        PositionEncoding::Utf8
+    } else if offered.is_empty() || offered.contains(&PositionEncodingKind::UTF16) {
+        PositionEncoding::Utf16
+    } else if offered.contains(&PositionEncodingKind::UTF32) {
+        PositionEncoding::Utf32
+    } else {
+        PositionEncoding::Utf16
+    }
+}
+
+/// The identifier characters just before the cursor: a completion item's range starts there so that
+/// menu clients (which filter by the word being typed) keep the item.
+fn word_start(line_prefix: &str) -> usize {
+    let word_chars = line_prefix
+        .chars()
+        .rev()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .count();
+    line_prefix.chars().count() - word_chars
+}
+
+impl LanguageServer for Backend {
+    async fn initialize(&self, params: InitializeParams) -> Result<InitializeResult> {
+        let encoding = negotiate_encoding(&params.capabilities);
+        let client_inline = params
+            .capabilities
+            .text_document
+            .as_ref()
+            .and_then(|t| t.inline_completion.as_ref())
+            .is_some();
+        let work_done_progress = params
+            .capabilities
+            .window
+            .as_ref()
+            .and_then(|w| w.work_done_progress)
+            .unwrap_or(false);
+        let mode = {
+            let mut session = lock(&self.shared.session);
+            session.encoding = encoding;
+            session.client_inline = client_inline;
+            session.work_done_progress = work_done_progress;
+            if let Some(options) = &params.initialization_options {
+                if let Err(e) = session.settings.apply(options) {
+                    session.settings_error = Some(e);
+                }
+            }
+            session.settings.completion_mode
+        };
+        let (inline, menu) = match mode {
+            CompletionMode::Auto => (client_inline, !client_inline),
+            CompletionMode::Inline => (true, false),
+            CompletionMode::Menu => (false, true),
+            CompletionMode::Both => (true, true),
+        };
+        let capabilities = ServerCapabilities {
+            position_encoding: Some(lsp_encoding(encoding)),
+            text_document_sync: Some(TextDocumentSyncCapability::Options(TextDocumentSyncOptions {
+                open_close: Some(true),
+                change: Some(TextDocumentSyncKind::INCREMENTAL),
+                ..Default::default()
+            })),
+            inline_completion_provider: inline.then_some(OneOf::Left(true)),
+            completion_provider: menu.then(|| CompletionOptions {
+                trigger_characters: Some([".", "(", "[", ",", ":", "="].map(String::from).to_vec()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(InitializeResult {
+            capabilities,
+            server_info: Some(ServerInfo {
+                name: "phi-lsp".into(),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+            }),
+            offset_encoding: None,
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        let error = lock(&self.shared.session).settings_error.take();
+        if let Some(error) = error {
+            self.client
+                .show_message(MessageType::WARNING, format!("phi-lsp: {error}; using defaults"))
+                .await;
+        }
+        // Loading takes seconds to minutes; the server answers (empty) meanwhile.
+        let backend = Backend {
+            client: self.client.clone(),
+            shared: self.shared.clone(),
+        };
+        tokio::spawn(async move { backend.load_model().await });
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        // Drop the worker: its thread stops after the job in hand (which is cancelled by then).
+        lock(&self.shared.model).1 = None;
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let doc = params.text_document;
+        let result =
+            lock(&self.shared.documents).open(doc.uri.as_str(), &doc.text, doc.version, &doc.language_id);
+        if let Err(e) = result {
+            tracing::warn!("didOpen {}: {e}", doc.uri.as_str());
+            self.client
+                .log_message(MessageType::WARNING, format!("phi-lsp: {e}"))
+                .await;
+        }
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let uri = params.text_document.uri.as_str().to_string();
+        let edits: Vec<Edit> = params
+            .content_changes
+            .into_iter()
+            .map(|change| Edit {
+                range: change.range.map(|r| {
+                    (
+                        convert::Pos {
+                            line: r.start.line,
+                            character: r.start.character,
+                        },
+                        convert::Pos {
+                            line: r.end.line,
+                            character: r.end.character,
+                        },
+                    )
+                }),
+                text: change.text,
+            })
+            .collect();
+        let encoding = self.encoding();
+        let result =
+            lock(&self.shared.documents).change(&uri, params.text_document.version, &edits, encoding);
+        if let Err(e) = result {
+            tracing::warn!("didChange {uri}: {e}");
+            self.client
+                .log_message(MessageType::WARNING, format!("phi-lsp: change ignored: {e}"))
+                .await;
+        }
+    }
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        let uri = params.text_document.uri.as_str().to_string();
+        lock(&self.shared.documents).close(&uri);
+        lock(&self.shared.shown).remove(&uri);
+        let worker = lock(&self.shared.model).1.clone();
+        if let Some(worker) = worker {
+            worker.forget(&uri);
+        }
+    }
+
+    async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
+        let (before, result) = {
+            let mut session = lock(&self.shared.session);
+            let before = session.settings.clone();
+            (before, session.settings.apply(&params.settings))
+        };
+        if let Err(e) = result {
+            self.client
+                .show_message(MessageType::WARNING, format!("phi-lsp: {e}"))
+                .await;
+            return;
+        }
+        let after = self.settings();
+        lock(&self.shared.shown).clear();
+        if after.model != before.model || after.context_tokens != before.context_tokens {
+            self.load_model().await;
+        }
+    }
+
+    async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
+        if !self.mode_allows(false) {
+            return Ok(None);
+        }
+        let doc = &params.text_document_position;
+        let Some((rope, cursor, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
+            return Ok(Some(CompletionResponse::List(CompletionList {
+                is_incomplete: true,
+                items: Vec::new(),
+            })));
+        };
+        // Replace from the start of the word being typed, so the client's filter keeps the item.
+        let line_start = rope.line_to_char(rope.char_to_line(cursor));
+        let prefix: String = rope.slice(line_start..cursor).chars().collect();
+        let range_start = line_start + word_start(&prefix);
+        let word = rope.slice(range_start..cursor).to_string();
+        let start = convert::char_to_pos(&rope, range_start, self.encoding());
+        let new_text = format!("{word}{text}");
+        let first_line = new_text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let item = CompletionItem {
+            label: format!("{first_line} (phi-1)"),
+            kind: Some(CompletionItemKind::TEXT),
+            detail: Some("Phi-1 suggestion".into()),
+            documentation: Some(Documentation::MarkupContent(MarkupContent {
+                kind: MarkupKind::Markdown,
+                value: format!("```python\n{new_text}\n```"),
+            })),
+            filter_text: Some(new_text.clone()),
+            sort_text: Some("0".into()),
+            preselect: Some(true),
+            insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+            text_edit: Some(CompletionTextEdit::Edit(TextEdit {
+                range: Range::new(Position::new(start.line, start.character), doc.position),
+                new_text,
+            })),
+            ..Default::default()
+        };
+        Ok(Some(CompletionResponse::List(CompletionList {
+            is_incomplete: true,
+            items: vec![item],
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_start_finds_the_identifier_being_typed() {
+        assert_eq!(word_start("    return fo"), 11);
+        assert_eq!(word_start("x = "), 4);
+        assert_eq!(word_start(""), 0);
+        assert_eq!(word_start("é_1"), 0);
+    }
+
+    #[test]
+    fn encoding_prefers_utf8_then_utf16() {
+        let offer = |kinds: Vec<PositionEncodingKind>| ClientCapabilities {
+            general: Some(GeneralClientCapabilities {
+                position_encodings: Some(kinds),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use PositionEncodingKind as K;
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF16, K::UTF8])),
+            PositionEncoding::Utf8
+        );
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF32, K::UTF16])),
+            PositionEncoding::Utf16
+        );
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF32])),
+            PositionEncoding::Utf32
+        );
+        assert_eq!(
+            negotiate_encoding(&ClientCapabilities::default()),
+            PositionEncoding::Utf16
+        );
+    }
+}

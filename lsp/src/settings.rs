@@ -1,0 +1,170 @@
+//! What a user can configure, from the command line, `initializationOptions` or
+//! `workspace/didChangeConfiguration`; parsed once into types that cannot be wrong.
+
+use serde::{Deserialize, Serialize};
+
+/// Where suggestions go. `Auto`: inline for clients that declare inline completion, the completion
+/// menu otherwise (Helix), so VS Code and Neovim do not get the same text twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletionMode {
+    #[default]
+    Auto,
+    Inline,
+    Menu,
+    Both,
+}
+
+/// Which model to load; changing any of these reloads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelSpec {
+    /// A model folder, a `.gguf` file or a Hub repo id.
+    pub model: String,
+    pub tokenizer: Option<String>,
+    pub device: String,
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    pub model: ModelSpec,
+    pub max_new_tokens: usize,
+    pub deadline_ms: u64,
+    /// Tokens of context: the prompt window plus `max_new_tokens`.
+    pub context_tokens: usize,
+    pub completion_mode: CompletionMode,
+}
+
+/// Hard bounds on what a client controls.
+pub const MAX_NEW_TOKENS_LIMIT: usize = 512;
+pub const MAX_CONTEXT_TOKENS: usize = 2048;
+pub const MAX_DEADLINE_MS: u64 = 60_000;
+
+impl Settings {
+    pub fn new(model: ModelSpec) -> Self {
+        Settings {
+            model,
+            max_new_tokens: 64,
+            deadline_ms: 4000,
+            context_tokens: 1024,
+            completion_mode: CompletionMode::Auto,
+        }
+    }
+
+    /// Characters of text before the cursor to send: Python runs about 3–4 characters a token, and
+    /// the worker trims any excess in large steps.
+    pub fn window_chars(&self) -> usize {
+        self.context_tokens.saturating_sub(self.max_new_tokens).max(64) * 3
+    }
+
+    /// Applies a settings object from the client: either the options themselves or wrapped as
+    /// `{"phi-lsp": {...}}`. Unknown keys are ignored; a value of the wrong type is an error that
+    /// names the key, and leaves the settings unchanged.
+    pub fn apply(&mut self, value: &serde_json::Value) -> Result<(), String> {
+        let value = value
+            .get("phi-lsp")
+            .or_else(|| value.get("phi_lsp"))
+            .unwrap_or(value);
+        if value.is_null() {
+            return Ok(());
+        }
+        let update: Update = serde_json::from_value(value.clone()).map_err(|e| format!("settings: {e}"))?;
+        let mut next = self.clone();
+        if let Some(model) = update.model {
+            next.model.model = model;
+        }
+        if let Some(tokenizer) = update.tokenizer {
+            next.model.tokenizer = Some(tokenizer).filter(|t| !t.is_empty());
+        }
+        if let Some(device) = update.device {
+            next.model.device = device;
+        }
+        if let Some(dtype) = update.dtype {
+            next.model.dtype = dtype;
+        }
+        if let Some(n) = update.max_new_tokens {
+            if n == 0 || n > MAX_NEW_TOKENS_LIMIT {
+                return Err(format!(
+                    "settings: maxNewTokens must be 1..={MAX_NEW_TOKENS_LIMIT}, got {n}"
+                ));
+            }
+            next.max_new_tokens = n;
+        }
+        if let Some(ms) = update.deadline_ms {
+            next.deadline_ms = ms.clamp(1, MAX_DEADLINE_MS);
+        }
+        if let Some(n) = update.context_tokens {
+            if !(128..=MAX_CONTEXT_TOKENS).contains(&n) {
+                return Err(format!(
+                    "settings: contextTokens must be 128..={MAX_CONTEXT_TOKENS}, got {n}"
+                ));
+            }
+            next.context_tokens = n;
+        }
+        if let Some(mode) = update.completion_mode {
+            next.completion_mode = mode;
+        }
+        *self = next;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Update {
+    model: Option<String>,
+    tokenizer: Option<String>,
+    device: Option<String>,
+    dtype: Option<String>,
+    max_new_tokens: Option<usize>,
+    deadline_ms: Option<u64>,
+    context_tokens: Option<usize>,
+    completion_mode: Option<CompletionMode>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings::new(ModelSpec {
+            model: "m".into(),
+            tokenizer: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        })
+    }
+
+    #[test]
+    fn applies_plain_and_wrapped_objects() {
+        let mut s = settings();
+        s.apply(&json!({"maxNewTokens": 32, "completionMode": "menu"}))
+            .expect("valid");
+        assert_eq!((s.max_new_tokens, s.completion_mode), (32, CompletionMode::Menu));
+        s.apply(&json!({"phi-lsp": {"model": "/models/phi-1", "deadlineMs": 900, "unknown": 1}}))
+            .expect("valid");
+        assert_eq!((s.model.model.as_str(), s.deadline_ms), ("/models/phi-1", 900));
+        s.apply(&serde_json::Value::Null).expect("null is no change");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_change_nothing() {
+        let mut s = settings();
+        let before = s.clone();
+        let err = s
+            .apply(&json!({"maxNewTokens": 100000, "dtype": "f16"}))
+            .expect_err("too many");
+        assert!(err.contains("maxNewTokens"), "{err}");
+        let err = s.apply(&json!({"contextTokens": "big"})).expect_err("wrong type");
+        assert!(
+            err.contains("contextTokens") || err.contains("invalid type"),
+            "{err}"
+        );
+        let err = s
+            .apply(&json!({"completionMode": "popup"}))
+            .expect_err("unknown mode");
+        assert!(err.contains("popup"), "{err}");
+        assert_eq!(s, before);
+    }
+}

@@ -1,0 +1,225 @@
+//! A minimal LSP client over the real binary's stdio, for end-to-end tests: frames messages,
+//! answers the server's requests (progress tokens, configuration), and keeps notifications.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub struct LspClient {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    messages: Receiver<Value>,
+    next_id: i64,
+    /// Notifications (and server requests) received so far, in order.
+    pub notifications: Vec<Value>,
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn read_message(reader: &mut impl BufRead) -> Option<Value> {
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(value) = line.strip_prefix("Content-Length:") {
+            length = value.trim().parse::<usize>().ok();
+        }
+    }
+    let mut body = vec![0u8; length?];
+    reader.read_exact(&mut body).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+impl LspClient {
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("phi-lsp starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            while let Some(message) = read_message(&mut reader) {
+                if tx.send(message).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        LspClient {
+            child,
+            stdin,
+            messages: rx,
+            next_id: 1,
+            notifications: Vec::new(),
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(bytes).expect("writes");
+        stdin.flush().expect("flushes");
+    }
+
+    pub fn send(&mut self, message: &Value) {
+        let body = message.to_string();
+        let frame = format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        self.send_raw(frame.as_bytes());
+    }
+
+    pub fn notify(&mut self, method: &str, params: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Sends a request and returns its id without waiting.
+    pub fn request_async(&mut self, method: &str, params: Value) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut message = json!({"jsonrpc": "2.0", "id": id, "method": method});
+        if !params.is_null() {
+            message["params"] = params;
+        }
+        self.send(&message);
+        id
+    }
+
+    /// The whole response (`result` or `error`) to request `id`.
+    pub fn response(&mut self, id: i64) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let message = self
+                .next_message(deadline)
+                .unwrap_or_else(|| panic!("no response to request {id}"));
+            if message.get("id") == Some(&json!(id)) && message.get("method").is_none() {
+                return message;
+            }
+            self.handle_other(message);
+        }
+    }
+
+    /// Sends a request and returns its `result`, panicking on an error response.
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.request_async(method, params);
+        let response = self.response(id);
+        if let Some(error) = response.get("error") {
+            panic!("{method} failed: {error}");
+        }
+        response["result"].clone()
+    }
+
+    fn next_message(&mut self, deadline: Instant) -> Option<Value> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.messages.recv_timeout(left).ok()
+    }
+
+    /// Answers server requests (progress creation, configuration) and keeps notifications.
+    fn handle_other(&mut self, message: Value) {
+        if let (Some(id), Some(method)) = (message.get("id"), message.get("method").and_then(Value::as_str)) {
+            let result = if method == "workspace/configuration" {
+                json!([null])
+            } else {
+                Value::Null
+            };
+            self.send(&json!({"jsonrpc": "2.0", "id": id, "result": result}));
+        }
+        self.notifications.push(message);
+    }
+
+    /// Waits until a message satisfying `pred` has arrived (already, or within the timeout).
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self.notifications.iter().find(|m| pred(m)) {
+            return found.clone();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let message = self
+                .next_message(deadline)
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            let hit = pred(&message);
+            self.handle_other(message.clone());
+            if hit {
+                return message;
+            }
+        }
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.request("phi-lsp/status", Value::Null)
+    }
+
+    /// Polls `phi-lsp/status` until the model is ready (panics if it failed).
+    pub fn wait_ready(&mut self) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let status = self.status();
+            match status["state"].as_str() {
+                Some("ready") => return status,
+                Some("failed") => panic!("model failed to load: {status}"),
+                _ if Instant::now() > deadline => panic!("model not ready: {status}"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    pub fn initialize(&mut self, capabilities: Value, options: Value) -> Value {
+        let result = self.request(
+            "initialize",
+            json!({"processId": null, "rootUri": null, "capabilities": capabilities, "initializationOptions": options}),
+        );
+        self.notify("initialized", json!({}));
+        result
+    }
+
+    pub fn open(&mut self, uri: &str, text: &str) {
+        self.notify(
+            "textDocument/didOpen",
+            json!({"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}),
+        );
+    }
+
+    pub fn shutdown(mut self) -> std::process::ExitStatus {
+        self.request("shutdown", Value::Null);
+        self.notify("exit", Value::Null);
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waits") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phi-lsp did not exit after shutdown/exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
+    }
+}
+
+impl Drop for LspClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

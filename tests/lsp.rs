@@ -1,0 +1,466 @@
+//! The real `phi-lsp` binary as a language server, driven over stdio the way VS Code, Neovim and
+//! Helix drive it. Expected suggestions come from an independent computation: a fresh
+//! `phi-lsp generate` process on the same prefix (no cache), passed through the post-processing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lsp_client::LspClient;
+use common::{fixture_dir, phi_lsp};
+use phi_lsp::postprocess::{self, Context};
+use phi_lsp::prompt;
+use ropey::Rope;
+use serde_json::{json, Value};
+
+const MAX_NEW_TOKENS: usize = 24;
+
+fn options() -> Value {
+    json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000})
+}
+
+fn server() -> LspClient {
+    let mut command = phi_lsp();
+    command.arg("--stdio").arg("--model").arg(fixture_dir());
+    LspClient::spawn(command)
+}
+
+fn vscode_capabilities() -> Value {
+    json!({"textDocument": {"inlineCompletion": {}, "synchronization": {"dynamicRegistration": false}},
+           "window": {"workDoneProgress": true}})
+}
+
+fn neovim_capabilities() -> Value {
+    json!({"general": {"positionEncodings": ["utf-8", "utf-16", "utf-32"]},
+           "textDocument": {"inlineCompletion": {"dynamicRegistration": false}},
+           "window": {"workDoneProgress": true}})
+}
+
+fn helix_capabilities() -> Value {
+    json!({"general": {"positionEncodings": ["utf-8", "utf-32", "utf-16"]},
+           "textDocument": {"completion": {"completionItem": {"snippetSupport": true}}},
+           "window": {"workDoneProgress": true}})
+}
+
+/// The suggestion at byte offset `cursor` of `text`, computed without the server: a fresh
+/// `generate` process on the text before the cursor, then the post-processing.
+fn expected(text: &str, cursor: usize) -> Option<String> {
+    let before = &text[..cursor];
+    if before.is_empty() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prompt_file = dir.path().join("prompt.py");
+    std::fs::write(&prompt_file, before).expect("writes");
+    let output = phi_lsp()
+        .args(["generate", "--model"])
+        .arg(fixture_dir())
+        .arg("--prompt-file")
+        .arg(&prompt_file)
+        .args(["--max-new-tokens", &MAX_NEW_TOKENS.to_string(), "--json"])
+        .output()
+        .expect("generate runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let raw = json["text"].as_str().expect("text");
+    let rope = Rope::from_str(text);
+    let window = prompt::window(&rope, rope.byte_to_char(cursor), usize::MAX / 8);
+    let context = Context::new(&window, postprocess::detect_indent(before));
+    postprocess::finish(&context, raw)
+}
+
+/// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`.
+fn complete_fresh(text: &str, line: u32, character: u32) -> Option<String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("file.py");
+    std::fs::write(&file, text).expect("writes");
+    let output = phi_lsp()
+        .arg("complete")
+        .arg(&file)
+        .args(["--line", &line.to_string(), "--character", &character.to_string()])
+        .args([
+            "--max-new-tokens",
+            &MAX_NEW_TOKENS.to_string(),
+            "--deadline-ms",
+            "60000",
+            "--json",
+            "--model",
+        ])
+        .arg(fixture_dir())
+        .output()
+        .expect("complete runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
+}
+
+fn inline_text(result: &Value) -> Option<String> {
+    let items = result.as_array().or_else(|| result["items"].as_array())?;
+    items
+        .first()
+        .and_then(|item| item["insertText"].as_str())
+        .map(String::from)
+}
+
+const SOURCE: &str = "import os\n\n# café ☕ — 😀 in a comment\ndef add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n";
+
+/// (line, byte column) cursors in SOURCE: mid-line, after a docstring, after a block opener, and
+/// after non-ASCII text (where UTF-8 and UTF-16 columns differ).
+fn cursors() -> Vec<(u32, usize)> {
+    let comment = SOURCE.lines().nth(2).expect("line 2");
+    let after_emoji = comment.find('😀').expect("emoji") + '😀'.len_utf8();
+    vec![
+        (5, 12),
+        (5, 0),
+        (4, 36),
+        (10, 18),
+        (9, 29),
+        (3, 14),
+        (2, comment.len()),
+        (2, after_emoji),
+    ]
+}
+
+fn byte_offset(text: &str, line: u32, byte_col: usize) -> usize {
+    text.split_inclusive('\n')
+        .take(line as usize)
+        .map(str::len)
+        .sum::<usize>()
+        + byte_col
+}
+
+fn utf16_col(text: &str, line: u32, byte_col: usize) -> u32 {
+    let start = byte_offset(text, line, 0);
+    text[start..start + byte_col].encode_utf16().count() as u32
+}
+
+/// Asks for inline completions at every cursor and compares them with the independent computation.
+fn check_inline(client: &mut LspClient, uri: &str, utf8: bool) {
+    let mut non_empty = 0;
+    for (line, byte_col) in cursors() {
+        let character = if utf8 {
+            byte_col as u32
+        } else {
+            utf16_col(SOURCE, line, byte_col)
+        };
+        let result = client.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+                   "context": {"triggerKind": 2}}),
+        );
+        let got = inline_text(&result);
+        let want = expected(SOURCE, byte_offset(SOURCE, line, byte_col));
+        assert_eq!(got, want, "at {line}:{byte_col}");
+        if let Some(item) = result.as_array().and_then(|a| a.first()) {
+            assert_eq!(
+                item["range"]["start"],
+                json!({"line": line, "character": character})
+            );
+            assert_eq!(item["range"]["end"], item["range"]["start"]);
+            non_empty += 1;
+        }
+    }
+    assert!(
+        non_empty >= 2,
+        "the fixture should give some non-empty suggestions, got {non_empty}"
+    );
+}
+
+#[test]
+fn vscode_utf16_inline_completion() {
+    let mut client = server();
+    let init = client.initialize(vscode_capabilities(), options());
+    let caps = &init["capabilities"];
+    assert_eq!(caps["positionEncoding"], "utf-16");
+    assert_eq!(caps["textDocumentSync"]["change"], 2, "incremental sync");
+    assert_eq!(caps["inlineCompletionProvider"], true);
+    assert!(
+        caps.get("completionProvider").is_none_or(Value::is_null),
+        "no menu for inline clients: {caps}"
+    );
+    // Loading is reported with work-done progress: create, begin, end.
+    client.wait_for("progress token creation", |m| {
+        m["method"] == "window/workDoneProgress/create"
+    });
+    client.wait_for("progress begin", |m| {
+        m["method"] == "$/progress" && m["params"]["value"]["kind"] == "begin"
+    });
+    client.wait_for("progress end", |m| {
+        m["method"] == "$/progress" && m["params"]["value"]["kind"] == "end"
+    });
+    let status = client.wait_ready();
+    assert_eq!(status["positionEncoding"], "utf16");
+    client.open("file:///vscode.py", SOURCE);
+    check_inline(&mut client, "file:///vscode.py", false);
+    let status = client.status();
+    for key in [
+        "prompt_tokens",
+        "reused_tokens",
+        "prefilled_tokens",
+        "generated_tokens",
+        "prefill_ms",
+        "decode_ms",
+        "total_ms",
+        "from_cache",
+    ] {
+        assert!(
+            status["last"].get(key).is_some(),
+            "status.last lacks {key}: {status}"
+        );
+    }
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn neovim_utf8_inline_completion() {
+    let mut client = server();
+    let init = client.initialize(neovim_capabilities(), options());
+    assert_eq!(init["capabilities"]["positionEncoding"], "utf-8");
+    client.wait_ready();
+    client.open("file:///nvim.py", SOURCE);
+    check_inline(&mut client, "file:///nvim.py", true);
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn helix_gets_the_suggestion_in_the_completion_menu() {
+    let mut client = server();
+    let init = client.initialize(helix_capabilities(), options());
+    let caps = &init["capabilities"];
+    assert_eq!(caps["positionEncoding"], "utf-8");
+    assert!(caps["completionProvider"].is_object(), "{caps}");
+    assert!(
+        caps.get("inlineCompletionProvider").is_none_or(Value::is_null),
+        "{caps}"
+    );
+    client.wait_ready();
+    client.open("file:///helix.py", SOURCE);
+    let mut non_empty = 0;
+    for (line, byte_col) in cursors() {
+        let result = client.request(
+            "textDocument/completion",
+            json!({"textDocument": {"uri": "file:///helix.py"}, "position": {"line": line, "character": byte_col}}),
+        );
+        assert_eq!(result["isIncomplete"], true);
+        let want = expected(SOURCE, byte_offset(SOURCE, line, byte_col));
+        let items = result["items"].as_array().expect("items");
+        match want {
+            None => assert!(items.is_empty(), "{result}"),
+            Some(want) => {
+                non_empty += 1;
+                let item = &items[0];
+                assert!(item["label"].as_str().expect("label").ends_with("(phi-1)"));
+                // The edit replaces the word being typed with the word plus the suggestion.
+                let edit = &item["textEdit"];
+                let start = edit["range"]["start"]["character"].as_u64().expect("start") as usize;
+                assert_eq!(edit["range"]["end"], json!({"line": line, "character": byte_col}));
+                let line_start = byte_offset(SOURCE, line, 0);
+                let word = &SOURCE[line_start + start..line_start + byte_col];
+                assert_eq!(edit["newText"].as_str(), Some(format!("{word}{want}").as_str()));
+                assert!(item["documentation"]["value"]
+                    .as_str()
+                    .expect("doc")
+                    .contains(&want));
+            }
+        }
+    }
+    assert!(non_empty >= 2);
+    assert!(client.shutdown().success());
+}
+
+/// Typing a function character by character: every answer the model computed equals a fresh
+/// process's, every typed-through answer is the rest of the suggestion it came from, and a
+/// keystroke costs a few prefilled tokens while reused tokens grow.
+#[test]
+fn typing_reuses_the_cache_and_types_through() {
+    let mut client = server();
+    client.initialize(neovim_capabilities(), options());
+    client.wait_ready();
+    let uri = "file:///typing.py";
+    let prefix =
+        "import os\n\n\ndef scale(values, factor):\n    \"\"\"Multiply every value by factor.\"\"\"\n";
+    let typed =
+        "    result = []\n    for v in values:\n        result.append(v * factor)\n    return result\n";
+    client.open(uri, prefix);
+    let mut text = prefix.to_string();
+    let mut version = 1;
+    let mut previous: Option<String> = None;
+    let (mut model_answers, mut typed_through, mut max_prefilled) = (0, 0, 0);
+    let mut reused = Vec::new();
+    for ch in typed.chars() {
+        // Insert the character at the end (an incremental edit), then ask at the new end.
+        let line = text.matches('\n').count() as u32;
+        let col = text.len() - text.rfind('\n').map_or(0, |i| i + 1);
+        version += 1;
+        client.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": uri, "version": version},
+                   "contentChanges": [{"range": {"start": {"line": line, "character": col},
+                                                  "end": {"line": line, "character": col}}, "text": ch.to_string()}]}),
+        );
+        text.push(ch);
+        let (line, col) = (
+            text.matches('\n').count() as u32,
+            text.len() - text.rfind('\n').map_or(0, |i| i + 1),
+        );
+        let result = client.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}),
+        );
+        let got = inline_text(&result);
+        let last = client.status()["last"].clone();
+        if last["from_cache"] == true {
+            typed_through += 1;
+            let before = previous.as_deref().expect("typed through a suggestion");
+            let rest = before
+                .strip_prefix(ch)
+                .expect("typed the suggestion's first character");
+            assert_eq!(got.as_deref(), Some(rest));
+        } else {
+            model_answers += 1;
+            assert_eq!(
+                got,
+                complete_fresh(&text, line, col as u32),
+                "after typing {:?}",
+                &text[prefix.len()..]
+            );
+            // The first request prefills the whole prompt; keystrokes after it only their tokens.
+            if !reused.is_empty() {
+                max_prefilled = max_prefilled.max(last["prefilled_tokens"].as_u64().expect("prefilled"));
+            }
+            reused.push(last["reused_tokens"].as_u64().expect("reused"));
+        }
+        previous = got;
+    }
+    eprintln!("{model_answers} model answers, {typed_through} typed through, max prefilled {max_prefilled}, reused {reused:?}");
+    assert!(model_answers > 10);
+    assert!(max_prefilled < 10, "a keystroke prefilled {max_prefilled} tokens");
+    assert!(reused.last() > reused.first(), "reused tokens grow: {reused:?}");
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn bad_input_gets_errors_and_the_server_keeps_answering() {
+    let mut client = server();
+    client.initialize(neovim_capabilities(), options());
+    client.wait_ready();
+    client.open("file:///bad.py", "def f(x):\n    return x\n");
+    let position = |line: u32, character: u32| {
+        json!({"textDocument": {"uri": "file:///bad.py"}, "position": {"line": line, "character": character},
+               "context": {"triggerKind": 2}})
+    };
+    // Malformed JSON in a well-framed message, then an unknown method.
+    client.send_raw(b"Content-Length: 12\r\n\r\n{not json!!}");
+    let id = client.request_async("phi-lsp/unknown", json!({}));
+    assert_eq!(client.response(id)["error"]["code"], -32601);
+    // Unknown document and a line past the end: errors, not crashes.
+    let id = client.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": "file:///nope.py"}, "position": {"line": 0, "character": 0}, "context": {"triggerKind": 2}}),
+    );
+    let error = client.response(id)["error"].clone();
+    assert_eq!(error["code"], -32602, "{error}");
+    assert!(error["message"].as_str().expect("message").contains("didOpen"));
+    let id = client.request_async("textDocument/inlineCompletion", position(99, 0));
+    assert_eq!(client.response(id)["error"]["code"], -32602);
+    // Wrong parameter types.
+    let id = client.request_async("textDocument/inlineCompletion", json!({"textDocument": 5}));
+    assert_eq!(client.response(id)["error"]["code"], -32602);
+    // A stale version and an edit past the end are ignored (logged); the text stays as it was.
+    client.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": "file:///bad.py", "version": 1},
+               "contentChanges": [{"text": "stale = True\n"}]}),
+    );
+    client.notify(
+        "textDocument/didChange",
+        json!({"textDocument": {"uri": "file:///bad.py", "version": 5},
+               "contentChanges": [{"range": {"start": {"line": 40, "character": 0}, "end": {"line": 41, "character": 0}}, "text": "x"}]}),
+    );
+    client.wait_for("a log line for the ignored change", |m| {
+        m["method"] == "window/logMessage"
+            && m["params"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("ignored"))
+    });
+    let result = client.request("textDocument/inlineCompletion", position(1, 12));
+    assert_eq!(inline_text(&result), expected("def f(x):\n    return x\n", 22));
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn cancel_request_answers_promptly() {
+    let mut client = server();
+    client.initialize(
+        neovim_capabilities(),
+        json!({"maxNewTokens": 400, "deadlineMs": 60000}),
+    );
+    client.wait_ready();
+    client.open("file:///cancel.py", "import os\n");
+    let id = client.request_async(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": "file:///cancel.py"}, "position": {"line": 1, "character": 0}, "context": {"triggerKind": 2}}),
+    );
+    let started = Instant::now();
+    client.notify("$/cancelRequest", json!({"id": id}));
+    let response = client.response(id);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Either cancelled, or it had already finished (the fixture model is fast).
+    if let Some(error) = response.get("error") {
+        assert_eq!(error["code"], -32800, "{response}");
+    }
+    assert!(client.status()["state"] == "ready");
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn a_model_that_fails_to_load_is_shown_and_the_server_stays_up() {
+    let mut command = phi_lsp();
+    command.args(["--stdio", "--model", "/nonexistent/phi"]);
+    let mut client = LspClient::spawn(command);
+    client.initialize(vscode_capabilities(), Value::Null);
+    let message = client.wait_for("showMessage", |m| m["method"] == "window/showMessage");
+    assert_eq!(message["params"]["type"], 1);
+    assert!(message["params"]["message"]
+        .as_str()
+        .expect("text")
+        .contains("/nonexistent/phi"));
+    let status = client.status();
+    assert_eq!(status["state"], "failed");
+    client.open("file:///x.py", "def f():\n");
+    let result = client.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": "file:///x.py"}, "position": {"line": 1, "character": 0}, "context": {"triggerKind": 2}}),
+    );
+    assert_eq!(inline_text(&result), None);
+    // A configuration change to a good model loads it.
+    client.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"phi-lsp": {"model": fixture_dir().display().to_string()}}}),
+    );
+    client.wait_ready();
+    assert!(client.shutdown().success());
+}
+
+#[test]
+fn stdin_closing_ends_the_process() {
+    let mut client = server();
+    client.initialize(neovim_capabilities(), options());
+    client.close_stdin();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.child().try_wait().expect("waits").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "phi-lsp kept running after stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
