@@ -5,7 +5,9 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod model;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 pub mod worker;
@@ -18,5 +20,5 @@ pub use generate::{
 };
 pub use model::PhiModel;
 pub use tokenizer::{PhiTokenizer, TextStream};
-pub use weights::{Engine, ModelFiles};
+pub use weights::{Engine, ModelFiles, WeightDType};
 pub use worker::{Job, JobOutcome, Prompt, Ticket, Worker, WorkerOptions, WorkerStats};

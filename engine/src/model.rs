@@ -3,7 +3,7 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, LayerNorm};
 
 use crate::cache::KvCache;
 use crate::config::PhiConfig;
@@ -21,13 +21,10 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = vb.get(out_dim, "bias")?;
-        Ok(Linear {
-            weight: QMatMul::Tensor(weight),
-            bias,
-        })
+    fn load(in_dim: usize, out_dim: usize, vb: &Vb) -> Result<Self> {
+        let weight = vb.src.matmul_weight(&vb.name("weight"), out_dim, in_dim)?;
+        let bias = vb.get(&[out_dim], "bias")?;
+        Ok(Linear { weight, bias })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -39,10 +36,50 @@ impl Linear {
     }
 }
 
-fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
-    let weight = vb.get(size, "weight")?;
-    let bias = vb.get(size, "bias")?;
+fn layer_norm(size: usize, eps: f64, vb: &Vb) -> Result<LayerNorm> {
+    let weight = vb.get(&[size], "weight")?;
+    let bias = vb.get(&[size], "bias")?;
     Ok(LayerNorm::new(weight, bias, eps))
+}
+
+/// Where the weights come from, by their Hugging Face names (`model.layers.0.mlp.fc1.weight`):
+/// safetensors (dense, or quantized while loading) or a GGUF file (whose names are mapped).
+pub trait WeightSource {
+    /// A dense tensor of exactly `shape` (embeddings, norms, biases), in the model's dtype.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// A matmul weight of shape `[out_dim, in_dim]`, dense or quantized.
+    fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul>;
+    /// The dtype of activations, K/V cache and dense tensors.
+    fn dtype(&self) -> DType;
+    fn device(&self) -> &Device;
+}
+
+/// A name prefix over a [`WeightSource`], as `VarBuilder::pp` is over a checkpoint.
+struct Vb<'a> {
+    src: &'a dyn WeightSource,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    fn pp(&self, part: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{}.{part}", self.prefix)
+        };
+        Vb {
+            src: self.src,
+            prefix,
+        }
+    }
+
+    fn name(&self, leaf: &str) -> String {
+        self.pp(leaf).prefix
+    }
+
+    fn get(&self, shape: &[usize], leaf: &str) -> Result<Tensor> {
+        self.src.tensor(&self.name(leaf), shape)
+    }
 }
 
 /// cos/sin tables of the rotary embedding for every position the cache can hold.
@@ -97,13 +134,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &PhiConfig, vb: &Vb) -> Result<Self> {
         let (h, kv) = (cfg.hidden_size, cfg.num_kv_heads() * cfg.head_dim());
         Ok(Attention {
-            q_proj: Linear::load(h, h, vb.pp("q_proj"))?,
-            k_proj: Linear::load(h, kv, vb.pp("k_proj"))?,
-            v_proj: Linear::load(h, kv, vb.pp("v_proj"))?,
-            dense: Linear::load(h, h, vb.pp("dense"))?,
+            q_proj: Linear::load(h, h, &vb.pp("q_proj"))?,
+            k_proj: Linear::load(h, kv, &vb.pp("k_proj"))?,
+            v_proj: Linear::load(h, kv, &vb.pp("v_proj"))?,
+            dense: Linear::load(h, h, &vb.pp("dense"))?,
             n_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })
@@ -154,10 +191,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &PhiConfig, vb: &Vb) -> Result<Self> {
         Ok(Mlp {
-            fc1: Linear::load(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: Linear::load(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: Linear::load(cfg.hidden_size, cfg.intermediate_size, &vb.pp("fc1"))?,
+            fc2: Linear::load(cfg.intermediate_size, cfg.hidden_size, &vb.pp("fc2"))?,
         })
     }
 
@@ -174,11 +211,11 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &PhiConfig, vb: &Vb) -> Result<Self> {
         Ok(DecoderLayer {
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
-            input_layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, &vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, &vb.pp("mlp"))?,
+            input_layernorm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb.pp("input_layernorm"))?,
         })
     }
 
@@ -203,27 +240,31 @@ pub struct PhiModel {
 }
 
 impl PhiModel {
-    pub fn new(cfg: &PhiConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &PhiConfig, src: &dyn WeightSource) -> Result<Self> {
+        let vb = Vb {
+            src,
+            prefix: String::new(),
+        };
         let vb_m = vb.pp("model");
         let embed_tokens = Embedding::new(
             vb_m.pp("embed_tokens")
-                .get((cfg.vocab_size, cfg.hidden_size), "weight")?,
+                .get(&[cfg.vocab_size, cfg.hidden_size], "weight")?,
             cfg.hidden_size,
         );
         let layers = (0..cfg.num_hidden_layers)
-            .map(|layer_idx| DecoderLayer::new(cfg, vb_m.pp("layers").pp(layer_idx)))
+            .map(|layer_idx| DecoderLayer::new(cfg, &vb_m.pp("layers").pp(layer_idx)))
             .collect::<Result<Vec<_>>>()?;
-        let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb_m.pp("final_layernorm"))?;
-        let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?;
+        let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb_m.pp("final_layernorm"))?;
+        let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, &vb.pp("lm_head"))?;
         Ok(PhiModel {
             embed_tokens,
             layers,
             final_layernorm,
             lm_head,
-            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            rotary: Rotary::new(cfg, src.dtype(), src.device())?,
             cfg: cfg.clone(),
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            dtype: src.dtype(),
+            device: src.device().clone(),
         })
     }
 

@@ -5,13 +5,99 @@
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::PhiConfig;
 use crate::error::{EngineError, Result};
-use crate::model::PhiModel;
+use crate::model::{PhiModel, WeightSource};
 use crate::tokenizer::PhiTokenizer;
+
+/// How the weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDType {
+    F32,
+    F16,
+    BF16,
+    /// 2-D weights quantized to 8 bits (blocks of 32) while loading; the rest stays f32.
+    Q8_0,
+    /// 2-D weights quantized to 4-bit k-quants (blocks of 256) while loading; the rest stays f32.
+    Q4K,
+}
+
+impl WeightDType {
+    pub const NAMES: &'static str = "f32, f16, bf16, q8_0 or q4k";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "f32" => WeightDType::F32,
+            "f16" => WeightDType::F16,
+            "bf16" => WeightDType::BF16,
+            "q8_0" | "q8" => WeightDType::Q8_0,
+            "q4k" | "q4_k" => WeightDType::Q4K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDType::F32 => "f32",
+            WeightDType::F16 => "f16",
+            WeightDType::BF16 => "bf16",
+            WeightDType::Q8_0 => "q8_0",
+            WeightDType::Q4K => "q4k",
+        }
+    }
+
+    /// The dtype of activations, the KV cache and every tensor that is not quantized.
+    pub fn activation_dtype(self) -> DType {
+        match self {
+            WeightDType::F16 => DType::F16,
+            WeightDType::BF16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    pub fn quantized(self) -> Option<GgmlDType> {
+        match self {
+            WeightDType::Q8_0 => Some(GgmlDType::Q8_0),
+            WeightDType::Q4K => Some(GgmlDType::Q4K),
+            _ => None,
+        }
+    }
+}
+
+/// Tensors from safetensors files, matmul weights quantized on the way in when asked.
+pub struct SafetensorsSource<'a> {
+    vb: VarBuilder<'a>,
+    quantize: Option<GgmlDType>,
+}
+
+impl WeightSource for SafetensorsSource<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.vb.get(shape, name)?)
+    }
+
+    fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
+        let weight = self.vb.get((out_dim, in_dim), name)?;
+        match self.quantize {
+            // Rows must be whole blocks (32 for q8_0, 256 for k-quants); narrower ones stay dense.
+            Some(q) if in_dim % q.block_size() == 0 => {
+                Ok(QMatMul::from_qtensor(QTensor::quantize(&weight, q)?)?)
+            }
+            _ => Ok(QMatMul::Tensor(weight)),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    fn device(&self) -> &Device {
+        self.vb.device()
+    }
+}
 
 /// The files of one model, found and checked but not yet loaded.
 #[derive(Debug, Clone)]
@@ -179,7 +265,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(files: &ModelFiles, device: &Device, dtype: WeightDType) -> Result<Self> {
         let cfg = PhiConfig::from_file(&files.config)?;
         let tokenizer = PhiTokenizer::from_file(&files.tokenizer)?;
         if tokenizer.size() > cfg.vocab_size {
@@ -197,9 +283,14 @@ impl Engine {
         }
         // SAFETY: the files are memory-mapped read-only; they must not be modified while loaded,
         // as with every mmap-based loader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-            .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
-        let model = PhiModel::new(&cfg, vb).map_err(|e| {
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype.activation_dtype(), device) }
+                .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
+        let source = SafetensorsSource {
+            vb,
+            quantize: dtype.quantized(),
+        };
+        let model = PhiModel::new(&cfg, &source).map_err(|e| {
             let where_ = files
                 .weights
                 .first()

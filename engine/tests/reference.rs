@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use phi_engine::{
-    generate, DType, Device, Engine, GenerateParams, ModelFiles, Slot, StopReason, SyncOutcome,
+    generate, Device, Engine, GenerateParams, ModelFiles, Slot, StopReason, SyncOutcome, WeightDType,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,7 +37,7 @@ fn fixture_dir() -> PathBuf {
 fn load() -> (Engine, Reference) {
     let dir = fixture_dir();
     let files = ModelFiles::from_dir(&dir, None).expect("fixture folder is complete");
-    let engine = Engine::load(&files, &Device::Cpu, DType::F32).expect("fixture loads");
+    let engine = Engine::load(&files, &Device::Cpu, WeightDType::F32).expect("fixture loads");
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
     let reference: Reference = serde_json::from_str(&text).expect("reference parses");
     (engine, reference)

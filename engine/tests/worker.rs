@@ -6,14 +6,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use phi_engine::{
-    DType, Device, Engine, GenerateParams, Job, JobOutcome, ModelFiles, Prompt, StopReason, Worker,
+    Device, Engine, GenerateParams, Job, JobOutcome, ModelFiles, Prompt, StopReason, WeightDType, Worker,
     WorkerOptions,
 };
 
 fn worker(max_slots: usize) -> Worker {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-phi");
     let files = ModelFiles::from_dir(&dir, None).expect("fixture");
-    let engine = Engine::load(&files, &Device::Cpu, DType::F32).expect("loads");
+    let engine = Engine::load(&files, &Device::Cpu, WeightDType::F32).expect("loads");
     Worker::spawn(
         engine,
         WorkerOptions {

@@ -49,6 +49,19 @@ pub enum Command {
     Complete(CompleteArgs),
     /// Raw greedy continuation of a prompt, no post-processing.
     Generate(GenerateArgs),
+    /// Prefill, decode, keystroke and memory figures for a model or synthetic Phi-1 weights.
+    Bench(crate::bench::BenchArgs),
+    /// Weights plus KV cache memory per dtype and context size.
+    Memory(MemoryArgs),
+    /// Write a quantized GGUF file that phi-lsp and llama.cpp load.
+    Quantize(crate::quantize::QuantizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MemoryArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -95,6 +108,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Complete(args)) => complete(&cli.model, args),
         Some(Command::Generate(args)) => generate(&cli.model, args),
+        Some(Command::Bench(args)) => crate::bench::run(&cli.model, args),
+        Some(Command::Memory(args)) => crate::memory::run(&cli.model, args),
+        Some(Command::Quantize(args)) => crate::quantize::run(&cli.model, args),
         None => serve(&cli.model),
     }
 }

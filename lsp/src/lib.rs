@@ -3,13 +3,16 @@
 
 #![deny(clippy::print_stdout)]
 
+pub mod bench;
 pub mod cli;
 pub mod complete;
 pub mod convert;
 pub mod documents;
 pub mod framing;
 pub mod loading;
+pub mod memory;
 pub mod postprocess;
 pub mod prompt;
+pub mod quantize;
 pub mod server;
 pub mod settings;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use phi_engine::{DType, Device, Engine, ModelFiles};
+use phi_engine::{Device, Engine, ModelFiles, WeightDType};
 
 use crate::settings::ModelSpec;
 
@@ -39,13 +39,11 @@ fn gpu_error(name: &str, e: impl std::fmt::Display) -> anyhow::Error {
     )
 }
 
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype {other:?}: use f32, f16 or bf16"),
-    })
+pub fn parse_dtype(name: &str) -> Result<WeightDType> {
+    match WeightDType::parse(name) {
+        Some(dtype) => Ok(dtype),
+        None => bail!("unknown dtype {name:?}: use {}", WeightDType::NAMES),
+    }
 }
 
 pub fn device_name(device: &Device) -> String {
@@ -70,9 +68,33 @@ pub fn resolve(spec: &ModelSpec) -> Result<ModelFiles> {
     )
 }
 
+/// `synthetic:phi-1`: random weights of Phi-1's exact shape (for benchmarks), with the tokenizer
+/// given by `--tokenizer`.
+pub const SYNTHETIC_PHI_1: &str = "synthetic:phi-1";
+
 pub fn load(spec: &ModelSpec) -> Result<Engine> {
     let device = parse_device(&spec.device)?;
     let dtype = parse_dtype(&spec.dtype)?;
+    if spec.model == SYNTHETIC_PHI_1 {
+        let Some(tokenizer) = &spec.tokenizer else {
+            bail!("{SYNTHETIC_PHI_1} needs --tokenizer (e.g. the Phi-1 tokenizer.json)");
+        };
+        let tokenizer = phi_engine::PhiTokenizer::from_file(Path::new(tokenizer))?;
+        let model = phi_engine::synthetic::model(&phi_engine::PhiConfig::phi_1(), dtype, &device, 0)?;
+        return Ok(Engine {
+            model,
+            tokenizer: std::sync::Arc::new(tokenizer),
+            name: SYNTHETIC_PHI_1.into(),
+        });
+    }
+    if spec.model.ends_with(".gguf") {
+        let path = PathBuf::from(&spec.model);
+        let tokenizer = match &spec.tokenizer {
+            Some(t) => PathBuf::from(t),
+            None => path.with_file_name("tokenizer.json"),
+        };
+        return Ok(phi_engine::gguf::load(&path, &tokenizer, &device)?);
+    }
     let files = resolve(spec)?;
     Ok(Engine::load(&files, &device, dtype)?)
 }
