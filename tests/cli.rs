@@ -170,3 +170,110 @@ fn unknown_dtype_and_device_are_one_line_errors() {
         assert!(stderr.contains(value), "{stderr}");
     }
 }
+
+/// A Hugging Face cache laid out as the Hub lays it out, holding the fixture as microsoft/phi-1.
+fn hub_cache() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let repo = dir.path().join("models--microsoft--phi-1");
+    let commit = "4c5d1e0f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d";
+    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+    std::fs::write(repo.join("refs/main"), commit).expect("ref");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).expect("mkdir");
+    std::fs::create_dir_all(repo.join("blobs")).expect("mkdir");
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let blob = repo.join("blobs").join(format!("sha-{name}"));
+        std::fs::copy(fixture_dir().join(name), &blob).expect("copies");
+        std::os::unix::fs::symlink(
+            Path::new("../../blobs").join(format!("sha-{name}")),
+            snapshot.join(name),
+        )
+        .expect("symlink");
+    }
+    dir
+}
+
+#[test]
+fn hub_ids_resolve_through_the_cache_offline() {
+    let reference = Reference::load();
+    let case = &reference.cases[0];
+    let cache = hub_cache();
+    let output = phi_lsp()
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args([
+            "generate",
+            "--model",
+            "microsoft/phi-1",
+            "--prompt",
+            &case.prompt,
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).expect("ids");
+    assert_eq!(tokens, case.greedy_tokens[..5]);
+    // Another revision is not cached: offline, that is a one-line error and no download.
+    let output = phi_lsp()
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["generate", "--model", "microsoft/phi-1@v2", "--prompt", "x"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("HF_HUB_OFFLINE") && stderr.contains("microsoft/phi-1@v2"),
+        "{stderr}"
+    );
+    // Ids that try to leave the cache are not ids.
+    let output = phi_lsp()
+        .args(["generate", "--model", "../../etc/x", "--prompt", "x"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn memory_table_matches_the_published_figures() {
+    let output = phi_lsp()
+        .args(["memory", "--model", "microsoft/phi-1", "--json"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(json["parameters"], 1_418_270_720u64);
+    let row = |dtype: &str| {
+        json["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["dtype"] == dtype)
+            .cloned()
+            .expect("row")
+    };
+    let gib = |v: &serde_json::Value| v.as_u64().expect("bytes") as f64 / (1u64 << 30) as f64;
+    // DESIGN.md: f32 5.28 GiB, f16 2.64 GiB; KV 384 KiB per token in f32, 768 MiB at 2,048.
+    assert!((gib(&row("f32")["weights_bytes"]) - 5.28).abs() < 0.01);
+    assert!((gib(&row("f16")["weights_bytes"]) - 2.64).abs() < 0.01);
+    assert_eq!(row("f32")["kv_bytes_per_token"], 384 * 1024);
+    assert_eq!(row("f16")["kv_bytes_per_token"], 192 * 1024);
+    let f32_2048 = &row("f32")["total_bytes_by_context"]["2048"];
+    assert_eq!(
+        f32_2048.as_u64().expect("bytes") - row("f32")["weights_bytes"].as_u64().expect("bytes"),
+        768 << 20
+    );
+}

@@ -29,7 +29,8 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder (config.json, tokenizer.json, model.safetensors).
+    /// A model folder (config.json, tokenizer.json, model.safetensors), a .gguf file, or a Hugging
+    /// Face id (owner/name[@revision]) found in the HF cache or downloaded into it.
     #[arg(long, global = true, env = "PHI_LSP_MODEL", default_value = "microsoft/phi-1")]
     pub model: String,
     /// tokenizer.json to use instead of the model folder's.
@@ -180,7 +181,7 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
     });
     settings.apply(&update).map_err(anyhow::Error::msg)?;
     let prepared = complete::prepare(&rope, cursor, &settings);
-    let engine = loading::load(&settings.model)?;
+    let engine = loading::load(&settings.model, None)?;
     let capacity = settings
         .context_tokens
         .min(engine.model.config().max_position_embeddings);
@@ -216,7 +217,7 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
 }
 
 pub fn load_engine(args: &ModelArgs) -> Result<Engine> {
-    loading::load(&args.spec())
+    loading::load(&args.spec(), None)
 }
 
 fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
@@ -271,6 +272,6 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
 
 /// The one-shot commands print their result on stdout (the server never does).
 #[allow(clippy::print_stdout)]
-fn print_line(text: &str) {
+pub fn print_line(text: &str) {
     println!("{text}");
 }

@@ -41,7 +41,8 @@ impl Prepared {
         }
     }
 
+    /// A character whose bytes were cut off by the token limit decodes as U+FFFD: it is dropped.
     pub fn suggestion(&self, generation: &Generation) -> Option<String> {
-        postprocess::finish(&self.context, &generation.text)
+        postprocess::finish(&self.context, generation.text.trim_end_matches('\u{FFFD}'))
     }
 }

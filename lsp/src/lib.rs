@@ -9,6 +9,7 @@ pub mod complete;
 pub mod convert;
 pub mod documents;
 pub mod framing;
+pub mod hub;
 pub mod loading;
 pub mod memory;
 pub mod postprocess;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use phi_engine::{Device, Engine, ModelFiles, WeightDType};
 
+use crate::hub;
 use crate::settings::ModelSpec;
 
 pub fn parse_device(name: &str) -> Result<Device> {
@@ -54,25 +55,35 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
-/// Finds the model's files. A path that exists is a model folder; anything else is reported with
-/// what to pass instead.
-pub fn resolve(spec: &ModelSpec) -> Result<ModelFiles> {
+/// Finds the model's files: a model folder that exists, else a Hub id resolved through the
+/// Hugging Face cache (downloaded when missing unless `HF_HUB_OFFLINE` is set).
+pub fn resolve(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<ModelFiles> {
     let tokenizer = spec.tokenizer.as_deref().map(Path::new);
     let path = PathBuf::from(&spec.model);
     if path.exists() || spec.model.starts_with('/') || spec.model.starts_with('.') {
         return Ok(ModelFiles::from_dir(&path, tokenizer)?);
     }
-    bail!(
-        "model {:?} is not a folder here: pass --model with a Hugging Face model folder (config.json, tokenizer.json, model.safetensors)",
-        spec.model
-    )
+    let Some(model) = hub::HubModel::parse(&spec.model) else {
+        bail!(
+            "model {:?} is neither a folder nor a Hugging Face id: pass a model folder (config.json, \
+             tokenizer.json, model.safetensors), a .gguf file or an id such as microsoft/phi-1",
+            spec.model
+        );
+    };
+    let dir = match progress {
+        Some(progress) => hub::resolve(&hub::HubEnv::from_env(false), &model, progress)?,
+        None => hub::resolve(&hub::HubEnv::from_env(true), &model, &mut |_, _, _| {})?,
+    };
+    Ok(ModelFiles::from_dir(&dir, tokenizer)?)
 }
 
 /// `synthetic:phi-1`: random weights of Phi-1's exact shape (for benchmarks), with the tokenizer
 /// given by `--tokenizer`.
 pub const SYNTHETIC_PHI_1: &str = "synthetic:phi-1";
 
-pub fn load(spec: &ModelSpec) -> Result<Engine> {
+/// Loads what `spec` names. `progress` receives download progress (the server turns it into
+/// `$/progress`); without it a download draws a progress bar on stderr.
+pub fn load(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<Engine> {
     let device = parse_device(&spec.device)?;
     let dtype = parse_dtype(&spec.dtype)?;
     if spec.model == SYNTHETIC_PHI_1 {
@@ -95,6 +106,6 @@ pub fn load(spec: &ModelSpec) -> Result<Engine> {
         };
         return Ok(phi_engine::gguf::load(&path, &tokenizer, &device)?);
     }
-    let files = resolve(spec)?;
+    let files = resolve(spec, progress)?;
     Ok(Engine::load(&files, &device, dtype)?)
 }

@@ -29,9 +29,18 @@ pub const KV_BUDGET_BYTES: u64 = 1 << 30;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 enum ModelState {
-    Loading { message: String },
-    Ready { message: String },
-    Failed { message: String },
+    Loading {
+        message: String,
+    },
+    Ready {
+        message: String,
+        /// What `auto` resolved to.
+        #[serde(rename = "deviceInUse")]
+        device_in_use: String,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 /// What the last completion cost, for `phi-lsp/status`.
@@ -186,15 +195,35 @@ impl Backend {
                 .await;
         }
 
-        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
-            let engine = loading::load(&spec)?;
+        // Download progress from the loading thread, forwarded as $/progress reports.
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
+        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<(Worker, String)> {
+            let mut report = |file: &str, done: u64, total: u64| {
+                let percent = (done * 100 / total.max(1)) as u32;
+                let _ = progress_tx.send((
+                    format!("downloading {file}: {} / {} MB", done >> 20, total >> 20),
+                    percent,
+                ));
+            };
+            let engine = loading::load(&spec, Some(&mut report))?;
+            let device = loading::device_name(engine.model.device());
             let cfg = engine.model.config().clone();
             let bytes = engine.model.dtype().size_in_bytes();
             let capacity = settings.context_tokens.min(cfg.max_position_embeddings);
             let options = WorkerOptions::within_budget(&cfg, bytes, capacity, KV_BUDGET_BYTES);
-            Ok(Worker::spawn(engine, options)?)
-        })
-        .await;
+            Ok((Worker::spawn(engine, options)?, device))
+        });
+        tokio::pin!(load);
+        let load = loop {
+            tokio::select! {
+                result = &mut load => break result,
+                Some((message, _percent)) = progress_rx.recv() => {
+                    if let Some(progress) = &progress {
+                        progress.report(message).await;
+                    }
+                }
+            }
+        };
         let result = match load {
             Ok(result) => result,
             Err(join) => Err(anyhow::anyhow!("the loading thread failed: {join}")),
@@ -207,15 +236,14 @@ impl Backend {
             return;
         }
         match result {
-            Ok(worker) => {
-                let message = format!("ready: {description}");
+            Ok((worker, device_in_use)) => {
+                let message = format!("ready: {description} on {device_in_use}");
                 tracing::info!("{message}");
-                *lock(&self.shared.model) = (
-                    ModelState::Ready {
-                        message: message.clone(),
-                    },
-                    Some(Arc::new(worker)),
-                );
+                let state = ModelState::Ready {
+                    message: message.clone(),
+                    device_in_use,
+                };
+                *lock(&self.shared.model) = (state, Some(Arc::new(worker)));
                 lock(&self.shared.shown).clear();
                 if let Some(progress) = progress {
                     progress.finish_with_message(message.clone()).await;
@@ -270,7 +298,7 @@ impl Backend {
             "model": settings.model.model,
             "device": settings.model.device,
             "dtype": settings.model.dtype,
-            "positionEncoding": format!("{encoding:?}").to_lowercase(),
+            "positionEncoding": lsp_encoding(encoding).as_str(),
             "completionMode": settings.completion_mode,
             "clientInlineCompletion": client_inline,
             "maxNewTokens": settings.max_new_tokens,
@@ -281,6 +309,9 @@ impl Backend {
         });
         if let (Value::Object(map), Ok(Value::Object(state))) = (&mut status, serde_json::to_value(&state)) {
             map.extend(state);
+        }
+        if let ModelState::Ready { device_in_use, .. } = &state {
+            status["device"] = device_in_use.clone().into();
         }
         if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
             let stats = worker.stats();
@@ -390,7 +421,8 @@ impl Backend {
         }
         let typed = window.text.strip_prefix(last.before.as_str())?;
         let rest = last.suggestion.strip_prefix(typed)?;
-        (!typed.is_empty() && !rest.trim().is_empty()).then(|| rest.to_string())
+        // Nothing typed (the client asking again at the same place) serves the same suggestion.
+        (!rest.trim().is_empty()).then(|| rest.to_string())
     }
 
     fn mode_allows(&self, inline: bool) -> bool {

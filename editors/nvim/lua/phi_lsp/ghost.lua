@@ -1,0 +1,294 @@
+--- Ghost text for Neovim 0.10-0.11, which have no `vim.lsp.inline_completion`: asks the server's
+--- textDocument/inlineCompletion after a pause in typing and shows the first item as extmarks
+--- (the first line inline at the cursor, the rest as virtual lines). It is cleared when the cursor
+--- moves away and on leaving insert mode; accept() puts it in the buffer.
+local M = {}
+
+local api = vim.api
+local ns = api.nvim_create_namespace('phi_lsp.ghost')
+M.namespace = ns
+
+--- Per buffer: client_id, timer, pending (request id), shown ({row, col, text, range}).
+---@type table<integer, table>
+local buffers = {}
+
+local function set_highlight()
+  api.nvim_set_hl(0, 'PhiLspGhostText', { link = 'Comment', default = true })
+end
+
+local function stop_timer(state)
+  local timer = state.timer
+  state.timer = nil
+  if timer and not timer:is_closing() then
+    timer:stop()
+    timer:close()
+  end
+end
+
+local function cancel_pending(state)
+  local id = state.pending
+  state.pending = nil
+  local client = id and vim.lsp.get_client_by_id(state.client_id)
+  if client then
+    require('phi_lsp')._call(client, 'cancel_request', id)
+  end
+end
+
+--- Removes the ghost text of a buffer.
+function M.clear(bufnr)
+  local state = buffers[bufnr]
+  if state then
+    state.shown = nil
+  end
+  if api.nvim_buf_is_valid(bufnr) then
+    api.nvim_buf_clear_namespace(bufnr, ns, 0, -1)
+  end
+end
+
+function M.clear_all()
+  for bufnr, state in pairs(buffers) do
+    stop_timer(state)
+    cancel_pending(state)
+    M.clear(bufnr)
+  end
+end
+
+--- Byte column of an LSP character offset on a line.
+local function byte_col(line, character, encoding)
+  if encoding == 'utf-8' then
+    return math.min(character, #line)
+  end
+  local ok, col
+  if vim.fn.has('nvim-0.11') == 1 then
+    ok, col = pcall(vim.str_byteindex, line, encoding, character, false)
+  else
+    ok, col = pcall(vim.str_byteindex, line, character, encoding == 'utf-16')
+  end
+  return ok and col or #line
+end
+
+local function to_pos(bufnr, position, encoding)
+  local line = api.nvim_buf_get_lines(bufnr, position.line, position.line + 1, false)[1] or ''
+  return position.line, byte_col(line, position.character, encoding)
+end
+
+local function cursor_of(win)
+  local cursor = api.nvim_win_get_cursor(win)
+  return cursor[1] - 1, cursor[2]
+end
+
+local function in_insert_mode()
+  return api.nvim_get_mode().mode:sub(1, 1) == 'i'
+end
+
+--- Shows `text`, to be inserted over `range` (0-based rows, byte columns), at the cursor.
+local function show(bufnr, row, col, text, range)
+  M.clear(bufnr)
+  -- The part of the suggestion already typed between the range start and the cursor is not shown
+  -- again; a suggestion that disagrees with it is not shown at all.
+  local typed = ''
+  if range.start_row == row and range.start_col < col then
+    typed = api.nvim_buf_get_text(bufnr, row, range.start_col, row, col, {})[1] or ''
+  elseif range.start_row ~= row or range.start_col > col then
+    return
+  end
+  if text:sub(1, #typed) ~= typed then
+    return
+  end
+  local rest = text:sub(#typed + 1)
+  if rest == '' then
+    return
+  end
+  local lines = vim.split(rest, '\n', { plain = true })
+  local virt_lines = {}
+  for i = 2, #lines do
+    virt_lines[#virt_lines + 1] = { { lines[i], 'PhiLspGhostText' } }
+  end
+  api.nvim_buf_set_extmark(bufnr, ns, row, col, {
+    virt_text = lines[1] ~= '' and { { lines[1], 'PhiLspGhostText' } } or nil,
+    virt_text_pos = 'inline',
+    virt_lines = #virt_lines > 0 and virt_lines or nil,
+    hl_mode = 'combine',
+  })
+  buffers[bufnr].shown =
+    { row = row, col = col, text = text, range = range, tick = api.nvim_buf_get_changedtick(bufnr) }
+end
+
+--- Asks the server for a suggestion at the cursor and shows it if nothing changed meanwhile.
+function M.request(bufnr)
+  local state = buffers[bufnr]
+  local win = api.nvim_get_current_win()
+  if not state or api.nvim_win_get_buf(win) ~= bufnr or not in_insert_mode() then
+    return
+  end
+  if not require('phi_lsp').enabled then
+    return
+  end
+  local client = vim.lsp.get_client_by_id(state.client_id)
+  if not client then
+    return
+  end
+  cancel_pending(state)
+  local encoding = client.offset_encoding or 'utf-16'
+  local params = vim.lsp.util.make_position_params(win, encoding)
+  params.context = { triggerKind = 2 } -- Automatic
+  local tick = api.nvim_buf_get_changedtick(bufnr)
+  local row, col = cursor_of(win)
+  local ok, id = require('phi_lsp')._call(client, 'request', 'textDocument/inlineCompletion', params, function(err, result)
+    if state.pending == id then
+      state.pending = nil
+    end
+    if err or type(result) ~= 'table' then
+      return
+    end
+    if
+      not api.nvim_buf_is_valid(bufnr)
+      or api.nvim_buf_get_changedtick(bufnr) ~= tick
+      or api.nvim_get_current_buf() ~= bufnr
+      or not in_insert_mode()
+    then
+      return
+    end
+    local now_row, now_col = cursor_of(api.nvim_get_current_win())
+    if now_row ~= row or now_col ~= col then
+      return
+    end
+    local item = (result.items or result)[1]
+    if type(item) ~= 'table' then
+      M.clear(bufnr)
+      return
+    end
+    local text = item.insertText
+    if type(text) == 'table' then
+      if text.kind == 'snippet' then
+        return -- snippets need the native implementation (0.12+)
+      end
+      text = text.value
+    end
+    if type(text) ~= 'string' or text == '' then
+      M.clear(bufnr)
+      return
+    end
+    local range = { start_row = row, start_col = col, end_row = row, end_col = col }
+    if item.range then
+      range.start_row, range.start_col = to_pos(bufnr, item.range.start, encoding)
+      range.end_row, range.end_col = to_pos(bufnr, item.range['end'], encoding)
+    end
+    show(bufnr, row, col, text, range)
+  end, bufnr)
+  if ok then
+    state.pending = id
+  end
+end
+
+--- Debounced request after typing or moving in insert mode; ghost text that no longer sits at the
+--- cursor goes at once.
+local function on_change(bufnr)
+  local state = buffers[bufnr]
+  if not state then
+    return
+  end
+  local shown = state.shown
+  if shown then
+    local row, col = cursor_of(api.nvim_get_current_win())
+    if row ~= shown.row or col ~= shown.col or api.nvim_buf_get_changedtick(bufnr) ~= shown.tick then
+      M.clear(bufnr)
+    end
+  end
+  stop_timer(state)
+  cancel_pending(state)
+  if not require('phi_lsp').enabled then
+    return
+  end
+  local delay = require('phi_lsp').config.debounce_ms or 150
+  state.timer = vim.defer_fn(function()
+    state.timer = nil
+    M.request(bufnr)
+  end, delay)
+end
+
+function M.attach(bufnr, client_id)
+  set_highlight()
+  if buffers[bufnr] then
+    buffers[bufnr].client_id = client_id
+    return
+  end
+  buffers[bufnr] = { client_id = client_id }
+  local group = api.nvim_create_augroup('phi_lsp.ghost.' .. bufnr, { clear = true })
+  api.nvim_create_autocmd({ 'InsertEnter', 'TextChangedI', 'CursorMovedI' }, {
+    group = group,
+    buffer = bufnr,
+    callback = function()
+      on_change(bufnr)
+    end,
+  })
+  api.nvim_create_autocmd({ 'InsertLeave', 'BufLeave' }, {
+    group = group,
+    buffer = bufnr,
+    callback = function()
+      local state = buffers[bufnr]
+      if state then
+        stop_timer(state)
+        cancel_pending(state)
+      end
+      M.clear(bufnr)
+    end,
+  })
+  api.nvim_create_autocmd('LspDetach', {
+    group = group,
+    buffer = bufnr,
+    callback = function(args)
+      if args.data.client_id == client_id then
+        M.detach(bufnr)
+      end
+    end,
+  })
+  api.nvim_create_autocmd('ColorScheme', { group = group, callback = set_highlight })
+end
+
+function M.detach(bufnr)
+  local state = buffers[bufnr]
+  if not state then
+    return
+  end
+  stop_timer(state)
+  cancel_pending(state)
+  M.clear(bufnr)
+  buffers[bufnr] = nil
+  pcall(api.nvim_del_augroup_by_name, 'phi_lsp.ghost.' .. bufnr)
+end
+
+--- The ghost text shown in a buffer: { row, col, text } or nil.
+function M.current(bufnr)
+  local state = buffers[bufnr or api.nvim_get_current_buf()]
+  return state and state.shown
+end
+
+--- Puts the shown suggestion in the buffer (scheduled, so that it works from an <expr> mapping)
+--- and moves the cursor after it; false when nothing is shown.
+function M.accept(bufnr)
+  bufnr = bufnr or api.nvim_get_current_buf()
+  local state = buffers[bufnr]
+  local shown = state and state.shown
+  if not shown then
+    return false
+  end
+  vim.schedule(function()
+    if state.shown ~= shown then
+      return
+    end
+    M.clear(bufnr)
+    local range = shown.range
+    local lines = vim.split(shown.text, '\n', { plain = true })
+    api.nvim_buf_set_text(bufnr, range.start_row, range.start_col, range.end_row, range.end_col, lines)
+    local last_row = range.start_row + #lines - 1
+    local last_col = (#lines == 1 and range.start_col or 0) + #lines[#lines]
+    local win = vim.fn.bufwinid(bufnr)
+    if win ~= -1 then
+      api.nvim_win_set_cursor(win, { last_row + 1, last_col })
+    end
+  end)
+  return true
+end
+
+return M

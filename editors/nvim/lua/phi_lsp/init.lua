@@ -1,0 +1,272 @@
+--- phi-lsp for Neovim: the phi-lsp language server on Python buffers, its Phi-1 suggestions as
+--- ghost text (native `vim.lsp.inline_completion` on 0.12+, this plugin's own extmarks on
+--- 0.10-0.11), accepted with <Tab>. `setup()` is optional: the defaults work when `phi-lsp` is on
+--- PATH and the model is in $PHI_LSP_MODEL.
+local M = {}
+
+local has_011 = vim.fn.has('nvim-0.11') == 1
+
+---@class phi_lsp.Config
+M.defaults = {
+  --- The server command.
+  cmd = { 'phi-lsp', '--stdio' },
+  filetypes = { 'python' },
+  root_markers = { 'pyproject.toml', 'setup.py', 'setup.cfg', 'requirements.txt', '.git' },
+  --- Server options, as the server names them: model, tokenizer, device, dtype, maxNewTokens,
+  --- deadlineMs, contextTokens, completionMode. Sent as initializationOptions and as
+  --- workspace/didChangeConfiguration settings under "phi-lsp".
+  settings = {},
+  --- 'auto' (native on 0.12+, else the plugin's), 'native', 'plugin', or false for none (the
+  --- server then answers in the completion menu).
+  inline = 'auto',
+  --- Insert-mode key that accepts the ghost text (falls through to the key when there is none);
+  --- false for no mapping (use require('phi_lsp').accept()).
+  accept_key = '<Tab>',
+  --- Plugin ghost text only: milliseconds after the last keystroke before asking.
+  debounce_ms = 150,
+}
+
+--- Keys whose list values replace the default instead of merging index by index.
+local list_keys = { cmd = true, filetypes = true, root_markers = true }
+
+---@type phi_lsp.Config
+M.config = vim.deepcopy(M.defaults)
+
+--- Suggestions on or off (:PhiLsp enable/disable); the server keeps running either way.
+M.enabled = true
+
+--- Compatibility: 0.11 made client methods take `self` (`client:request`); 0.10 has closures.
+local function call(client, method, ...)
+  if has_011 then
+    return client[method](client, ...)
+  end
+  return client[method](...)
+end
+M._call = call
+
+---@param opts? phi_lsp.Config
+function M.setup(opts)
+  opts = opts or {}
+  local config = vim.deepcopy(M.defaults)
+  for key, value in pairs(opts) do
+    if list_keys[key] or type(value) ~= 'table' or type(config[key]) ~= 'table' then
+      config[key] = value
+    else
+      config[key] = vim.tbl_deep_extend('force', config[key], value)
+    end
+  end
+  M.config = config
+  if has_011 then
+    vim.lsp.config('phi_lsp', M.lsp_config())
+    vim.lsp.enable('phi_lsp', opts.autostart ~= false and vim.g.phi_lsp_autostart ~= false)
+  end
+  for _, client in ipairs(M.clients()) do
+    client.settings = { ['phi-lsp'] = M.server_settings() }
+    call(client, 'notify', 'workspace/didChangeConfiguration', { settings = client.settings })
+  end
+end
+
+--- The server options; never an empty list, which the server would reject.
+function M.server_settings()
+  local settings = vim.deepcopy(M.config.settings or {})
+  if next(settings) == nil then
+    return vim.empty_dict()
+  end
+  return settings
+end
+
+--- Whether the client should declare inline completion (and so get ghost text rather than menu
+--- items from the server's completionMode "auto").
+local function wants_inline()
+  return M.config.inline ~= false
+end
+
+--- The client config: for `vim.lsp.config`/`vim.lsp.enable` on 0.11+, `vim.lsp.start` on 0.10.
+function M.lsp_config()
+  local capabilities = vim.lsp.protocol.make_client_capabilities()
+  if wants_inline() then
+    -- Neovim 0.12 declares this itself; 0.10-0.11 get it from this plugin's ghost text.
+    capabilities.textDocument.inlineCompletion = capabilities.textDocument.inlineCompletion
+      or { dynamicRegistration = false }
+  else
+    capabilities.textDocument.inlineCompletion = nil
+  end
+  return {
+    cmd = M.config.cmd,
+    filetypes = M.config.filetypes,
+    root_markers = M.config.root_markers,
+    capabilities = capabilities,
+    settings = { ['phi-lsp'] = M.server_settings() },
+    -- initializationOptions follow the final settings, however they were configured, so that the
+    -- right model loads first rather than after a reload.
+    before_init = function(params, config)
+      local settings = config.settings and config.settings['phi-lsp']
+      params.initializationOptions = settings or M.server_settings()
+    end,
+  }
+end
+
+--- Starts (or reuses) the client for a buffer; what the FileType autocmd does on 0.10.
+function M.start(bufnr)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  if vim.bo[bufnr].buftype ~= '' then
+    return
+  end
+  local config = M.lsp_config()
+  config.name = 'phi_lsp'
+  config.root_dir = vim.fs.root(bufnr, config.root_markers)
+  return vim.lsp.start(config, { bufnr = bufnr })
+end
+
+---@param bufnr? integer
+---@return vim.lsp.Client[]
+function M.clients(bufnr)
+  return vim.lsp.get_clients({ name = 'phi_lsp', bufnr = bufnr })
+end
+
+--- Which ghost text a buffer gets.
+function M.inline_kind()
+  local inline = M.config.inline
+  if inline == false then
+    return nil
+  end
+  if inline == 'plugin' or not (vim.lsp.inline_completion and vim.lsp.inline_completion.enable) then
+    return 'plugin'
+  end
+  return 'native'
+end
+
+--- Sets up ghost text and the accept key on a buffer the server attached to.
+function M.on_attach(client, bufnr)
+  local kind = M.inline_kind()
+  if kind == 'native' then
+    vim.lsp.inline_completion.enable(M.enabled, { bufnr = bufnr })
+  elseif kind == 'plugin' then
+    require('phi_lsp.ghost').attach(bufnr, client.id)
+  else
+    return
+  end
+  local key = M.config.accept_key
+  if key then
+    vim.keymap.set('i', key, function()
+      if M.accept(bufnr) then
+        return ''
+      end
+      return key
+    end, { buffer = bufnr, expr = true, desc = 'phi-lsp: accept the suggestion' })
+  end
+end
+
+--- Accepts the ghost text shown in a buffer; false when there is none.
+function M.accept(bufnr)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  if not M.enabled then
+    return false
+  end
+  if M.inline_kind() == 'native' then
+    return vim.lsp.inline_completion.get({ bufnr = bufnr })
+  end
+  return require('phi_lsp.ghost').accept(bufnr)
+end
+
+--- Turns suggestions on or off in every buffer.
+function M.set_enabled(on)
+  M.enabled = on
+  if M.inline_kind() == 'native' then
+    for _, client in ipairs(M.clients()) do
+      for bufnr in pairs(client.attached_buffers) do
+        vim.lsp.inline_completion.enable(on, { bufnr = bufnr })
+      end
+    end
+  elseif not on then
+    require('phi_lsp.ghost').clear_all()
+  end
+end
+
+--- The server's `phi-lsp/status` (state, model, device, dtype, last timings), or nil and an error.
+---@return table?, string?
+function M.status(client, timeout_ms)
+  client = client or M.clients()[1]
+  if not client then
+    return nil, 'no phi_lsp client is running: open a Python file'
+  end
+  -- No params at all: the server rejects `{}`.
+  local response, err = call(client, 'request_sync', 'phi-lsp/status', nil, timeout_ms or 2000, 0)
+  if not response then
+    return nil, 'phi-lsp/status: ' .. tostring(err)
+  end
+  if response.err then
+    return nil, 'phi-lsp/status: ' .. (response.err.message or vim.inspect(response.err))
+  end
+  return response.result
+end
+
+--- One line about the server's state.
+function M.describe(status)
+  local line = ('%s: %s on %s, %s'):format(
+    status.state,
+    status.model or '?',
+    status.device or '?',
+    status.dtype or '?'
+  )
+  if status.state ~= 'ready' and status.message then
+    line = line .. ' — ' .. status.message
+  end
+  local last = status.last
+  if type(last) == 'table' then
+    line = line
+      .. ('; last suggestion %s ms (%s prompt tokens, %s reused, %s generated)'):format(
+        last.total_ms or '?',
+        last.prompt_tokens or '?',
+        last.reused_tokens or '?',
+        last.generated_tokens or '?'
+      )
+  end
+  return line
+end
+
+function M.restart()
+  local clients = M.clients()
+  local buffers = {}
+  for _, client in ipairs(clients) do
+    for bufnr in pairs(client.attached_buffers) do
+      buffers[#buffers + 1] = bufnr
+    end
+    call(client, 'stop')
+  end
+  -- Start again once the old processes are gone.
+  vim.defer_fn(function()
+    if has_011 and vim.lsp.is_enabled and vim.lsp.is_enabled('phi_lsp') then
+      vim.lsp.enable('phi_lsp')
+    end
+    for _, bufnr in ipairs(buffers) do
+      if vim.api.nvim_buf_is_valid(bufnr) and #M.clients(bufnr) == 0 then
+        M.start(bufnr)
+      end
+    end
+  end, 500)
+end
+
+--- :PhiLsp {subcommand}
+function M.command(name)
+  if name == 'status' then
+    local status, err = M.status()
+    if status then
+      vim.notify('phi-lsp ' .. M.describe(status) .. (M.enabled and '' or ' (suggestions off)'))
+    else
+      vim.notify(err, vim.log.levels.WARN)
+    end
+  elseif name == 'restart' then
+    M.restart()
+  elseif name == 'enable' or name == 'disable' or name == 'toggle' then
+    local on = name == 'enable' or (name == 'toggle' and not M.enabled)
+    M.set_enabled(on)
+    vim.notify('phi-lsp: suggestions ' .. (on and 'on' or 'off'))
+  elseif name == 'log' then
+    vim.cmd.tabedit(vim.lsp.get_log_path())
+  else
+    vim.notify('phi-lsp: unknown subcommand ' .. name .. ' (status, restart, enable, disable, toggle, log)', vim.log.levels.ERROR)
+  end
+end
+
+return M
