@@ -39,7 +39,7 @@ pub struct ModelArgs {
     /// auto, cpu, cuda, cuda:N or metal (GPUs need a build with the cuda or metal feature).
     #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// f32, f16 or bf16 (weights are converted to it on load).
+    /// f32, f16, bf16, q8_0 or q4k (q8_0/q4k quantize 2-D weights while loading).
     #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "f32")]
     pub dtype: String,
 }
