@@ -3,7 +3,7 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm};
+use candle_nn::LayerNorm;
 
 use crate::cache::KvCache;
 use crate::config::PhiConfig;
@@ -229,7 +229,8 @@ impl DecoderLayer {
 }
 
 pub struct PhiModel {
-    embed_tokens: Embedding,
+    /// Quantized like the matmul weights (rows are gathered and dequantized one at a time).
+    embed_tokens: QMatMul,
     layers: Vec<DecoderLayer>,
     final_layernorm: LayerNorm,
     lm_head: Linear,
@@ -246,11 +247,7 @@ impl PhiModel {
             prefix: String::new(),
         };
         let vb_m = vb.pp("model");
-        let embed_tokens = Embedding::new(
-            vb_m.pp("embed_tokens")
-                .get(&[cfg.vocab_size, cfg.hidden_size], "weight")?,
-            cfg.hidden_size,
-        );
+        let embed_tokens = src.matmul_weight("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|layer_idx| DecoderLayer::new(cfg, &vb_m.pp("layers").pp(layer_idx)))
             .collect::<Result<Vec<_>>>()?;
@@ -298,7 +295,7 @@ impl PhiModel {
         }
         cache.check_room(n_tokens)?;
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let mut xs = self.embed_tokens.forward(&input)?;
+        let mut xs = self.embed_tokens.embedding(&input)?.to_dtype(self.dtype)?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, &self.rotary, cache, layer_idx)?;
         }
