@@ -2,11 +2,14 @@
 //! model thread. LSP types stop here: everything below speaks plain structs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Instant;
 
-use phi_engine::{JobOutcome, Worker, WorkerOptions};
+use phi_engine::{JobOutcome, StopReason, Worker, WorkerOptions};
 use ropey::Rope;
 use serde::Serialize;
 use serde_json::Value;
@@ -25,6 +28,41 @@ use crate::settings::{CompletionMode, Settings};
 pub const MAX_DOCUMENT_BYTES: usize = 32 << 20;
 /// KV cache for all slots together; slots hold `context_tokens` positions each.
 pub const KV_BUDGET_BYTES: u64 = 1 << 30;
+
+/// Test-only fault injection. When the server starts with `PHI_LSP_TEST_PANIC` set, a completion
+/// whose text before the cursor contains [`TEST_PANIC_MARKER`] panics: `request` in the request
+/// handler, `worker` inside the job on the model thread, `worker-exit` on the model thread outside
+/// its per-job guard (the thread dies, as it would on a bug in the worker itself). The fault tests
+/// (`tests/faults.rs`) use it to show that no panic takes the server down; without the variable,
+/// or for any other text, nothing changes.
+pub const TEST_PANIC_ENV: &str = "PHI_LSP_TEST_PANIC";
+pub const TEST_PANIC_MARKER: &str = "PHI_LSP_TEST_PANIC";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TestPanic {
+    Request,
+    Worker,
+    WorkerExit,
+}
+
+impl TestPanic {
+    fn from_env() -> Option<Self> {
+        let value = std::env::var(TEST_PANIC_ENV).ok()?;
+        let site = match value.as_str() {
+            "request" => TestPanic::Request,
+            "worker" => TestPanic::Worker,
+            "worker-exit" => TestPanic::WorkerExit,
+            other => {
+                tracing::warn!("{TEST_PANIC_ENV}={other:?} ignored: use request, worker or worker-exit");
+                return None;
+            }
+        };
+        tracing::warn!(
+            "{TEST_PANIC_ENV}={value}: completions at {TEST_PANIC_MARKER} will panic (tests only)"
+        );
+        Some(site)
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
@@ -84,12 +122,38 @@ struct Shared {
     last: Mutex<Option<LastCompletion>>,
     /// Only the newest load may install its worker.
     load_seq: AtomicU64,
+    /// The slot limit of the current worker (0 before one is loaded), for `phi-lsp/status`.
+    max_slots: AtomicUsize,
+    test_panic: Option<TestPanic>,
 }
 
 /// Locks a mutex whose data stays valid even if a holder panicked (every critical section here
 /// leaves the data consistent).
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `future`, turning a panic inside it into `Err` with the panic's message. tower-lsp-server
+/// polls every handler on the task that serves stdio, so a panic that escaped a handler would end
+/// the server.
+async fn catch_panic<F: Future>(future: F) -> std::result::Result<F::Output, String> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(
+        move |cx| match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
+        },
+    )
+    .await
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 pub struct Backend {
@@ -105,20 +169,31 @@ pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::Cl
         .finish()
 }
 
+/// How long requests in flight may still finish once stdin has ended.
+const STDIN_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub async fn serve_stdio(settings: Settings) {
     let (service, socket) = service(settings);
     // stdin passes through the framing guard, so one malformed message cannot end the transport.
     let (guarded, server_input) = tokio::io::duplex(1 << 16);
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    let guard = tokio::spawn(async move {
+    let mut guard = tokio::spawn(async move {
         if let Err(e) = crate::framing::guard(stdin, guarded).await {
             tracing::warn!("reading stdin failed: {e}");
         }
     });
     let stdout = tokio::io::stdout();
-    tower_lsp_server::Server::new(server_input, stdout, socket)
-        .serve(service)
-        .await;
+    let serve = tower_lsp_server::Server::new(server_input, stdout, socket).serve(service);
+    tokio::pin!(serve);
+    tokio::select! {
+        () = &mut serve => {}
+        _ = &mut guard => {
+            // stdin ended without `exit`: the client is gone. tower-lsp-server would wait for every
+            // request in flight (a generation can run for seconds); answers already computed get a
+            // moment to be written, then dropping `serve` drops the rest, which cancels their jobs.
+            let _ = tokio::time::timeout(STDIN_CLOSED_GRACE, &mut serve).await;
+        }
+    }
     guard.abort();
 }
 
@@ -143,6 +218,8 @@ impl Backend {
             shown: Mutex::new(HashMap::new()),
             last: Mutex::new(None),
             load_seq: AtomicU64::new(0),
+            max_slots: AtomicUsize::new(0),
+            test_panic: TestPanic::from_env(),
         };
         Backend {
             client,
@@ -152,6 +229,67 @@ impl Backend {
 
     fn settings(&self) -> Settings {
         lock(&self.shared.session).settings.clone()
+    }
+
+    fn handle(&self) -> Backend {
+        Backend {
+            client: self.client.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs one handler at the request boundary: a panic in it is logged once, shown in the client's
+    /// log, and answered as an internal error; the server goes on serving.
+    async fn guarded<T>(&self, method: &str, handler: impl Future<Output = Result<T>>) -> Result<T> {
+        match catch_panic(handler).await {
+            Ok(result) => result,
+            Err(what) => {
+                let message = format!("{method} panicked: {what}");
+                self.log_panic(&message).await;
+                Err(Error {
+                    message: message.into(),
+                    ..Error::internal_error()
+                })
+            }
+        }
+    }
+
+    /// [`Self::guarded`] for notifications, which have no answer to carry the error.
+    async fn guarded_notification(&self, method: &str, handler: impl Future<Output = ()>) {
+        if let Err(what) = catch_panic(handler).await {
+            self.log_panic(&format!("{method} panicked: {what}")).await;
+        }
+    }
+
+    async fn log_panic(&self, message: &str) {
+        tracing::error!("{message}; the server goes on");
+        self.client
+            .log_message(MessageType::ERROR, format!("phi-lsp: {message}"))
+            .await;
+    }
+
+    /// The model thread of `dead` has exited (a panic outside its per-job guard): the engine went
+    /// with it, so the model is loaded again. Only the first request to notice restarts it.
+    async fn restart_worker(&self, dead: &Arc<Worker>) {
+        let message = "the model thread stopped: loading the model again";
+        {
+            let mut model = lock(&self.shared.model);
+            if !model.1.as_ref().is_some_and(|w| Arc::ptr_eq(w, dead)) {
+                return;
+            }
+            *model = (
+                ModelState::Loading {
+                    message: message.into(),
+                },
+                None,
+            );
+        }
+        tracing::error!("{message}");
+        self.client
+            .log_message(MessageType::ERROR, format!("phi-lsp: {message}"))
+            .await;
+        let backend = self.handle();
+        tokio::spawn(async move { backend.load_model().await });
     }
 
     /// Loads the model on a blocking thread, reporting work-done progress; the newest load wins.
@@ -197,7 +335,7 @@ impl Backend {
 
         // Download progress from the loading thread, forwarded as $/progress reports.
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
-        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<(Worker, String)> {
+        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<(Worker, String, usize)> {
             let mut report = |file: &str, done: u64, total: u64| {
                 let percent = (done * 100 / total.max(1)) as u32;
                 let _ = progress_tx.send((
@@ -211,7 +349,7 @@ impl Backend {
             let bytes = engine.model.dtype().size_in_bytes();
             let capacity = settings.context_tokens.min(cfg.max_position_embeddings);
             let options = WorkerOptions::within_budget(&cfg, bytes, capacity, KV_BUDGET_BYTES);
-            Ok((Worker::spawn(engine, options)?, device))
+            Ok((Worker::spawn(engine, options)?, device, options.max_slots))
         });
         tokio::pin!(load);
         let load = loop {
@@ -236,7 +374,7 @@ impl Backend {
             return;
         }
         match result {
-            Ok((worker, device_in_use)) => {
+            Ok((worker, device_in_use, max_slots)) => {
                 let message = format!("ready: {description} on {device_in_use}");
                 tracing::info!("{message}");
                 let state = ModelState::Ready {
@@ -244,6 +382,7 @@ impl Backend {
                     device_in_use,
                 };
                 *lock(&self.shared.model) = (state, Some(Arc::new(worker)));
+                self.shared.max_slots.store(max_slots, Ordering::Relaxed);
                 lock(&self.shared.shown).clear();
                 if let Some(progress) = progress {
                     progress.finish_with_message(message.clone()).await;
@@ -289,39 +428,45 @@ impl Backend {
     }
 
     async fn status(&self) -> Result<Value> {
-        let (settings, encoding, client_inline) = {
-            let session = lock(&self.shared.session);
-            (session.settings.clone(), session.encoding, session.client_inline)
-        };
-        let (state, worker) = lock(&self.shared.model).clone();
-        let mut status = serde_json::json!({
-            "model": settings.model.model,
-            "device": settings.model.device,
-            "dtype": settings.model.dtype,
-            "positionEncoding": lsp_encoding(encoding).as_str(),
-            "completionMode": settings.completion_mode,
-            "clientInlineCompletion": client_inline,
-            "maxNewTokens": settings.max_new_tokens,
-            "deadlineMs": settings.deadline_ms,
-            "contextTokens": settings.context_tokens,
-            "documents": lock(&self.shared.documents).len(),
-            "last": *lock(&self.shared.last),
-        });
-        if let (Value::Object(map), Ok(Value::Object(state))) = (&mut status, serde_json::to_value(&state)) {
-            map.extend(state);
-        }
-        if let ModelState::Ready { device_in_use, .. } = &state {
-            status["device"] = device_in_use.clone().into();
-        }
-        if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
-            let stats = worker.stats();
-            map.insert(
-                "worker".into(),
-                serde_json::json!({"slots": stats.slots, "jobsRun": stats.jobs_run,
-                    "jobsDropped": stats.jobs_dropped, "panics": stats.panics}),
-            );
-        }
-        Ok(status)
+        self.guarded("phi-lsp/status", async move {
+            let (settings, encoding, client_inline) = {
+                let session = lock(&self.shared.session);
+                (session.settings.clone(), session.encoding, session.client_inline)
+            };
+            let (state, worker) = lock(&self.shared.model).clone();
+            let mut status = serde_json::json!({
+                "model": settings.model.model,
+                "device": settings.model.device,
+                "dtype": settings.model.dtype,
+                "positionEncoding": lsp_encoding(encoding).as_str(),
+                "completionMode": settings.completion_mode,
+                "clientInlineCompletion": client_inline,
+                "maxNewTokens": settings.max_new_tokens,
+                "deadlineMs": settings.deadline_ms,
+                "contextTokens": settings.context_tokens,
+                "documents": lock(&self.shared.documents).len(),
+                "last": *lock(&self.shared.last),
+            });
+            if let (Value::Object(map), Ok(Value::Object(state))) =
+                (&mut status, serde_json::to_value(&state))
+            {
+                map.extend(state);
+            }
+            if let ModelState::Ready { device_in_use, .. } = &state {
+                status["device"] = device_in_use.clone().into();
+            }
+            if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
+                let stats = worker.stats();
+                let max_slots = self.shared.max_slots.load(Ordering::Relaxed);
+                map.insert(
+                    "worker".into(),
+                    serde_json::json!({"slots": stats.slots, "maxSlots": max_slots, "jobsRun": stats.jobs_run,
+                        "jobsDropped": stats.jobs_dropped, "panics": stats.panics}),
+                );
+            }
+            Ok(status)
+        })
+        .await
     }
 
     /// The suggestion at `position` in `uri`: typed through from the last one, or from the model.
@@ -363,12 +508,44 @@ impl Backend {
             return Ok(None);
         }
 
+        let test_panic = self
+            .shared
+            .test_panic
+            .filter(|_| prepared.window.text.contains(TEST_PANIC_MARKER));
+        if test_panic == Some(TestPanic::Request) {
+            panic!("{TEST_PANIC_ENV}=request");
+        }
+        let mut job = prepared.job(&key, &settings);
+        if test_panic == Some(TestPanic::Worker) {
+            job.stop = Some(Box::new(|_: &str| panic!("{TEST_PANIC_ENV}=worker")));
+        }
+        let exit_worker = test_panic == Some(TestPanic::WorkerExit);
         let (tx, rx) = oneshot::channel();
+        let reply = Box::new(move |r| {
+            if exit_worker {
+                panic!("{TEST_PANIC_ENV}=worker-exit");
+            }
+            drop(tx.send(r))
+        });
         // Dropping the ticket (this future dropped by $/cancelRequest) cancels the job.
-        let _ticket = worker.submit(prepared.job(&key, &settings), Box::new(move |r| drop(tx.send(r))));
+        let _ticket = worker.submit(job, reply);
         let generation = match rx.await {
+            Ok(Ok(JobOutcome::Finished(generation))) if generation.stop == StopReason::Cancelled => {
+                // Superseded by a newer request for this document while it ran: what it has is
+                // cut short, not the suggestion, and must not be shown or typed through.
+                return Ok(None);
+            }
             Ok(Ok(JobOutcome::Finished(generation))) => generation,
-            Ok(Ok(JobOutcome::Dropped)) | Err(_) => return Ok(None),
+            Ok(Ok(JobOutcome::Dropped)) => return Ok(None),
+            Err(_) => {
+                // Every job's reply is called, unless the model thread died with the job queued
+                // or in hand.
+                self.restart_worker(&worker).await;
+                return Err(Error {
+                    message: "the model thread stopped; it is being restarted".into(),
+                    ..Error::internal_error()
+                });
+            }
             Ok(Err(e)) => {
                 tracing::error!("completion failed: {e}");
                 return Err(Error {
@@ -439,21 +616,24 @@ impl Backend {
         &self,
         params: InlineCompletionParams,
     ) -> Result<Option<InlineCompletionResponse>> {
-        if !self.mode_allows(true) {
-            return Ok(None);
-        }
-        let doc = &params.text_document_position;
-        let Some((_, _, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
-            return Ok(Some(InlineCompletionResponse::Array(Vec::new())));
-        };
-        let item = InlineCompletionItem {
-            insert_text: text,
-            filter_text: None,
-            range: Some(Range::new(doc.position, doc.position)),
-            command: None,
-            insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
-        };
-        Ok(Some(InlineCompletionResponse::Array(vec![item])))
+        self.guarded("textDocument/inlineCompletion", async move {
+            if !self.mode_allows(true) {
+                return Ok(None);
+            }
+            let doc = &params.text_document_position;
+            let Some((_, _, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
+                return Ok(Some(InlineCompletionResponse::Array(Vec::new())));
+            };
+            let item = InlineCompletionItem {
+                insert_text: text,
+                filter_text: None,
+                range: Some(Range::new(doc.position, doc.position)),
+                command: None,
+                insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+            };
+            Ok(Some(InlineCompletionResponse::Array(vec![item])))
+        })
+        .await
     }
 
     fn encoding(&self) -> PositionEncoding {
@@ -563,10 +743,7 @@ impl LanguageServer for Backend {
                 .await;
         }
         // Loading takes seconds to minutes; the server answers (empty) meanwhile.
-        let backend = Backend {
-            client: self.client.clone(),
-            shared: self.shared.clone(),
-        };
+        let backend = self.handle();
         tokio::spawn(async move { backend.load_model().await });
     }
 
@@ -577,124 +754,139 @@ impl LanguageServer for Backend {
     }
 
     async fn did_open(&self, params: DidOpenTextDocumentParams) {
-        let doc = params.text_document;
-        let result =
-            lock(&self.shared.documents).open(doc.uri.as_str(), &doc.text, doc.version, &doc.language_id);
-        if let Err(e) = result {
-            tracing::warn!("didOpen {}: {e}", doc.uri.as_str());
-            self.client
-                .log_message(MessageType::WARNING, format!("phi-lsp: {e}"))
-                .await;
-        }
+        self.guarded_notification("textDocument/didOpen", async move {
+            let doc = params.text_document;
+            let result =
+                lock(&self.shared.documents).open(doc.uri.as_str(), &doc.text, doc.version, &doc.language_id);
+            if let Err(e) = result {
+                tracing::warn!("didOpen {}: {e}", doc.uri.as_str());
+                self.client
+                    .log_message(MessageType::WARNING, format!("phi-lsp: {e}"))
+                    .await;
+            }
+        })
+        .await
     }
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
-        let uri = params.text_document.uri.as_str().to_string();
-        let edits: Vec<Edit> = params
-            .content_changes
-            .into_iter()
-            .map(|change| Edit {
-                range: change.range.map(|r| {
-                    (
-                        convert::Pos {
-                            line: r.start.line,
-                            character: r.start.character,
-                        },
-                        convert::Pos {
-                            line: r.end.line,
-                            character: r.end.character,
-                        },
-                    )
-                }),
-                text: change.text,
-            })
-            .collect();
-        let encoding = self.encoding();
-        let result =
-            lock(&self.shared.documents).change(&uri, params.text_document.version, &edits, encoding);
-        if let Err(e) = result {
-            tracing::warn!("didChange {uri}: {e}");
-            self.client
-                .log_message(MessageType::WARNING, format!("phi-lsp: change ignored: {e}"))
-                .await;
-        }
+        self.guarded_notification("textDocument/didChange", async move {
+            let uri = params.text_document.uri.as_str().to_string();
+            let edits: Vec<Edit> = params
+                .content_changes
+                .into_iter()
+                .map(|change| Edit {
+                    range: change.range.map(|r| {
+                        (
+                            convert::Pos {
+                                line: r.start.line,
+                                character: r.start.character,
+                            },
+                            convert::Pos {
+                                line: r.end.line,
+                                character: r.end.character,
+                            },
+                        )
+                    }),
+                    text: change.text,
+                })
+                .collect();
+            let encoding = self.encoding();
+            let result =
+                lock(&self.shared.documents).change(&uri, params.text_document.version, &edits, encoding);
+            if let Err(e) = result {
+                tracing::warn!("didChange {uri}: {e}");
+                self.client
+                    .log_message(MessageType::WARNING, format!("phi-lsp: change ignored: {e}"))
+                    .await;
+            }
+        })
+        .await
     }
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
-        let uri = params.text_document.uri.as_str().to_string();
-        lock(&self.shared.documents).close(&uri);
-        lock(&self.shared.shown).remove(&uri);
-        let worker = lock(&self.shared.model).1.clone();
-        if let Some(worker) = worker {
-            worker.forget(&uri);
-        }
+        self.guarded_notification("textDocument/didClose", async move {
+            let uri = params.text_document.uri.as_str().to_string();
+            lock(&self.shared.documents).close(&uri);
+            lock(&self.shared.shown).remove(&uri);
+            let worker = lock(&self.shared.model).1.clone();
+            if let Some(worker) = worker {
+                worker.forget(&uri);
+            }
+        })
+        .await
     }
 
     async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
-        let (before, result) = {
-            let mut session = lock(&self.shared.session);
-            let before = session.settings.clone();
-            (before, session.settings.apply(&params.settings))
-        };
-        if let Err(e) = result {
-            self.client
-                .show_message(MessageType::WARNING, format!("phi-lsp: {e}"))
-                .await;
-            return;
-        }
-        let after = self.settings();
-        lock(&self.shared.shown).clear();
-        if after.model != before.model || after.context_tokens != before.context_tokens {
-            self.load_model().await;
-        }
+        self.guarded_notification("workspace/didChangeConfiguration", async move {
+            let (before, result) = {
+                let mut session = lock(&self.shared.session);
+                let before = session.settings.clone();
+                (before, session.settings.apply(&params.settings))
+            };
+            if let Err(e) = result {
+                self.client
+                    .show_message(MessageType::WARNING, format!("phi-lsp: {e}"))
+                    .await;
+                return;
+            }
+            let after = self.settings();
+            lock(&self.shared.shown).clear();
+            if after.model != before.model || after.context_tokens != before.context_tokens {
+                self.load_model().await;
+            }
+        })
+        .await
     }
 
     async fn completion(&self, params: CompletionParams) -> Result<Option<CompletionResponse>> {
-        if !self.mode_allows(false) {
-            return Ok(None);
-        }
-        let doc = &params.text_document_position;
-        let Some((rope, cursor, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
-            return Ok(Some(CompletionResponse::List(CompletionList {
+        self.guarded("textDocument/completion", async move {
+            if !self.mode_allows(false) {
+                return Ok(None);
+            }
+            let doc = &params.text_document_position;
+            let Some((rope, cursor, text)) = self.suggest(&doc.text_document.uri, doc.position).await? else {
+                return Ok(Some(CompletionResponse::List(CompletionList {
+                    is_incomplete: true,
+                    items: Vec::new(),
+                })));
+            };
+            // Replace from the start of the word being typed, so the client's filter keeps the item.
+            let line_start = rope.line_to_char(rope.char_to_line(cursor));
+            let prefix: String = rope.slice(line_start..cursor).chars().collect();
+            let range_start = line_start + word_start(&prefix);
+            let word = rope.slice(range_start..cursor).to_string();
+            let start = convert::char_to_pos(&rope, range_start, self.encoding());
+            let new_text = format!("{word}{text}");
+            let first_line = new_text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let item = CompletionItem {
+                label: format!("{first_line} (phi-1)"),
+                kind: Some(CompletionItemKind::TEXT),
+                detail: Some("Phi-1 suggestion".into()),
+                documentation: Some(Documentation::MarkupContent(MarkupContent {
+                    kind: MarkupKind::Markdown,
+                    value: format!("```python\n{new_text}\n```"),
+                })),
+                filter_text: Some(new_text.clone()),
+                sort_text: Some("0".into()),
+                preselect: Some(true),
+                insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+                text_edit: Some(CompletionTextEdit::Edit(TextEdit {
+                    range: Range::new(Position::new(start.line, start.character), doc.position),
+                    new_text,
+                })),
+                ..Default::default()
+            };
+            Ok(Some(CompletionResponse::List(CompletionList {
                 is_incomplete: true,
-                items: Vec::new(),
-            })));
-        };
-        // Replace from the start of the word being typed, so the client's filter keeps the item.
-        let line_start = rope.line_to_char(rope.char_to_line(cursor));
-        let prefix: String = rope.slice(line_start..cursor).chars().collect();
-        let range_start = line_start + word_start(&prefix);
-        let word = rope.slice(range_start..cursor).to_string();
-        let start = convert::char_to_pos(&rope, range_start, self.encoding());
-        let new_text = format!("{word}{text}");
-        let first_line = new_text
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        let item = CompletionItem {
-            label: format!("{first_line} (phi-1)"),
-            kind: Some(CompletionItemKind::TEXT),
-            detail: Some("Phi-1 suggestion".into()),
-            documentation: Some(Documentation::MarkupContent(MarkupContent {
-                kind: MarkupKind::Markdown,
-                value: format!("```python\n{new_text}\n```"),
-            })),
-            filter_text: Some(new_text.clone()),
-            sort_text: Some("0".into()),
-            preselect: Some(true),
-            insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
-            text_edit: Some(CompletionTextEdit::Edit(TextEdit {
-                range: Range::new(Position::new(start.line, start.character), doc.position),
-                new_text,
-            })),
-            ..Default::default()
-        };
-        Ok(Some(CompletionResponse::List(CompletionList {
-            is_incomplete: true,
-            items: vec![item],
-        })))
+                items: vec![item],
+            })))
+        })
+        .await
     }
 }
 

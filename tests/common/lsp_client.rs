@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -17,6 +18,8 @@ pub struct LspClient {
     next_id: i64,
     /// Notifications (and server requests) received so far, in order.
     pub notifications: Vec<Value>,
+    /// The server's log (stderr), when spawned with [`LspClient::spawn_capturing_stderr`].
+    stderr: Option<Arc<Mutex<String>>>,
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,10 +46,14 @@ fn read_message(reader: &mut impl BufRead) -> Option<Value> {
 
 impl LspClient {
     pub fn spawn(mut command: Command) -> Self {
+        command.stderr(Stdio::inherit());
+        Self::spawn_inner(command)
+    }
+
+    fn spawn_inner(mut command: Command) -> Self {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("phi-lsp starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -66,7 +73,59 @@ impl LspClient {
             messages: rx,
             next_id: 1,
             notifications: Vec::new(),
+            stderr: None,
         }
+    }
+
+    /// Like [`LspClient::spawn`], but keeps the server's stderr (its log) for [`LspClient::wait_log`]
+    /// while still passing it through to the test's stderr.
+    pub fn spawn_capturing_stderr(mut command: Command) -> Self {
+        command.stderr(Stdio::piped());
+        let mut client = Self::spawn_inner(command);
+        let stderr = client.child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        client.stderr = Some(log);
+        client
+    }
+
+    /// Waits until the server's log has a line containing `needle`; returns that line.
+    pub fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_count(needle, 1)
+    }
+
+    /// Waits until `count` lines of the server's log contain `needle`; returns the last of them.
+    pub fn wait_log_count(&self, needle: &str, count: usize) -> String {
+        let log = self.stderr.as_ref().expect("spawned with spawn_capturing_stderr");
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let text = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+            if lines.len() >= count {
+                return lines[count - 1].to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {count} log lines with {needle:?} in:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many lines of the server's log contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        let log = self.stderr.as_ref().expect("spawned with spawn_capturing_stderr");
+        let text = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        text.lines().filter(|l| l.contains(needle)).count()
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
@@ -205,6 +264,72 @@ impl LspClient {
                 "phi-lsp did not exit after shutdown/exit"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's process id (for /proc/PID/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, once the process has exited within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waits") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Opens `uri` at `version`.
+    pub fn open_version(&mut self, uri: &str, text: &str, version: i32) {
+        self.notify(
+            "textDocument/didOpen",
+            json!({"textDocument": {"uri": uri, "languageId": "python", "version": version, "text": text}}),
+        );
+    }
+
+    pub fn close(&mut self, uri: &str) {
+        self.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}));
+    }
+
+    /// Sends `textDocument/didChange` with these content changes.
+    pub fn change(&mut self, uri: &str, version: i32, changes: Value) {
+        self.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": uri, "version": version}, "contentChanges": changes}),
+        );
+    }
+
+    /// Sends `textDocument/inlineCompletion` at (line, character) without waiting.
+    pub fn inline_async(&mut self, uri: &str, line: u32, character: u32) -> i64 {
+        self.request_async(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+                   "context": {"triggerKind": 2}}),
+        )
+    }
+
+    /// The response to request `id` if it has arrived or arrives within `timeout`. Unlike
+    /// [`LspClient::response`] it also finds a response that came while waiting for another one, so
+    /// requests in flight together may be answered in any order.
+    pub fn response_within(&mut self, id: i64, timeout: Duration) -> Option<Value> {
+        let is_response = |m: &Value| m.get("id") == Some(&json!(id)) && m.get("method").is_none();
+        if let Some(idx) = self.notifications.iter().position(is_response) {
+            return Some(self.notifications.remove(idx));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let message = self.next_message(deadline)?;
+            if message.get("id") == Some(&json!(id)) && message.get("method").is_none() {
+                return Some(message);
+            }
+            self.handle_other(message);
         }
     }
 
