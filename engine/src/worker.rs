@@ -217,7 +217,10 @@ struct WorkerState {
 impl WorkerState {
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Forget(key) => self.slots.retain(|(k, _)| *k != key),
+            Message::Forget(key) => {
+                self.slots.retain(|(k, _)| *k != key);
+                self.count_slots();
+            }
             Message::Run(envelope) => {
                 let Envelope {
                     job,
@@ -250,9 +253,15 @@ impl WorkerState {
                     }
                 };
                 self.count(|s| s.jobs_run += 1);
+                // Counted before the reply, so a caller that reads the stats after its answer
+                // sees this job's effect.
+                self.count_slots();
                 reply(result.map(JobOutcome::Finished));
             }
         }
+    }
+
+    fn count_slots(&self) {
         let n_slots = self.slots.len();
         self.count(|s| s.slots = n_slots);
     }
