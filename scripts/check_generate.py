@@ -17,7 +17,7 @@ standard library.
 Run (from the repository root):
 
   python scripts/check_generate.py --model tests/fixtures/tiny-phi --bin target/release/phi-lsp
-  python scripts/check_generate.py --model /tmp/phi-h128 --bin target/release/phi-lsp --extra=--cpu
+  python scripts/check_generate.py --model /tmp/phi-h128 --bin target/release/phi-lsp --extra=--device=cpu
 """
 
 import argparse
@@ -40,7 +40,7 @@ def parse_args():
 def run_generate(args, prompt, max_new_tokens):
     """Returns (parsed JSON object, None) or (None, reason)."""
     command = [args.bin, "generate", "--model", args.model, "--prompt", prompt,
-               "--max-new-tokens", str(max_new_tokens), "--json", *args.extra]
+               "--max-new-tokens", str(max_new_tokens), "--json", "--dtype", "f32", *args.extra]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except (OSError, subprocess.TimeoutExpired) as error:

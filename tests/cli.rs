@@ -15,7 +15,16 @@ fn generate_json_equals_transformers_greedy_tokens() {
         let output = phi_lsp()
             .args(["generate", "--model"])
             .arg(fixture_dir())
-            .args(["--prompt", &case.prompt, "--max-new-tokens", "16", "--json"])
+            // f32: the precision transformers computed the reference in (auto is q8_0 on CPU).
+            .args([
+                "--dtype",
+                "f32",
+                "--prompt",
+                &case.prompt,
+                "--max-new-tokens",
+                "16",
+                "--json",
+            ])
             .output()
             .expect("runs");
         assert!(
@@ -45,7 +54,7 @@ fn generate_reads_a_prompt_file() {
     let output = phi_lsp()
         .args(["generate", "--model"])
         .arg(fixture_dir())
-        .arg("--prompt-file")
+        .args(["--dtype", "f32", "--prompt-file"])
         .arg(&prompt_file)
         .args(["--max-new-tokens", "4", "--json"])
         .output()
@@ -205,6 +214,8 @@ fn hub_ids_resolve_through_the_cache_offline() {
             "generate",
             "--model",
             "microsoft/phi-1",
+            "--dtype",
+            "f32",
             "--prompt",
             &case.prompt,
             "--max-new-tokens",

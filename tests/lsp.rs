@@ -199,6 +199,10 @@ fn vscode_utf16_inline_completion() {
     });
     let status = client.wait_ready();
     assert_eq!(status["positionEncoding"], "utf-16");
+    // No device or dtype named: `auto` resolves to q8_0 on the CPU, f16 on a GPU.
+    let want = if status["device"] == "cpu" { "q8_0" } else { "f16" };
+    assert_eq!(status["dtype"], want, "{status}");
+    assert_eq!(status["dtypeInUse"], want, "{status}");
     client.open("file:///vscode.py", SOURCE);
     check_inline(&mut client, "file:///vscode.py", false);
     let status = client.status();

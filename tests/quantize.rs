@@ -147,12 +147,29 @@ fn bad_quantize_arguments_are_one_line_errors() {
     let stderr = expect_one_line_error(&quantize("q3", &dir.path().join("out.gguf")));
     assert!(stderr.contains("q3"), "{stderr}");
     let output = phi_lsp()
-        .args(["quantize", "--model", "/nonexistent/phi-model", "-o"])
+        .args([
+            "quantize",
+            "--model",
+            "/nonexistent/phi-model",
+            "--dtype",
+            "q4k",
+            "-o",
+        ])
         .arg(dir.path().join("out.gguf"))
         .output()
         .expect("runs");
     let stderr = expect_one_line_error(&output);
     assert!(stderr.contains("/nonexistent/phi-model"), "{stderr}");
+    // `auto` (the default) names no file type.
+    let output = phi_lsp()
+        .args(["quantize", "--model"])
+        .arg(fixture_dir())
+        .arg("-o")
+        .arg(dir.path().join("out.gguf"))
+        .output()
+        .expect("runs");
+    let stderr = expect_one_line_error(&output);
+    assert!(stderr.contains("--dtype q4k"), "{stderr}");
     assert!(!dir.path().join("out.gguf").exists());
 }
 

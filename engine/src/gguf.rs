@@ -74,6 +74,7 @@ pub fn load(path: &Path, tokenizer: &Path, device: &Device) -> Result<Engine> {
         model,
         tokenizer: Arc::new(tokenizer),
         name: path.display().to_string(),
+        dtype: file.matmul_type(),
     })
 }
 
@@ -130,6 +131,24 @@ impl GgufFile {
             ranges,
             file: RefCell::new(reader.into_inner()),
         })
+    }
+
+    /// The type most 2-D tensors have (the matmul weights'), named as `--dtype` names types.
+    fn matmul_type(&self) -> String {
+        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+        for info in self.content.tensor_infos.values().filter(|i| i.shape.rank() == 2) {
+            match counts.iter_mut().find(|(t, _)| *t == info.ggml_dtype) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((info.ggml_dtype, 1)),
+            }
+        }
+        match counts.into_iter().max_by_key(|(_, n)| *n) {
+            Some((dtype, _)) => match type_name(dtype) {
+                "other" => format!("{dtype:?}").to_ascii_lowercase(),
+                name => name.to_string(),
+            },
+            None => "unknown".into(),
+        }
     }
 
     fn has(&self, name: &str) -> bool {

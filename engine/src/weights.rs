@@ -308,6 +308,8 @@ pub struct Engine {
     pub tokenizer: std::sync::Arc<PhiTokenizer>,
     /// Where it came from, for logs and status.
     pub name: String,
+    /// What the weights are held as (`q8_0`, `f32`, ...; for a GGUF file its matmul weights' type).
+    pub dtype: String,
 }
 
 impl Engine {
@@ -356,6 +358,7 @@ impl Engine {
             model,
             tokenizer: std::sync::Arc::new(tokenizer),
             name,
+            dtype: dtype.name().into(),
         })
     }
 }

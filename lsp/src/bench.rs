@@ -75,10 +75,11 @@ pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
+    let device = loading::parse_device(&model.device)?;
     let dtypes = model
         .dtype
         .split(',')
-        .map(|name| loading::parse_dtype(name.trim()))
+        .map(|name| loading::resolve_dtype(name.trim(), &device))
         .collect::<Result<Vec<_>>>()?;
     let target = Target::resolve(model, &args)?;
     let machine = Machine::detect();

@@ -36,11 +36,13 @@ pub struct ModelArgs {
     /// tokenizer.json to use instead of the model folder's.
     #[arg(long, global = true)]
     pub tokenizer: Option<PathBuf>,
-    /// auto, cpu, cuda, cuda:N or metal (GPUs need a build with the cuda or metal feature).
-    #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "cpu")]
+    /// auto, cpu, cuda, cuda:N or metal (GPUs need a build with the cuda or metal feature; auto
+    /// takes one when the build has it and the machine too, else the CPU).
+    #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "auto")]
     pub device: String,
-    /// f32, f16, bf16, q8_0 or q4k (q8_0/q4k quantize 2-D weights while loading).
-    #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "f32")]
+    /// auto, f32, f16, bf16, q8_0 or q4k (q8_0/q4k quantize 2-D weights while loading; auto is
+    /// q8_0 on CPU and f16 on a GPU).
+    #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "auto")]
     pub dtype: String,
 }
 

@@ -18,7 +18,9 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(model: &ModelArgs, args: QuantizeArgs) -> Result<()> {
-    let dtype = loading::parse_dtype(&model.dtype)?;
+    let Some(dtype) = loading::parse_dtype(&model.dtype)? else {
+        bail!("quantize writes one type: pass --dtype q4k, q8_0, f16, bf16 or f32");
+    };
     if model.model.ends_with(".gguf") {
         bail!(
             "{}: quantize reads a safetensors model (a folder with config.json, tokenizer.json and model.safetensors, or a Hub id), not a GGUF file",

@@ -75,6 +75,8 @@ enum ModelState {
         /// What `auto` resolved to.
         #[serde(rename = "deviceInUse")]
         device_in_use: String,
+        #[serde(rename = "dtypeInUse")]
+        dtype_in_use: String,
     },
     Failed {
         message: String,
@@ -335,7 +337,7 @@ impl Backend {
 
         // Download progress from the loading thread, forwarded as $/progress reports.
         let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u32)>();
-        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<(Worker, String, usize)> {
+        let load = tokio::task::spawn_blocking(move || -> anyhow::Result<(Worker, String, String, usize)> {
             let mut report = |file: &str, done: u64, total: u64| {
                 let percent = (done * 100 / total.max(1)) as u32;
                 let _ = progress_tx.send((
@@ -345,11 +347,12 @@ impl Backend {
             };
             let engine = loading::load(&spec, Some(&mut report))?;
             let device = loading::device_name(engine.model.device());
+            let dtype = engine.dtype.clone();
             let cfg = engine.model.config().clone();
             let bytes = engine.model.dtype().size_in_bytes();
             let capacity = settings.context_tokens.min(cfg.max_position_embeddings);
             let options = WorkerOptions::within_budget(&cfg, bytes, capacity, KV_BUDGET_BYTES);
-            Ok((Worker::spawn(engine, options)?, device, options.max_slots))
+            Ok((Worker::spawn(engine, options)?, device, dtype, options.max_slots))
         });
         tokio::pin!(load);
         let load = loop {
@@ -374,12 +377,13 @@ impl Backend {
             return;
         }
         match result {
-            Ok((worker, device_in_use, max_slots)) => {
-                let message = format!("ready: {description} on {device_in_use}");
+            Ok((worker, device_in_use, dtype_in_use, max_slots)) => {
+                let message = format!("ready: {description} on {device_in_use}, {dtype_in_use}");
                 tracing::info!("{message}");
                 let state = ModelState::Ready {
                     message: message.clone(),
                     device_in_use,
+                    dtype_in_use,
                 };
                 *lock(&self.shared.model) = (state, Some(Arc::new(worker)));
                 self.shared.max_slots.store(max_slots, Ordering::Relaxed);
@@ -452,8 +456,14 @@ impl Backend {
             {
                 map.extend(state);
             }
-            if let ModelState::Ready { device_in_use, .. } = &state {
+            if let ModelState::Ready {
+                device_in_use,
+                dtype_in_use,
+                ..
+            } = &state
+            {
                 status["device"] = device_in_use.clone().into();
+                status["dtype"] = dtype_in_use.clone().into();
             }
             if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
                 let stats = worker.stats();

@@ -106,7 +106,7 @@ function serverSettings(): Record<string, unknown> {
   const c = config();
   const settings: Record<string, unknown> = {
     device: c.get<string>("device", "auto"),
-    dtype: c.get<string>("dtype", "f32"),
+    dtype: c.get<string>("dtype", "auto"),
     maxNewTokens: c.get<number>("maxNewTokens", 64),
     deadlineMs: c.get<number>("deadlineMs", 4000),
     contextTokens: c.get<number>("contextTokens", 1024),

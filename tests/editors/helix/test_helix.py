@@ -41,7 +41,7 @@ SERVER_OPTIONS = {
 }
 CHOICES = {
     "device": {"auto", "cpu", "cuda", "metal"},
-    "dtype": {"f32", "f16", "bf16"},
+    "dtype": {"auto", "f32", "f16", "bf16", "q8_0", "q4k"},
     "completionMode": {"auto", "inline", "menu", "both"},
 }
 
