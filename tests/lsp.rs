@@ -187,12 +187,20 @@ fn vscode_utf16_inline_completion() {
         caps.get("completionProvider").is_none_or(Value::is_null),
         "no menu for inline clients: {caps}"
     );
-    // Loading is reported with work-done progress: create, begin, end.
+    // Loading is reported with work-done progress: create, begin, the warm-up forward, end.
     client.wait_for("progress token creation", |m| {
         m["method"] == "window/workDoneProgress/create"
     });
     client.wait_for("progress begin", |m| {
         m["method"] == "$/progress" && m["params"]["value"]["kind"] == "begin"
+    });
+    client.wait_for("warm-up report", |m| {
+        let value = &m["params"]["value"];
+        m["method"] == "$/progress"
+            && value["kind"] == "report"
+            && value["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("first forward"))
     });
     client.wait_for("progress end", |m| {
         m["method"] == "$/progress" && m["params"]["value"]["kind"] == "end"

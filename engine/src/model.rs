@@ -283,6 +283,21 @@ impl PhiModel {
         KvCache::new(&self.cfg, capacity, self.dtype, &self.device)
     }
 
+    /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of
+    /// a first forward happens before the user's first keystroke: candle lays quantized weights
+    /// out again for its kernels on first use (one layout for single rows, on CPUs with AMX
+    /// another for 32 rows or more), which takes seconds for Phi-1.
+    pub fn warm_up(&self) -> Result<()> {
+        let n = 32.min(self.cfg.max_position_embeddings.saturating_sub(1));
+        if n == 0 {
+            return Ok(());
+        }
+        let mut cache = self.new_cache(n + 1)?;
+        self.forward(&vec![0; n], &mut cache, false)?;
+        self.forward(&[0], &mut cache, false)?;
+        Ok(())
+    }
+
     /// Runs `ids` after what `cache` holds and appends their K/V. Returns f32 logits `[n, vocab]`
     /// for every new position when `all_positions`, else `[1, vocab]` for the last one (the
     /// lm_head over every position is a large part of prefill and rarely needed).

@@ -346,6 +346,13 @@ impl Backend {
                 ));
             };
             let engine = loading::load(&spec, Some(&mut report))?;
+            let _ = progress_tx.send(("preparing the weights (a first forward)".into(), 99));
+            let started = std::time::Instant::now();
+            engine.model.warm_up()?;
+            tracing::info!(
+                "first forward (warm-up) took {} ms",
+                started.elapsed().as_millis()
+            );
             let device = loading::device_name(engine.model.device());
             let dtype = engine.dtype.clone();
             let cfg = engine.model.config().clone();
@@ -356,13 +363,15 @@ impl Backend {
         });
         tokio::pin!(load);
         let load = loop {
+            // Reports first: every one sent before the load ended is forwarded before `end`.
             tokio::select! {
-                result = &mut load => break result,
+                biased;
                 Some((message, _percent)) = progress_rx.recv() => {
                     if let Some(progress) = &progress {
                         progress.report(message).await;
                     }
                 }
+                result = &mut load => break result,
             }
         };
         let result = match load {
