@@ -167,7 +167,7 @@ fn not_a_folder() {
 
 #[test]
 fn unknown_dtype_and_device_are_one_line_errors() {
-    for (flag, value) in [("--dtype", "f8"), ("--device", "tpu")] {
+    for (flag, value) in [("--dtype", "f8"), ("--device", "tpu"), ("--threads", "0")] {
         let output = phi_lsp()
             .args(["generate", "--model"])
             .arg(fixture_dir())

@@ -24,9 +24,6 @@ pub struct BenchArgs {
     /// --dtype takes a comma-separated list here (f32,q8_0,q4k).
     #[arg(long, value_name = "SHAPE")]
     pub synthetic: Option<String>,
-    /// Threads for candle (sets the rayon pool size, RAYON_NUM_THREADS, here and in the server).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Runs of each measurement; the median and the spread (min..max) are reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -63,14 +60,7 @@ const SLOT_CAPACITY: usize = 1024;
 const BANDWIDTH_PASSES: usize = 8;
 
 pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
-    // Before any candle work: rayon's global pool and candle's own pool read these once.
-    if let Some(threads) = args.threads {
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    }
+    // The global --threads has been applied (cli::run) before any candle work.
     let threads = phi_engine::synthetic::candle_threads();
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");

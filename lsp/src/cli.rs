@@ -23,6 +23,10 @@ pub struct Cli {
     /// Serve on stdio (the default; accepted because editors pass it).
     #[arg(long, global = true)]
     pub stdio: bool,
+    /// Threads for the model's CPU work (default: the physical cores). On a busy machine fewer can
+    /// be faster: candle's workers wait for each other by spinning.
+    #[arg(long, global = true, env = "PHI_LSP_THREADS")]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -108,6 +112,14 @@ pub struct GenerateArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Before any candle work: rayon's global pool and candle's own pool read these once.
+    if let Some(threads) = cli.threads {
+        if threads == 0 {
+            bail!("--threads {threads}: use 1 or more (threads for the model's CPU work)");
+        }
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
     match cli.command {
         Some(Command::Complete(args)) => complete(&cli.model, args),
         Some(Command::Generate(args)) => generate(&cli.model, args),

@@ -10,8 +10,13 @@ use std::process::Command;
 
 use serde::Deserialize;
 
+/// The binary, on one thread: the tests run several servers at once on a small machine, where
+/// candle's spinning workers would wait for each other's time slices (the tiny model gains
+/// nothing from more threads).
 pub fn phi_lsp() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_phi-lsp"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_phi-lsp"));
+    command.env("PHI_LSP_THREADS", "1");
+    command
 }
 
 pub fn fixture_dir() -> PathBuf {

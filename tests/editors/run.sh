@@ -34,6 +34,8 @@ START=$SECONDS
 mkdir -p "$CACHE" "$OUT"
 export npm_config_cache=$CACHE/npm npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false
 export PIP_CACHE_DIR=$CACHE/pip PIP_DISABLE_PIP_VERSION_CHECK=1
+# The tiny model gains nothing from more threads, and candle's workers spin while they wait.
+export PHI_LSP_THREADS=${PHI_LSP_THREADS:-1}
 
 stamp() { printf '%02d:%02d' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)); }
 say() { echo "== [$(stamp)] $*"; }
