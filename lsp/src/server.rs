@@ -175,17 +175,25 @@ pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::Cl
 const STDIN_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub async fn serve_stdio(settings: Settings) {
+    serve(tokio::io::stdin(), tokio::io::stdout(), settings).await
+}
+
+/// Serves LSP on `input`/`output` until `exit` or the end of `input` (the fuzz target's entry).
+pub async fn serve<I, O>(input: I, output: O, settings: Settings)
+where
+    I: tokio::io::AsyncRead + Unpin + Send + 'static,
+    O: tokio::io::AsyncWrite + Unpin,
+{
     let (service, socket) = service(settings);
-    // stdin passes through the framing guard, so one malformed message cannot end the transport.
+    // Input passes through the framing guard, so one malformed message cannot end the transport.
     let (guarded, server_input) = tokio::io::duplex(1 << 16);
-    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    let input = tokio::io::BufReader::new(input);
     let mut guard = tokio::spawn(async move {
-        if let Err(e) = crate::framing::guard(stdin, guarded).await {
+        if let Err(e) = crate::framing::guard(input, guarded).await {
             tracing::warn!("reading stdin failed: {e}");
         }
     });
-    let stdout = tokio::io::stdout();
-    let serve = tower_lsp_server::Server::new(server_input, stdout, socket).serve(service);
+    let serve = tower_lsp_server::Server::new(server_input, output, socket).serve(service);
     tokio::pin!(serve);
     tokio::select! {
         () = &mut serve => {}
