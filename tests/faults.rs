@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{fixture_dir, phi_lsp};
+use common::{complete_fresh, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
 use serde_json::{json, Value};
 
 const MAX_NEW_TOKENS: usize = 24;
@@ -45,43 +45,6 @@ fn ready_server(panic_site: Option<&str>) -> LspClient {
     client
 }
 
-/// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`.
-fn complete_fresh(text: &str, line: u32, character: u32) -> Option<String> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("file.py");
-    std::fs::write(&file, text).expect("writes");
-    let output = phi_lsp()
-        .arg("complete")
-        .arg(&file)
-        .args(["--line", &line.to_string(), "--character", &character.to_string()])
-        .args([
-            "--max-new-tokens",
-            &MAX_NEW_TOKENS.to_string(),
-            "--deadline-ms",
-            "60000",
-            "--json",
-            "--model",
-        ])
-        .arg(fixture_dir())
-        .output()
-        .expect("complete runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
-}
-
-fn inline_text(result: &Value) -> Option<String> {
-    let items = result.as_array().or_else(|| result["items"].as_array())?;
-    items
-        .first()
-        .and_then(|item| item["insertText"].as_str())
-        .map(String::from)
-}
-
 fn inline(client: &mut LspClient, uri: &str, line: u32, character: u32) -> Value {
     let id = client.inline_async(uri, line, character);
     client.response(id)
@@ -98,7 +61,7 @@ fn panics_are_error_answers(site: &str, log_needle: &str) -> LspClient {
     let mut client = ready_server(Some(site));
     client.open(GOOD_URI, GOOD);
     client.open(BOOM_URI, BOOM);
-    let want = complete_fresh(GOOD, 4, 12);
+    let want = complete_fresh(GOOD, 4, 12, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS);
     assert!(
         want.is_some(),
         "the fixture suggests something at the end of GOOD"
@@ -157,7 +120,7 @@ fn a_model_thread_that_dies_is_restarted() {
     let mut client = ready_server(Some("worker-exit"));
     client.open(GOOD_URI, GOOD);
     client.open(BOOM_URI, BOOM);
-    let want = complete_fresh(GOOD, 4, 12);
+    let want = complete_fresh(GOOD, 4, 12, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS);
     for round in 1..=2 {
         let response = inline(&mut client, BOOM_URI, 2, 12);
         assert_eq!(response["error"]["code"], -32603, "round {round}: {response}");
@@ -361,7 +324,7 @@ fn keystroke_costs(client: &mut LspClient, uri: &str, text: &str, line: u32, cha
     let final_text = format!("{}{typed}{}", &text[..insert_at], &text[insert_at..]);
     assert_eq!(
         last.expect("answered"),
-        complete_fresh(&final_text, line, col),
+        complete_fresh(&final_text, line, col, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS),
         "{uri}: the last answer"
     );
     client.close(uri);

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{fixture_dir, phi_lsp};
+use common::{complete_fresh, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
 use phi_lsp::postprocess::{self, Context};
 use phi_lsp::prompt;
 use ropey::Rope;
@@ -72,43 +72,6 @@ fn expected(text: &str, cursor: usize) -> Option<String> {
     let context = Context::new(&window, postprocess::detect_indent(before));
     // A character cut off by the token limit decodes as U+FFFD; the server drops it.
     postprocess::finish(&context, raw.trim_end_matches('\u{FFFD}'))
-}
-
-/// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`.
-fn complete_fresh(text: &str, line: u32, character: u32) -> Option<String> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("file.py");
-    std::fs::write(&file, text).expect("writes");
-    let output = phi_lsp()
-        .arg("complete")
-        .arg(&file)
-        .args(["--line", &line.to_string(), "--character", &character.to_string()])
-        .args([
-            "--max-new-tokens",
-            &MAX_NEW_TOKENS.to_string(),
-            "--deadline-ms",
-            "60000",
-            "--json",
-            "--model",
-        ])
-        .arg(fixture_dir())
-        .output()
-        .expect("complete runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
-}
-
-fn inline_text(result: &Value) -> Option<String> {
-    let items = result.as_array().or_else(|| result["items"].as_array())?;
-    items
-        .first()
-        .and_then(|item| item["insertText"].as_str())
-        .map(String::from)
 }
 
 const SOURCE: &str = "import os\n\n# café ☕ — 😀 in a comment\ndef add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n";
@@ -341,7 +304,7 @@ fn typing_reuses_the_cache_and_types_through() {
             model_answers += 1;
             assert_eq!(
                 got,
-                complete_fresh(&text, line, col as u32),
+                complete_fresh(&text, line, col as u32, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS),
                 "after typing {:?}",
                 &text[prefix.len()..]
             );

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::{LspClient, TIMEOUT};
-use common::{fixture_dir, phi_lsp};
+use common::{complete_fresh, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
 use serde_json::{json, Value};
 
 /// Short suggestions keep 10,000 keystrokes within CI time; the cache is exercised the same way.
@@ -30,7 +30,6 @@ const MAX_NEW_TOKENS: usize = 8;
 /// The soak's context: prompts of at most ~250 tokens and a window of ~750 characters, so every
 /// document outgrows it and its start moves, at half the cost per request of the default 1024.
 const SOAK_CONTEXT_TOKENS: usize = 256;
-const DEFAULT_CONTEXT_TOKENS: usize = 1024;
 
 fn options(context_tokens: usize) -> Value {
     json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000, "contextTokens": context_tokens})
@@ -54,45 +53,6 @@ fn server(capabilities: Value, context_tokens: usize) -> LspClient {
     client.initialize(capabilities, options(context_tokens));
     client.wait_ready();
     client
-}
-
-/// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`.
-fn complete_fresh(text: &str, line: u32, character: u32, context_tokens: usize) -> Option<String> {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("file.py");
-    std::fs::write(&file, text).expect("writes");
-    let output = phi_lsp()
-        .arg("complete")
-        .arg(&file)
-        .args(["--line", &line.to_string(), "--character", &character.to_string()])
-        .args([
-            "--max-new-tokens",
-            &MAX_NEW_TOKENS.to_string(),
-            "--deadline-ms",
-            "60000",
-            "--context-tokens",
-            &context_tokens.to_string(),
-            "--json",
-            "--model",
-        ])
-        .arg(fixture_dir())
-        .output()
-        .expect("complete runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
-}
-
-fn inline_text(result: &Value) -> Option<String> {
-    let items = result.as_array().or_else(|| result["items"].as_array())?;
-    items
-        .first()
-        .and_then(|item| item["insertText"].as_str())
-        .map(String::from)
 }
 
 /// (line, character) of byte offset `byte_idx`, with the character in UTF-16 code units or bytes.
@@ -397,7 +357,13 @@ fn fresh_processes(checks: mpsc::Receiver<Check>) -> Vec<(usize, Option<String>)
         .map(|check| {
             (
                 check.idx,
-                complete_fresh(&check.text, check.line, check.utf16_col, SOAK_CONTEXT_TOKENS),
+                complete_fresh(
+                    &check.text,
+                    check.line,
+                    check.utf16_col,
+                    MAX_NEW_TOKENS,
+                    SOAK_CONTEXT_TOKENS,
+                ),
             )
         })
         .collect()
@@ -1042,7 +1008,7 @@ fn check_answer(
     assert!(response.get("error").is_none(), "{response}");
     let got = inline_text(&response["result"]);
     let (line, character) = position(&text, cursor, true);
-    let want = complete_fresh(&text, line, character, DEFAULT_CONTEXT_TOKENS);
+    let want = complete_fresh(&text, line, character, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS);
     let typed_through = got
         .as_deref()
         .is_some_and(|g| doc.is_typed_through(&text, cursor, g));
@@ -1208,7 +1174,7 @@ fn out_of_order_and_duplicate_versions_are_ignored() {
     let got = inline_text(&client.response(id)["result"]);
     assert_eq!(
         got,
-        complete_fresh(&text, line, character, DEFAULT_CONTEXT_TOKENS)
+        complete_fresh(&text, line, character, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS)
     );
 
     // A reopened document starts again at any version.
@@ -1222,7 +1188,7 @@ fn out_of_order_and_duplicate_versions_are_ignored() {
     let got = inline_text(&client.response(id)["result"]);
     assert_eq!(
         got,
-        complete_fresh(&text, line, character, DEFAULT_CONTEXT_TOKENS)
+        complete_fresh(&text, line, character, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS)
     );
     assert_eq!(
         client.notifications.iter().filter(|m| ignored(m)).count(),

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Deserialize;
+use serde_json::Value;
+
+/// The server's and `phi-lsp complete`'s default context size.
+pub const DEFAULT_CONTEXT_TOKENS: usize = 1024;
 
 /// The binary, on one thread: the tests run several servers at once on a small machine, where
 /// candle's spinning workers would wait for each other's time slices (the tiny model gains
@@ -17,6 +21,56 @@ pub fn phi_lsp() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_phi-lsp"));
     command.env("PHI_LSP_THREADS", "1");
     command
+}
+
+/// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`
+/// with the fixture model: the independent computation (no server, no cache) that server answers
+/// are compared with.
+pub fn complete_fresh(
+    text: &str,
+    line: u32,
+    character: u32,
+    max_new_tokens: usize,
+    context_tokens: usize,
+) -> Option<String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("file.py");
+    std::fs::write(&file, text).expect("writes");
+    let output = phi_lsp()
+        .arg("complete")
+        .arg(&file)
+        .args(["--line", &line.to_string(), "--character", &character.to_string()])
+        .args([
+            "--max-new-tokens",
+            &max_new_tokens.to_string(),
+            "--deadline-ms",
+            "60000",
+        ])
+        .args([
+            "--context-tokens",
+            &context_tokens.to_string(),
+            "--json",
+            "--model",
+        ])
+        .arg(fixture_dir())
+        .output()
+        .expect("complete runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
+}
+
+/// The `insertText` of the first item of an inlineCompletion answer (a list or `{items}`).
+pub fn inline_text(result: &Value) -> Option<String> {
+    let items = result.as_array().or_else(|| result["items"].as_array())?;
+    items
+        .first()
+        .and_then(|item| item["insertText"].as_str())
+        .map(String::from)
 }
 
 pub fn fixture_dir() -> PathBuf {
