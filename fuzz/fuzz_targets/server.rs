@@ -201,6 +201,7 @@ fuzz_target!(|input: Input| {
         tokenizer: None,
         device: "cpu".into(),
         dtype: "f32".into(),
+        backend: "local".into(),
     });
     settings.max_new_tokens = 4;
     let wait_ready = input.wait_ready;

@@ -8,6 +8,7 @@ use phi_engine::{Engine, GenerateParams, Job, JobOutcome, Prompt, Worker, Worker
 use ropey::Rope;
 
 use crate::convert::{self, PositionEncoding};
+use crate::remote::Remote;
 use crate::settings::{ModelSpec, Settings};
 use crate::{complete, loading, server};
 
@@ -48,6 +49,11 @@ pub struct ModelArgs {
     /// q8_0 on CPU and f16 on a GPU).
     #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// `local`, or the URL of an OpenAI-compatible server (vLLM, TGI, llama.cpp) that generates
+    /// instead, e.g. http://127.0.0.1:8000/v1; --model is then the name it serves and the key, if
+    /// any, is read from PHI_LSP_API_KEY.
+    #[arg(long, global = true, env = "PHI_LSP_BACKEND", default_value = "local")]
+    pub backend: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +126,19 @@ pub fn run(cli: Cli) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     }
+    let local_only = match &cli.command {
+        Some(Command::Generate(_)) => Some("generate"),
+        Some(Command::Bench(_)) => Some("bench"),
+        Some(Command::Memory(_)) => Some("memory"),
+        Some(Command::Quantize(_)) => Some("quantize"),
+        _ => None,
+    };
+    if let (Some(command), false) = (local_only, cli.model.spec().is_local()) {
+        bail!(
+            "phi-lsp {command} works on the model in this process; --backend {} applies to the              server and `complete` only",
+            cli.model.backend
+        );
+    }
     match cli.command {
         Some(Command::Complete(args)) => complete(&cli.model, args),
         Some(Command::Generate(args)) => generate(&cli.model, args),
@@ -137,6 +156,7 @@ impl ModelArgs {
             tokenizer: self.tokenizer.as_ref().map(|p| p.display().to_string()),
             device: self.device.clone(),
             dtype: self.dtype.clone(),
+            backend: self.backend.clone(),
         }
     }
 }
@@ -170,6 +190,25 @@ fn serve(model: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// One completion by the model in this process.
+fn generate_local(settings: &Settings, prepared: &complete::Prepared) -> Result<phi_engine::Generation> {
+    let engine = loading::load(&settings.model, None)?;
+    let capacity = settings
+        .context_tokens
+        .min(engine.model.config().max_position_embeddings);
+    let worker = Worker::spawn(
+        engine,
+        WorkerOptions {
+            max_slots: 1,
+            slot_capacity: capacity,
+        },
+    )?;
+    match worker.run(prepared.job("cli", settings))? {
+        JobOutcome::Finished(generation) => Ok(generation),
+        JobOutcome::Dropped => bail!("the completion was dropped"),
+    }
+}
+
 fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("{}: cannot read the file", args.file.display()))?;
@@ -195,25 +234,15 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
     });
     settings.apply(&update).map_err(anyhow::Error::msg)?;
     let prepared = complete::prepare(&rope, cursor, &settings);
-    let engine = loading::load(&settings.model, None)?;
-    let capacity = settings
-        .context_tokens
-        .min(engine.model.config().max_position_embeddings);
-    let worker = Worker::spawn(
-        engine,
-        WorkerOptions {
-            max_slots: 1,
-            slot_capacity: capacity,
-        },
-    )?;
-    let (suggestion, generation) = if prepared.window.text.is_empty() {
-        (None, None)
+    let generation = if prepared.window.text.is_empty() {
+        None
+    } else if settings.model.is_local() {
+        Some(generate_local(&settings, &prepared)?)
     } else {
-        match worker.run(prepared.job("cli", &settings))? {
-            JobOutcome::Finished(generation) => (prepared.suggestion(&generation), Some(generation)),
-            JobOutcome::Dropped => bail!("the completion was dropped"),
-        }
+        let remote = Remote::new(&settings.model.backend, &settings.model.model)?;
+        Some(remote.run(prepared.job("cli", &settings), &|| false)?)
     };
+    let suggestion = generation.as_ref().and_then(|g| prepared.suggestion(g));
     let text = suggestion.unwrap_or_default();
     if args.json {
         let out = serde_json::json!({

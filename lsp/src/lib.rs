@@ -15,5 +15,6 @@ pub mod memory;
 pub mod postprocess;
 pub mod prompt;
 pub mod quantize;
+pub mod remote;
 pub mod server;
 pub mod settings;

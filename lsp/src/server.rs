@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Instant;
 
-use phi_engine::{JobOutcome, StopReason, Worker, WorkerOptions};
+use phi_engine::{Generation, JobOutcome, StopReason, Worker, WorkerOptions};
 use ropey::Rope;
 use serde::Serialize;
 use serde_json::Value;
@@ -22,6 +22,7 @@ use crate::complete::{self, Prepared};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::{Documents, Edit};
 use crate::loading;
+use crate::remote::{Remote, RemoteError};
 use crate::settings::{CompletionMode, Settings};
 
 /// Documents larger than this are refused (the prompt window is bounded anyway).
@@ -119,7 +120,9 @@ struct Session {
 struct Shared {
     documents: Mutex<Documents>,
     session: Mutex<Session>,
-    model: Mutex<(ModelState, Option<Arc<Worker>>)>,
+    model: Mutex<(ModelState, Option<Generator>)>,
+    /// The last failure of the remote backend, until a request succeeds again.
+    backend_error: Mutex<Option<String>>,
     shown: Mutex<HashMap<String, Shown>>,
     last: Mutex<Option<LastCompletion>>,
     /// Only the newest load may install its worker.
@@ -127,6 +130,23 @@ struct Shared {
     /// The slot limit of the current worker (0 before one is loaded), for `phi-lsp/status`.
     max_slots: AtomicUsize,
     test_panic: Option<TestPanic>,
+}
+
+/// What generates: the model thread in this process, or a remote OpenAI-compatible server.
+#[derive(Clone)]
+enum Generator {
+    Local(Arc<Worker>),
+    Remote(Arc<Remote>),
+}
+
+/// Sets its flag when dropped: the remote request of a completion whose future was dropped
+/// (cancelled) stops at its next chunk.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Locks a mutex whose data stays valid even if a holder panicked (every critical section here
@@ -225,6 +245,7 @@ impl Backend {
                 },
                 None,
             )),
+            backend_error: Mutex::new(None),
             shown: Mutex::new(HashMap::new()),
             last: Mutex::new(None),
             load_seq: AtomicU64::new(0),
@@ -284,7 +305,7 @@ impl Backend {
         let message = "the model thread stopped: loading the model again";
         {
             let mut model = lock(&self.shared.model);
-            if !model.1.as_ref().is_some_and(|w| Arc::ptr_eq(w, dead)) {
+            if !matches!(&model.1, Some(Generator::Local(w)) if Arc::ptr_eq(w, dead)) {
                 return;
             }
             *model = (
@@ -310,6 +331,10 @@ impl Backend {
             (session.settings.clone(), session.work_done_progress)
         };
         let spec = settings.model.clone();
+        if !spec.is_local() {
+            self.use_remote(&spec.model, &spec.backend).await;
+            return;
+        }
         let description = format!("{} ({}, {})", spec.model, spec.device, spec.dtype);
         *lock(&self.shared.model) = (
             ModelState::Loading {
@@ -402,7 +427,7 @@ impl Backend {
                     device_in_use,
                     dtype_in_use,
                 };
-                *lock(&self.shared.model) = (state, Some(Arc::new(worker)));
+                *lock(&self.shared.model) = (state, Some(Generator::Local(Arc::new(worker))));
                 self.shared.max_slots.store(max_slots, Ordering::Relaxed);
                 lock(&self.shared.shown).clear();
                 if let Some(progress) = progress {
@@ -466,6 +491,8 @@ impl Backend {
                 "deadlineMs": settings.deadline_ms,
                 "contextTokens": settings.context_tokens,
                 "documents": lock(&self.shared.documents).len(),
+                "backend": settings.model.backend,
+                "backendError": *lock(&self.shared.backend_error),
                 "last": *lock(&self.shared.last),
             });
             if let (Value::Object(map), Ok(Value::Object(state))) =
@@ -482,7 +509,7 @@ impl Backend {
                 status["device"] = device_in_use.clone().into();
                 status["dtype"] = dtype_in_use.clone().into();
             }
-            if let (Value::Object(map), Some(worker)) = (&mut status, worker) {
+            if let (Value::Object(map), Some(Generator::Local(worker))) = (&mut status, worker) {
                 let stats = worker.stats();
                 let max_slots = self.shared.max_slots.load(Ordering::Relaxed);
                 map.insert(
@@ -528,58 +555,18 @@ impl Backend {
             });
             return Ok(Some((rope, cursor, rest)));
         }
-        let Some(worker) = lock(&self.shared.model).1.clone() else {
+        let Some(generator) = lock(&self.shared.model).1.clone() else {
             return Ok(None);
         };
         if prepared.window.text.is_empty() {
             return Ok(None);
         }
-
-        let test_panic = self
-            .shared
-            .test_panic
-            .filter(|_| prepared.window.text.contains(TEST_PANIC_MARKER));
-        if test_panic == Some(TestPanic::Request) {
-            panic!("{TEST_PANIC_ENV}=request");
-        }
-        let mut job = prepared.job(&key, &settings);
-        if test_panic == Some(TestPanic::Worker) {
-            job.stop = Some(Box::new(|_: &str| panic!("{TEST_PANIC_ENV}=worker")));
-        }
-        let exit_worker = test_panic == Some(TestPanic::WorkerExit);
-        let (tx, rx) = oneshot::channel();
-        let reply = Box::new(move |r| {
-            if exit_worker {
-                panic!("{TEST_PANIC_ENV}=worker-exit");
-            }
-            drop(tx.send(r))
-        });
-        // Dropping the ticket (this future dropped by $/cancelRequest) cancels the job.
-        let _ticket = worker.submit(job, reply);
-        let generation = match rx.await {
-            Ok(Ok(JobOutcome::Finished(generation))) if generation.stop == StopReason::Cancelled => {
-                // Superseded by a newer request for this document while it ran: what it has is
-                // cut short, not the suggestion, and must not be shown or typed through.
-                return Ok(None);
-            }
-            Ok(Ok(JobOutcome::Finished(generation))) => generation,
-            Ok(Ok(JobOutcome::Dropped)) => return Ok(None),
-            Err(_) => {
-                // Every job's reply is called, unless the model thread died with the job queued
-                // or in hand.
-                self.restart_worker(&worker).await;
-                return Err(Error {
-                    message: "the model thread stopped; it is being restarted".into(),
-                    ..Error::internal_error()
-                });
-            }
-            Ok(Err(e)) => {
-                tracing::error!("completion failed: {e}");
-                return Err(Error {
-                    message: format!("completion failed: {e}").into(),
-                    ..Error::internal_error()
-                });
-            }
+        let generation = match generator {
+            Generator::Local(worker) => self.generate_local(&worker, &key, &prepared, &settings).await?,
+            Generator::Remote(remote) => self.generate_remote(remote, &prepared, &settings).await,
+        };
+        let Some(generation) = generation else {
+            return Ok(None);
         };
         let suggestion = prepared.suggestion(&generation);
         let stats = &generation.stats;
@@ -613,6 +600,138 @@ impl Backend {
             }
         }
         Ok(suggestion.map(|text| (rope, cursor, text)))
+    }
+
+    /// The model thread's generation for `prepared`; `None` when the job was dropped or cut short.
+    async fn generate_local(
+        &self,
+        worker: &Arc<Worker>,
+        key: &str,
+        prepared: &Prepared,
+        settings: &Settings,
+    ) -> Result<Option<Generation>> {
+        let test_panic = self
+            .shared
+            .test_panic
+            .filter(|_| prepared.window.text.contains(TEST_PANIC_MARKER));
+        if test_panic == Some(TestPanic::Request) {
+            panic!("{TEST_PANIC_ENV}=request");
+        }
+        let mut job = prepared.job(key, settings);
+        if test_panic == Some(TestPanic::Worker) {
+            job.stop = Some(Box::new(|_: &str| panic!("{TEST_PANIC_ENV}=worker")));
+        }
+        let exit_worker = test_panic == Some(TestPanic::WorkerExit);
+        let (tx, rx) = oneshot::channel();
+        let reply = Box::new(move |r| {
+            if exit_worker {
+                panic!("{TEST_PANIC_ENV}=worker-exit");
+            }
+            drop(tx.send(r))
+        });
+        // Dropping the ticket (this future dropped by $/cancelRequest) cancels the job.
+        let _ticket = worker.submit(job, reply);
+        match rx.await {
+            Ok(Ok(JobOutcome::Finished(generation))) if generation.stop == StopReason::Cancelled => {
+                // Superseded by a newer request for this document while it ran: what it has is
+                // cut short, not the suggestion, and must not be shown or typed through.
+                Ok(None)
+            }
+            Ok(Ok(JobOutcome::Finished(generation))) => Ok(Some(generation)),
+            Ok(Ok(JobOutcome::Dropped)) => Ok(None),
+            Err(_) => {
+                // Every job's reply is called, unless the model thread died with the job queued
+                // or in hand.
+                self.restart_worker(worker).await;
+                Err(Error {
+                    message: "the model thread stopped; it is being restarted".into(),
+                    ..Error::internal_error()
+                })
+            }
+            Ok(Err(e)) => {
+                tracing::error!("completion failed: {e}");
+                Err(Error {
+                    message: format!("completion failed: {e}").into(),
+                    ..Error::internal_error()
+                })
+            }
+        }
+    }
+
+    /// The remote backend's generation for `prepared`, read on a blocking thread; `None` when
+    /// cancelled or failed (the failure goes to the status, the log and, once, a message).
+    async fn generate_remote(
+        &self,
+        remote: Arc<Remote>,
+        prepared: &Prepared,
+        settings: &Settings,
+    ) -> Option<Generation> {
+        let job = prepared.job("", settings);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _cancel_on_drop = CancelOnDrop(cancel.clone());
+        let result = tokio::task::spawn_blocking(move || remote.run(job, &|| cancel.load(Ordering::Relaxed)))
+            .await
+            .unwrap_or_else(|e| Err(RemoteError(format!("the request thread failed: {e}"))));
+        match result {
+            Ok(generation) if generation.stop == StopReason::Cancelled => None,
+            Ok(generation) => {
+                *lock(&self.shared.backend_error) = None;
+                Some(generation)
+            }
+            Err(e) => {
+                self.remote_failed(e).await;
+                None
+            }
+        }
+    }
+
+    /// A failed remote request: logged, kept for `phi-lsp/status`, shown when it is new.
+    async fn remote_failed(&self, error: RemoteError) {
+        let message = error.to_string();
+        tracing::warn!("{message}");
+        let new = lock(&self.shared.backend_error).replace(message.clone()).as_ref() != Some(&message);
+        if new {
+            self.client
+                .show_message(MessageType::WARNING, format!("phi-lsp: {message}"))
+                .await;
+        }
+    }
+
+    /// Generation by the OpenAI-compatible server at `url`, which serves `model`. Nothing is
+    /// loaded; a bad URL is a failed state, an unreachable server shows on the first request.
+    async fn use_remote(&self, model: &str, url: &str) {
+        lock(&self.shared.shown).clear();
+        *lock(&self.shared.backend_error) = None;
+        match Remote::new(url, model) {
+            Ok(remote) => {
+                let message = format!("ready: {model} served by {}", remote.endpoint());
+                tracing::info!("{message}");
+                *lock(&self.shared.model) = (
+                    ModelState::Ready {
+                        message: message.clone(),
+                        device_in_use: "remote".into(),
+                        dtype_in_use: "remote".into(),
+                    },
+                    Some(Generator::Remote(Arc::new(remote))),
+                );
+                self.client
+                    .log_message(MessageType::INFO, format!("phi-lsp: {message}"))
+                    .await;
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!("{message}");
+                *lock(&self.shared.model) = (
+                    ModelState::Failed {
+                        message: message.clone(),
+                    },
+                    None,
+                );
+                self.client
+                    .show_message(MessageType::ERROR, format!("phi-lsp: {message}"))
+                    .await;
+            }
+        }
     }
 
     /// When the text typed since the last suggestion is a prefix of it, the rest is the answer.
@@ -835,8 +954,8 @@ impl LanguageServer for Backend {
             let uri = params.text_document.uri.as_str().to_string();
             lock(&self.shared.documents).close(&uri);
             lock(&self.shared.shown).remove(&uri);
-            let worker = lock(&self.shared.model).1.clone();
-            if let Some(worker) = worker {
+            let generator = lock(&self.shared.model).1.clone();
+            if let Some(Generator::Local(worker)) = generator {
                 worker.forget(&uri);
             }
         })

@@ -23,6 +23,15 @@ pub struct ModelSpec {
     pub tokenizer: Option<String>,
     pub device: String,
     pub dtype: String,
+    /// `local` (the model in this process) or the URL of an OpenAI-compatible server that
+    /// generates instead (`model` is then the name it serves).
+    pub backend: String,
+}
+
+impl ModelSpec {
+    pub fn is_local(&self) -> bool {
+        self.backend.trim().eq_ignore_ascii_case("local")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -82,6 +91,9 @@ impl Settings {
         if let Some(dtype) = update.dtype {
             next.model.dtype = dtype;
         }
+        if let Some(backend) = update.backend {
+            next.model.backend = backend;
+        }
         if let Some(n) = update.max_new_tokens {
             if n == 0 || n > MAX_NEW_TOKENS_LIMIT {
                 return Err(format!(
@@ -116,6 +128,7 @@ struct Update {
     tokenizer: Option<String>,
     device: Option<String>,
     dtype: Option<String>,
+    backend: Option<String>,
     max_new_tokens: Option<usize>,
     deadline_ms: Option<u64>,
     context_tokens: Option<usize>,
@@ -133,6 +146,7 @@ mod tests {
             tokenizer: None,
             device: "cpu".into(),
             dtype: "f32".into(),
+            backend: "local".into(),
         })
     }
 

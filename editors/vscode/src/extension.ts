@@ -107,6 +107,7 @@ function serverSettings(): Record<string, unknown> {
   const settings: Record<string, unknown> = {
     device: c.get<string>("device", "auto"),
     dtype: c.get<string>("dtype", "auto"),
+    backend: c.get<string>("backend", "local"),
     maxNewTokens: c.get<number>("maxNewTokens", 64),
     deadlineMs: c.get<number>("deadlineMs", 4000),
     contextTokens: c.get<number>("contextTokens", 1024),

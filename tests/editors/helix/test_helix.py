@@ -36,7 +36,7 @@ HELIX_FEATURES = {
 }
 # The server's options (initializationOptions / didChangeConfiguration) and their types.
 SERVER_OPTIONS = {
-    "model": str, "tokenizer": str, "device": str, "dtype": str, "maxNewTokens": int,
+    "model": str, "tokenizer": str, "device": str, "dtype": str, "backend": str, "maxNewTokens": int,
     "deadlineMs": int, "contextTokens": int, "completionMode": str,
 }
 CHOICES = {
