@@ -135,7 +135,7 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     if let (Some(command), false) = (local_only, cli.model.spec().is_local()) {
         bail!(
-            "phi-lsp {command} works on the model in this process; --backend {} applies to the              server and `complete` only",
+            "phi-lsp {command} works on the model in this process; --backend {} applies to the server and `complete` only",
             cli.model.backend
         );
     }
@@ -190,19 +190,22 @@ fn serve(model: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model thread for a one-shot command: one slot of `capacity` positions.
+fn one_slot_worker(engine: Engine, capacity: usize) -> Result<Worker> {
+    let options = WorkerOptions {
+        max_slots: 1,
+        slot_capacity: capacity,
+    };
+    Ok(Worker::spawn(engine, options)?)
+}
+
 /// One completion by the model in this process.
 fn generate_local(settings: &Settings, prepared: &complete::Prepared) -> Result<phi_engine::Generation> {
     let engine = loading::load(&settings.model, None)?;
     let capacity = settings
         .context_tokens
         .min(engine.model.config().max_position_embeddings);
-    let worker = Worker::spawn(
-        engine,
-        WorkerOptions {
-            max_slots: 1,
-            slot_capacity: capacity,
-        },
-    )?;
+    let worker = one_slot_worker(engine, capacity)?;
     match worker.run(prepared.job("cli", settings))? {
         JobOutcome::Finished(generation) => Ok(generation),
         JobOutcome::Dropped => bail!("the completion was dropped"),
@@ -272,13 +275,7 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
     };
     let engine = load_engine(model)?;
     let capacity = engine.model.config().max_position_embeddings;
-    let worker = Worker::spawn(
-        engine,
-        WorkerOptions {
-            max_slots: 1,
-            slot_capacity: capacity,
-        },
-    )?;
+    let worker = one_slot_worker(engine, capacity)?;
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
         ..Default::default()
