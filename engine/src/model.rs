@@ -177,7 +177,7 @@ impl Attention {
 }
 
 /// `[n_tokens, start + n_tokens]`: query `i` (absolute position `start + i`) sees keys `0..=start + i`.
-fn causal_mask(n_tokens: usize, start: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(n_tokens: usize, start: usize, device: &Device) -> Result<Tensor> {
     let total = start + n_tokens;
     let mask: Vec<f32> = (0..n_tokens)
         .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))

@@ -278,14 +278,7 @@ pub fn matmul_timings(
             samples.push(ms);
         }
     }
-    let mut timings: Vec<StageTiming> = NAMES
-        .iter()
-        .enumerate()
-        .map(|(idx, name)| StageTiming {
-            name: (*name).to_string(),
-            ms: median(samples.iter().map(|s| s[idx]).collect()),
-        })
-        .collect();
+    let mut timings = stage_medians(&NAMES, &samples);
     timings.push(StageTiming {
         name: "matmuls".into(),
         ms: median(samples.iter().map(|s| s.iter().sum()).collect()),
@@ -350,12 +343,7 @@ pub fn attention_timings(
             let k = k.to_dtype(DType::F32)?;
             let mut scores = (q.matmul(&k.t()?)? * scale)?;
             if n_tokens > 1 {
-                let mask: Vec<f32> = (0..n_tokens)
-                    .flat_map(|i| {
-                        (0..total).map(move |j| if j > start_pos + i { f32::NEG_INFINITY } else { 0.0 })
-                    })
-                    .collect();
-                scores = scores.broadcast_add(&Tensor::from_vec(mask, (n_tokens, total), device)?)?;
+                scores = scores.broadcast_add(&crate::model::causal_mask(n_tokens, start_pos, device)?)?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?;
@@ -366,14 +354,7 @@ pub fn attention_timings(
             samples.push(ms);
         }
     }
-    Ok(NAMES
-        .iter()
-        .enumerate()
-        .map(|(idx, name)| StageTiming {
-            name: (*name).to_string(),
-            ms: median(samples.iter().map(|s| s[idx]).collect()),
-        })
-        .collect())
+    Ok(stage_medians(&NAMES, &samples))
 }
 
 /// Times the rest of one forward pass's per-layer work for `n_tokens` rows (all layers): the
@@ -430,14 +411,7 @@ pub fn elementwise_timings(
             samples.push(ms);
         }
     }
-    Ok(NAMES
-        .iter()
-        .enumerate()
-        .map(|(idx, name)| StageTiming {
-            name: (*name).to_string(),
-            ms: median(samples.iter().map(|s| s[idx]).collect()),
-        })
-        .collect())
+    Ok(stage_medians(&NAMES, &samples))
 }
 
 /// Waits for `t` to be computed (a no-op on the CPU, where ops are synchronous; on a GPU, reading
@@ -452,7 +426,20 @@ fn sync(t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// One timing per stage: the median over passes of that stage's milliseconds.
+fn stage_medians<const N: usize>(names: &[&str; N], samples: &[[f64; N]]) -> Vec<StageTiming> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(idx, name)| StageTiming {
+            name: (*name).to_string(),
+            ms: median(samples.iter().map(|s| s[idx]).collect()),
+        })
+        .collect()
+}
+
+/// The median of `values` (NaN when empty).
+pub fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -491,6 +478,48 @@ mod tests {
             .expect("forward runs");
         assert_eq!(out.dims(), &[1, cfg.vocab_size]);
         out.flatten_all().expect("flat").to_vec1().expect("to vec")
+    }
+
+    #[test]
+    fn the_profile_names_every_stage_with_a_time() {
+        let cfg = small_config();
+        let (dtype, device) = (WeightDType::F32, Device::Cpu);
+        let stages = [
+            matmul_timings(&cfg, dtype, &device, 1, 4, 1).expect("matmuls"),
+            attention_timings(&cfg, dtype, &device, 4, 16, 1).expect("attention"),
+            elementwise_timings(&cfg, dtype, &device, 4, 1).expect("elementwise"),
+        ]
+        .concat();
+        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "qkv",
+                "dense",
+                "fc1",
+                "fc2",
+                "lm_head",
+                "matmuls",
+                "rope",
+                "cache_append",
+                "attention",
+                "layernorm",
+                "gelu",
+                "head_copies",
+                "residual_adds"
+            ]
+        );
+        assert!(
+            stages.iter().all(|s| s.ms.is_finite() && s.ms >= 0.0),
+            "{stages:?}"
+        );
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
     }
 
     #[test]

@@ -212,13 +212,8 @@ impl Spread {
                 n: 0,
             };
         }
-        let median = if n % 2 == 1 {
-            sorted[n / 2]
-        } else {
-            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-        };
         Spread {
-            median,
+            median: phi_engine::synthetic::median(sorted.clone()),
             min: sorted[0],
             max: sorted[n - 1],
             n,
