@@ -6,40 +6,34 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture_dir, phi_lsp, Reference};
+use common::{fixture_dir, ids, json_output, phi_lsp, Reference};
 
 #[test]
 fn generate_json_equals_transformers_greedy_tokens() {
     let reference = Reference::load();
     for case in &reference.cases {
-        let output = phi_lsp()
-            .args(["generate", "--model"])
-            .arg(fixture_dir())
-            // f32: the precision transformers computed the reference in (auto is q8_0 on CPU).
-            .args([
-                "--dtype",
-                "f32",
-                "--prompt",
-                &case.prompt,
-                "--max-new-tokens",
-                "16",
-                "--json",
-            ])
-            .output()
-            .expect("runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let json = json_output(
+            phi_lsp()
+                .args(["generate", "--model"])
+                .arg(fixture_dir())
+                // f32: the precision transformers computed the reference in (auto is q8_0 on CPU).
+                .args([
+                    "--dtype",
+                    "f32",
+                    "--prompt",
+                    &case.prompt,
+                    "--max-new-tokens",
+                    "16",
+                    "--json",
+                ]),
         );
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-        let ids = |key: &str| -> Vec<u32> { serde_json::from_value(json[key].clone()).expect("ids") };
-        assert_eq!(ids("prompt_tokens"), case.input_ids);
-        let mut expected = case.greedy_tokens.clone();
-        if expected.last() == Some(&reference.eos_token_id) {
-            expected.pop();
-        }
-        assert_eq!(ids("tokens"), expected, "{:?}", case.prompt);
+        assert_eq!(ids(&json, "prompt_tokens"), case.input_ids);
+        assert_eq!(
+            ids(&json, "tokens"),
+            reference.expected_tokens(case),
+            "{:?}",
+            case.prompt
+        );
         assert_eq!(json["text"].as_str().map(str::is_empty), Some(false));
     }
 }
@@ -51,21 +45,15 @@ fn generate_reads_a_prompt_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let prompt_file = dir.path().join("prompt.py");
     std::fs::write(&prompt_file, &case.prompt).expect("writes");
-    let output = phi_lsp()
-        .args(["generate", "--model"])
-        .arg(fixture_dir())
-        .args(["--dtype", "f32", "--prompt-file"])
-        .arg(&prompt_file)
-        .args(["--max-new-tokens", "4", "--json"])
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .args(["generate", "--model"])
+            .arg(fixture_dir())
+            .args(["--dtype", "f32", "--prompt-file"])
+            .arg(&prompt_file)
+            .args(["--max-new-tokens", "4", "--json"]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).expect("ids");
+    let tokens = ids(&json, "tokens");
     assert_eq!(tokens, case.greedy_tokens[..4]);
 }
 
@@ -207,30 +195,24 @@ fn hub_ids_resolve_through_the_cache_offline() {
     let reference = Reference::load();
     let case = &reference.cases[0];
     let cache = hub_cache();
-    let output = phi_lsp()
-        .env("HF_HUB_CACHE", cache.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .args([
-            "generate",
-            "--model",
-            "microsoft/phi-1",
-            "--dtype",
-            "f32",
-            "--prompt",
-            &case.prompt,
-            "--max-new-tokens",
-            "5",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .args([
+                "generate",
+                "--model",
+                "microsoft/phi-1",
+                "--dtype",
+                "f32",
+                "--prompt",
+                &case.prompt,
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
-    let tokens: Vec<u32> = serde_json::from_value(json["tokens"].clone()).expect("ids");
+    let tokens = ids(&json, "tokens");
     assert_eq!(tokens, case.greedy_tokens[..5]);
     // Another revision is not cached: offline, that is a one-line error and no download.
     let output = phi_lsp()
@@ -255,17 +237,11 @@ fn hub_ids_resolve_through_the_cache_offline() {
 
 #[test]
 fn memory_table_matches_the_published_figures() {
-    let output = phi_lsp()
-        .args(["memory", "--model", "microsoft/phi-1", "--json"])
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .args(["memory", "--model", "microsoft/phi-1", "--json"])
+            .env("HF_HUB_OFFLINE", "1"),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(json["parameters"], 1_418_270_720u64);
     let row = |dtype: &str| {
         json["rows"]

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{complete_fresh, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
+use common::{complete_fresh, fixture_dir, inline_text, json_output, phi_lsp, DEFAULT_CONTEXT_TOKENS};
 use phi_lsp::postprocess::{self, Context};
 use phi_lsp::prompt;
 use ropey::Rope;
@@ -52,20 +52,14 @@ fn expected(text: &str, cursor: usize) -> Option<String> {
     let dir = tempfile::tempdir().expect("temp dir");
     let prompt_file = dir.path().join("prompt.py");
     std::fs::write(&prompt_file, before).expect("writes");
-    let output = phi_lsp()
-        .args(["generate", "--model"])
-        .arg(fixture_dir())
-        .arg("--prompt-file")
-        .arg(&prompt_file)
-        .args(["--max-new-tokens", &MAX_NEW_TOKENS.to_string(), "--json"])
-        .output()
-        .expect("generate runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .args(["generate", "--model"])
+            .arg(fixture_dir())
+            .arg("--prompt-file")
+            .arg(&prompt_file)
+            .args(["--max-new-tokens", &MAX_NEW_TOKENS.to_string(), "--json"]),
     );
-    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let raw = json["text"].as_str().expect("text");
     let rope = Rope::from_str(text);
     let window = prompt::window(&rope, rope.byte_to_char(cursor), usize::MAX / 8);

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{fixture_dir, phi_lsp, Reference};
+use common::{fixture_dir, ids, json_output, phi_lsp, Reference};
 
 fn quantize(dtype: &str, out: &Path) -> Output {
     phi_lsp()
@@ -35,30 +35,15 @@ fn quantized(dir: &Path, dtype: &str) -> PathBuf {
 
 /// `generate --json` on a GGUF file with the fixture's tokenizer: (prompt tokens, tokens).
 fn generate(gguf: &Path, prompt: &str) -> (Vec<u32>, Vec<u32>) {
-    let output = phi_lsp()
-        .args(["generate", "--model"])
-        .arg(gguf)
-        .arg("--tokenizer")
-        .arg(fixture_dir().join("tokenizer.json"))
-        .args(["--prompt", prompt, "--max-new-tokens", "16", "--json"])
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .args(["generate", "--model"])
+            .arg(gguf)
+            .arg("--tokenizer")
+            .arg(fixture_dir().join("tokenizer.json"))
+            .args(["--prompt", prompt, "--max-new-tokens", "16", "--json"]),
     );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-    let ids = |key: &str| -> Vec<u32> { serde_json::from_value(json[key].clone()).expect("ids") };
-    (ids("prompt_tokens"), ids("tokens"))
-}
-
-fn expected_tokens(reference: &Reference, greedy: &[u32]) -> Vec<u32> {
-    let mut expected = greedy.to_vec();
-    if expected.last() == Some(&reference.eos_token_id) {
-        expected.pop();
-    }
-    expected
+    (ids(&json, "prompt_tokens"), ids(&json, "tokens"))
 }
 
 #[test]
@@ -69,38 +54,22 @@ fn f32_gguf_generates_transformers_greedy_tokens() {
     for case in &reference.cases {
         let (prompt_tokens, tokens) = generate(&gguf, &case.prompt);
         assert_eq!(prompt_tokens, case.input_ids);
-        assert_eq!(
-            tokens,
-            expected_tokens(&reference, &case.greedy_tokens),
-            "{:?}",
-            case.prompt
-        );
+        assert_eq!(tokens, reference.expected_tokens(case), "{:?}", case.prompt);
     }
 }
 
 /// `generate --json` on the fixture folder itself, quantized while loading.
 fn generate_on_load(dtype: &str, prompt: &str) -> Vec<u32> {
-    let output = phi_lsp()
-        .args(["generate", "--model"])
-        .arg(fixture_dir())
-        .args([
-            "--dtype",
-            dtype,
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            "16",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-    serde_json::from_value(json["tokens"].clone()).expect("ids")
+    let json = json_output(phi_lsp().args(["generate", "--model"]).arg(fixture_dir()).args([
+        "--dtype",
+        dtype,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ]));
+    ids(&json, "tokens")
 }
 
 /// Other types run and stay close. The fixture is 64 wide: q4k quantizes only the 256-wide fc2
@@ -118,7 +87,7 @@ fn quantized_ggufs_generate_close_to_the_reference() {
         for case in &reference.cases {
             let (prompt_tokens, tokens) = generate(&gguf, &case.prompt);
             assert_eq!(prompt_tokens, case.input_ids);
-            let expected = expected_tokens(&reference, &case.greedy_tokens);
+            let expected = reference.expected_tokens(case);
             match dtype {
                 "q4k" => assert_eq!(tokens, generate_on_load("q4k", &case.prompt), "{:?}", case.prompt),
                 "q8_0" => assert_eq!(tokens[..4], expected[..4], "{:?}", case.prompt),

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{fixture_dir, inline_text, phi_lsp};
+use common::{fixture_dir, inline_text, json_output, phi_lsp};
 use serde_json::{json, Value};
 
 const MAX_NEW_TOKENS: usize = 24;
@@ -474,26 +474,20 @@ fn llama_cpp_server_completions_equal_local_ones() {
         let lines: Vec<&str> = source.split('\n').collect();
         let (line, character) = (lines.len() - 1, lines[lines.len() - 1].encode_utf16().count());
         let run = |backend: &str| -> Value {
-            let output = phi_lsp()
-                .args(["complete", "--backend", backend, "--model"])
-                .arg(if backend == "local" {
-                    gguf.as_os_str()
-                } else {
-                    "tiny".as_ref()
-                })
-                .arg("--tokenizer")
-                .arg(&tokenizer)
-                .arg(&file)
-                .args(["--line", &line.to_string(), "--character", &character.to_string()])
-                .args(["--max-new-tokens", "16", "--json"])
-                .output()
-                .expect("complete runs");
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            serde_json::from_slice(&output.stdout).expect("JSON")
+            json_output(
+                phi_lsp()
+                    .args(["complete", "--backend", backend, "--model"])
+                    .arg(if backend == "local" {
+                        gguf.as_os_str()
+                    } else {
+                        "tiny".as_ref()
+                    })
+                    .arg("--tokenizer")
+                    .arg(&tokenizer)
+                    .arg(&file)
+                    .args(["--line", &line.to_string(), "--character", &character.to_string()])
+                    .args(["--max-new-tokens", "16", "--json"]),
+            )
         };
         let local = run("local");
         let remote = run(&url);

@@ -23,6 +23,23 @@ pub fn phi_lsp() -> Command {
     command
 }
 
+/// Runs `command` (a `phi-lsp … --json` invocation), requires success (else fails with its stderr)
+/// and returns the JSON object it printed.
+pub fn json_output(command: &mut Command) -> Value {
+    let output = command.output().expect("phi-lsp runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+/// The token ids under `key` of a `generate --json` answer.
+pub fn ids(json: &Value, key: &str) -> Vec<u32> {
+    serde_json::from_value(json[key].clone()).expect("ids")
+}
+
 /// What a freshly started `phi-lsp complete` process suggests at (line, UTF-16 character) of `text`
 /// with the fixture model: the independent computation (no server, no cache) that server answers
 /// are compared with.
@@ -36,31 +53,25 @@ pub fn complete_fresh(
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("file.py");
     std::fs::write(&file, text).expect("writes");
-    let output = phi_lsp()
-        .arg("complete")
-        .arg(&file)
-        .args(["--line", &line.to_string(), "--character", &character.to_string()])
-        .args([
-            "--max-new-tokens",
-            &max_new_tokens.to_string(),
-            "--deadline-ms",
-            "60000",
-        ])
-        .args([
-            "--context-tokens",
-            &context_tokens.to_string(),
-            "--json",
-            "--model",
-        ])
-        .arg(fixture_dir())
-        .output()
-        .expect("complete runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let json = json_output(
+        phi_lsp()
+            .arg("complete")
+            .arg(&file)
+            .args(["--line", &line.to_string(), "--character", &character.to_string()])
+            .args([
+                "--max-new-tokens",
+                &max_new_tokens.to_string(),
+                "--deadline-ms",
+                "60000",
+            ])
+            .args([
+                "--context-tokens",
+                &context_tokens.to_string(),
+                "--json",
+                "--model",
+            ])
+            .arg(fixture_dir()),
     );
-    let json: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
 }
 
@@ -92,6 +103,15 @@ pub struct Case {
 }
 
 impl Reference {
+    /// A case's greedy tokens as `phi-lsp generate` prints them: without a final end-of-text.
+    pub fn expected_tokens(&self, case: &Case) -> Vec<u32> {
+        let mut expected = case.greedy_tokens.clone();
+        if expected.last() == Some(&self.eos_token_id) {
+            expected.pop();
+        }
+        expected
+    }
+
     pub fn load() -> Self {
         let text = std::fs::read_to_string(fixture_dir().join("reference.json")).expect("reference.json");
         serde_json::from_str(&text).expect("reference parses")
