@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture_dir, ids, json_output, phi_lsp, Reference};
+use common::{expect_one_line_error, fixture_dir, ids, json_output, phi_lsp, Reference};
 
 #[test]
 fn generate_json_equals_transformers_greedy_tokens() {
@@ -75,12 +75,7 @@ fn expect_load_error(dir: &Path) -> String {
         .args(["--prompt", "def f():", "--max-new-tokens", "2"])
         .output()
         .expect("runs");
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(output.stdout.is_empty());
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
+    expect_one_line_error(&output)
 }
 
 #[test]

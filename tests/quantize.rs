@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{fixture_dir, ids, json_output, phi_lsp, Reference};
+use common::{expect_one_line_error, fixture_dir, ids, json_output, phi_lsp, Reference};
 
 fn quantize(dtype: &str, out: &Path) -> Output {
     phi_lsp()
@@ -97,15 +97,6 @@ fn quantized_ggufs_generate_close_to_the_reference() {
         }
         eprintln!("{dtype}: {same} of 48 greedy tokens equal to transformers' up to the first difference");
     }
-}
-
-fn expect_one_line_error(output: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(output.stdout.is_empty());
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
 }
 
 #[test]

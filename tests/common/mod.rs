@@ -6,7 +6,7 @@
 pub mod lsp_client;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -33,6 +33,17 @@ pub fn json_output(command: &mut Command) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+/// The stderr of a command that must fail as phi-lsp fails: exit code 2, nothing on stdout, one
+/// line, no panic.
+pub fn expect_one_line_error(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(output.stdout.is_empty());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
 
 /// The token ids under `key` of a `generate --json` answer.
