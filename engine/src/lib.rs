@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod kernels;
 pub mod model;
 pub mod synthetic;
 pub mod tokenizer;

@@ -8,6 +8,7 @@ use candle_nn::LayerNorm;
 use crate::cache::KvCache;
 use crate::config::PhiConfig;
 use crate::error::Result;
+use crate::kernels::{DecodeAttention, GeluNew};
 
 /// A linear layer with bias whose weight is dense or quantized.
 #[derive(Debug, Clone)]
@@ -147,7 +148,7 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
-        let (b, n_tokens, hidden) = xs.dims3()?;
+        let (b, n_tokens, _) = xs.dims3()?;
         let start = cache.len();
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n_tokens, self.n_heads, self.head_dim))?
@@ -159,21 +160,50 @@ impl Attention {
         let v = heads(self.v_proj.forward(xs)?)?;
         let (k, v) = cache.append(layer_idx, &k, &v)?;
 
-        // Scores and softmax in f32, as transformers upcasts them.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = q.to_dtype(DType::F32)?;
-        let k = k.to_dtype(DType::F32)?;
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if n_tokens > 1 {
-            scores = scores.broadcast_add(&causal_mask(n_tokens, start, xs.device())?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n_tokens, hidden))?;
+        let out = attention_core(&q, &k, &v, start)?;
         self.dense.forward(&out)
     }
+}
+
+/// `softmax(q·kᵀ/√head_dim + causal mask)·v` for the `n` new positions of `q` (`[1, heads, n,
+/// head_dim]`) after `start` cached ones, over `k`/`v` (`[1, heads, start + n, head_dim]`);
+/// returns `[1, n, heads·head_dim]`. One new position on the CPU in f32 (a decode step) runs
+/// [`DecodeAttention`]; the rest candle's ops.
+pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+    let (b, heads, n_tokens, head_dim) = q.dims4()?;
+    let hidden = heads * head_dim;
+    // Scores and softmax in f32, as transformers upcasts them.
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let q = q.to_dtype(DType::F32)?;
+    if n_tokens == 1 && on_cpu_in_f32(v) {
+        let op = DecodeAttention { scale: scale as f32 };
+        return Ok(q
+            .contiguous()?
+            .apply_op3_no_bwd(k, v, &op)?
+            .reshape((b, 1, hidden))?);
+    }
+    let k = k.to_dtype(DType::F32)?;
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if n_tokens > 1 {
+        scores = scores.broadcast_add(&causal_mask(n_tokens, start, q.device())?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    Ok(probs.matmul(v)?.transpose(1, 2)?.reshape((b, n_tokens, hidden))?)
+}
+
+/// `gelu_new`, the tanh approximation: [`GeluNew`] on the CPU in f32, else candle's `gelu` (the
+/// same formula).
+pub(crate) fn gelu_new(xs: &Tensor) -> Result<Tensor> {
+    if on_cpu_in_f32(xs) {
+        Ok(xs.contiguous()?.apply_op1_no_bwd(&GeluNew)?)
+    } else {
+        Ok(xs.gelu()?)
+    }
+}
+
+/// Where the CPU kernels of [`crate::kernels`] apply instead of candle's general ops.
+fn on_cpu_in_f32(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
 /// `[n_tokens, start + n_tokens]`: query `i` (absolute position `start + i`) sees keys `0..=start + i`.
@@ -199,8 +229,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // gelu_new is the tanh approximation, which is candle's `gelu`.
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu()?)
+        self.fc2.forward(&gelu_new(&self.fc1.forward(xs)?)?)
     }
 }
 

@@ -287,9 +287,8 @@ pub fn matmul_timings(
 }
 
 /// Times the attention core of one forward pass (all layers) for `n_tokens` new positions after
-/// `context - n_tokens` cached ones, as the model runs it: scores in f32 over a narrowed view of a
-/// preallocated cache, causal mask when `n_tokens > 1`, softmax, weighted sum of V; plus the
-/// partial RoPE of q and k, and the cache append. Median of `repeats` after a warm-up.
+/// `context - n_tokens` cached ones, as the model runs it (`model::attention_core` over a
+/// narrowed view of a preallocated cache); plus the partial RoPE of q and k, and the cache append. Median of `repeats` after a warm-up.
 pub fn attention_timings(
     cfg: &PhiConfig,
     dtype: WeightDType,
@@ -314,7 +313,6 @@ pub fn attention_timings(
     let k_new = src.tensor("bench.k_new", &[1, heads, n_tokens, head_dim])?;
     let freqs = src.dense_f32("bench.freqs", &[n_tokens, rotary / 2])?;
     let (cos, sin) = (freqs.cos()?.to_dtype(act)?, freqs.sin()?.to_dtype(act)?);
-    let scale = 1.0 / (head_dim as f64).sqrt();
     let total = start_pos + n_tokens;
     const NAMES: [&str; 3] = ["rope", "cache_append", "attention"];
     let mut samples: Vec<[f64; 3]> = Vec::new();
@@ -339,15 +337,7 @@ pub fn attention_timings(
             ms[1] += start.elapsed().as_secs_f64() * 1000.0;
 
             let start = Instant::now();
-            let q = rotated[0].to_dtype(DType::F32)?;
-            let k = k.to_dtype(DType::F32)?;
-            let mut scores = (q.matmul(&k.t()?)? * scale)?;
-            if n_tokens > 1 {
-                scores = scores.broadcast_add(&crate::model::causal_mask(n_tokens, start_pos, device)?)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?;
-            sync(&out)?;
+            sync(&crate::model::attention_core(&rotated[0], &k, &v, start_pos)?)?;
             ms[2] += start.elapsed().as_secs_f64() * 1000.0;
         }
         if pass > 0 {
@@ -388,7 +378,7 @@ pub fn elementwise_timings(
             ms[0] += start.elapsed().as_secs_f64() * 1000.0;
 
             let start = Instant::now();
-            sync(&x_i.gelu()?)?;
+            sync(&crate::model::gelu_new(&x_i)?)?;
             ms[1] += start.elapsed().as_secs_f64() * 1000.0;
 
             let start = Instant::now();

@@ -1,0 +1,287 @@
+//! CPU kernels for the parts of a forward pass where candle's general ops cost more than the work:
+//! attention of one new token over the cache (candle runs two batched matmuls, a scale and a softmax
+//! per layer, ~30% of a Phi-1 decode step) and `gelu_new` (candle calls libm's `tanhf` per element,
+//! 12% of a prefill). Both are f32 and CPU only; callers keep candle's ops for other devices and
+//! dtypes. Work is split over candle's own thread pool, so `--threads` governs it too.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
+
+type Result<T> = candle_core::Result<T>;
+
+fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match storage {
+        CpuStorage::F32(values) => Ok(values),
+        other => candle_core::bail!("{what}: f32 expected, got {:?}", other.dtype()),
+    }
+}
+
+/// Attention of one query position per head over `total` cached positions:
+/// `softmax(q·Kᵀ · scale) · V` per head, the softmax in f32 as transformers computes it.
+/// Inputs `q` `[1, heads, 1, head_dim]`, `k`/`v` `[1, heads, total, head_dim]` (views of the cache:
+/// rows contiguous, heads at any stride); output `[1, heads, 1, head_dim]`.
+pub(crate) struct DecodeAttention {
+    pub scale: f32,
+}
+
+impl CustomOp3 for DecodeAttention {
+    fn name(&self) -> &'static str {
+        "decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q_storage: &CpuStorage,
+        q_layout: &Layout,
+        k_storage: &CpuStorage,
+        k_layout: &Layout,
+        v_storage: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_slice(q_storage, "query")?,
+            f32_slice(k_storage, "keys")?,
+            f32_slice(v_storage, "values")?,
+        );
+        let (heads, head_dim) = match q_layout.dims() {
+            &[1, heads, 1, head_dim] if q_layout.stride()[3] == 1 => (heads, head_dim),
+            dims => candle_core::bail!(
+                "decode attention: query {dims:?} / {:?} is not [1, heads, 1, head_dim]",
+                q_layout.stride()
+            ),
+        };
+        let total = k_layout.dims()[2];
+        for (name, layout) in [("keys", k_layout), ("values", v_layout)] {
+            let stride = layout.stride();
+            if layout.dims() != [1, heads, total, head_dim] || stride[3] != 1 || stride[2] != head_dim {
+                candle_core::bail!(
+                    "decode attention: {name} {:?} / {stride:?} do not fit the query",
+                    layout.dims()
+                );
+            }
+        }
+        let mut out = vec![0f32; heads * head_dim];
+        let out_ptr = out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
+            let mut scores = vec![0f32; total];
+            for h in range {
+                let k_head = &k[k_layout.start_offset() + h * k_layout.stride()[1]..][..total * head_dim];
+                let v_head = &v[v_layout.start_offset() + h * v_layout.stride()[1]..][..total * head_dim];
+                // SAFETY: each head writes only its own `head_dim` outputs.
+                let out_head = unsafe {
+                    std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(h * head_dim), head_dim)
+                };
+                let q_head = &q[q_layout.start_offset() + h * q_layout.stride()[1]..][..head_dim];
+                attend(q_head, k_head, v_head, self.scale, &mut scores, out_head);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((1, heads, 1, head_dim))))
+    }
+}
+
+fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_avx2(q, k, v, scale, scores, out) };
+    }
+    attend_generic(q, k, v, scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    attend_generic(q, k, v, scale, scores, out)
+}
+
+/// Written so that the compiler vectorises it (eight independent partial sums per dot product).
+#[inline(always)]
+fn attend_generic(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let head_dim = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (score, key) in scores.iter_mut().zip(k.chunks_exact(head_dim)) {
+        *score = dot(q, key) * scale;
+        max = max.max(*score);
+    }
+    let mut sum = 0f32;
+    for score in scores.iter_mut() {
+        *score = exp(*score - max);
+        sum += *score;
+    }
+    out.fill(0.0);
+    for (score, value) in scores.iter().zip(v.chunks_exact(head_dim)) {
+        let p = score / sum;
+        for (o, x) in out.iter_mut().zip(value) {
+            *o += p * x;
+        }
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `gelu_new` (the tanh approximation), element-wise on a contiguous f32 tensor:
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, with tanh from a vectorisable `exp`.
+pub(crate) struct GeluNew;
+
+/// Elements per work item of the thread pool (smaller tensors run on the calling thread).
+const GELU_CHUNK: usize = 16 * 1024;
+
+impl CustomOp1 for GeluNew {
+    fn name(&self) -> &'static str {
+        "gelu-new"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("gelu: the input must be contiguous");
+        };
+        let xs = &f32_slice(storage, "gelu input")?[start..end];
+        let mut out = vec![0f32; xs.len()];
+        if xs.len() <= GELU_CHUNK {
+            gelu_slice(xs, &mut out);
+        } else {
+            let out_ptr = out.as_mut_ptr() as usize;
+            candle_core::utils::barrier_pool().execute_chunked(xs.len().div_ceil(GELU_CHUNK), |range| {
+                let from = range.start * GELU_CHUNK;
+                let to = (range.end * GELU_CHUNK).min(xs.len());
+                // SAFETY: work items cover disjoint element ranges.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(from), to - from) };
+                gelu_slice(&xs[from..to], dst);
+            });
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+fn gelu_slice(xs: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { gelu_avx2(xs, out) };
+    }
+    gelu_generic(xs, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(xs: &[f32], out: &mut [f32]) {
+    gelu_generic(xs, out)
+}
+
+#[inline(always)]
+fn gelu_generic(xs: &[f32], out: &mut [f32]) {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    for (o, &x) in out.iter_mut().zip(xs) {
+        let u = SQRT_TWO_OVER_PI * x * (1.0 + 0.044715 * x * x);
+        *o = 0.5 * x * (1.0 + tanh(u));
+    }
+}
+
+/// `tanh(u) = 1 - 2 / (e^{2u} + 1)`; exact to a few ulp of 1 (gelu adds it to 1, so relative error
+/// near 0 does not matter).
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+/// Cephes' `expf`: 2^n · p(r) with `r = x - n·ln 2`, `|r| ≤ ln 2 / 2`, a degree-7 polynomial;
+/// within 2 ulp of libm over the range that does not overflow. Branch-free so it vectorises.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor, D};
+
+    #[test]
+    fn exp_and_gelu_match_libm() {
+        let mut worst_exp = 0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst_exp = worst_exp.max(rel);
+        }
+        assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
+        let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 / 100.0).collect();
+        let mut ours = vec![0f32; xs.len()];
+        gelu_slice(&xs, &mut ours);
+        let candle = Tensor::new(xs.as_slice(), &Device::Cpu)
+            .and_then(|t| t.gelu())
+            .and_then(|t| t.to_vec1::<f32>());
+        let candle = candle.expect("candle's gelu");
+        let worst = ours
+            .iter()
+            .zip(&candle)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-6, "gelu differs from candle's by {worst}");
+    }
+
+    #[test]
+    fn gelu_op_splits_large_tensors_and_keeps_the_shape() {
+        let xs = Tensor::randn(0f32, 3.0, (3, GELU_CHUNK + 7), &Device::Cpu).expect("randn");
+        let ours = xs.apply_op1_no_bwd(&GeluNew).expect("gelu op");
+        assert_eq!(ours.dims(), xs.dims());
+        let diff = (ours - xs.gelu().expect("gelu"))
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all());
+        let diff: f32 = diff.and_then(|d| d.to_scalar()).expect("diff");
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity.
+    #[test]
+    fn decode_attention_matches_candle_on_a_cache_view() {
+        let (heads, head_dim, capacity, total) = (4, 16, 40, 29);
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, heads, 1, head_dim), &dev).expect("q");
+        let k_cache = Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev).expect("k");
+        let v_cache = Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev).expect("v");
+        let (k, v) = (
+            k_cache.narrow(2, 0, total).expect("k view"),
+            v_cache.narrow(2, 0, total).expect("v view"),
+        );
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let ours = q
+            .apply_op3_no_bwd(&k, &v, &DecodeAttention { scale })
+            .expect("op");
+        let scores = (q.matmul(&k.t().expect("kt")).expect("qk") * scale as f64).expect("scale");
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).expect("softmax");
+        let expected = probs.matmul(&v.contiguous().expect("v")).expect("pv");
+        assert_eq!(ours.dims(), expected.dims());
+        let diff: f32 = (ours - expected)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar())
+            .expect("diff");
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
