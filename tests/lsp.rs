@@ -287,7 +287,7 @@ fn typing_reuses_the_cache_and_types_through() {
         );
         let got = inline_text(&result);
         let last = client.status()["last"].clone();
-        if last["from_cache"] == true {
+        if last["stop"] == "typed-through" {
             typed_through += 1;
             let before = previous.as_deref().expect("typed through a suggestion");
             let rest = before
@@ -303,10 +303,15 @@ fn typing_reuses_the_cache_and_types_through() {
                 &text[prefix.len()..]
             );
             // The first request prefills the whole prompt; keystrokes after it only their tokens.
-            if !reused.is_empty() {
+            // (A speculated answer, computed while the test looked elsewhere, has its own stats.)
+            if last["from_cache"] == true {
+                assert_eq!(last["stop"], "speculated");
+            } else if !reused.is_empty() {
                 max_prefilled = max_prefilled.max(last["prefilled_tokens"].as_u64().expect("prefilled"));
             }
-            reused.push(last["reused_tokens"].as_u64().expect("reused"));
+            if last["from_cache"] == false {
+                reused.push(last["reused_tokens"].as_u64().expect("reused"));
+            }
         }
         previous = got;
     }
@@ -314,6 +319,66 @@ fn typing_reuses_the_cache_and_types_through() {
     assert!(model_answers > 10);
     assert!(max_prefilled < 10, "a keystroke prefilled {max_prefilled} tokens");
     assert!(reused.last() > reused.first(), "reused tokens grow: {reused:?}");
+    assert!(client.shutdown().success());
+}
+
+/// The position at the end of `text` (UTF-8 columns, as Neovim's capabilities ask for).
+fn end_of(text: &str) -> (u32, u32) {
+    let line = text.matches('\n').count() as u32;
+    (line, (text.len() - text.rfind('\n').map_or(0, |i| i + 1)) as u32)
+}
+
+/// Accept the suggestion (insert it at the cursor), ask again: the answer was computed while the
+/// server was idle, and equals a fresh process's answer for the new text. Three times in a row.
+#[test]
+fn accepting_a_suggestion_is_answered_from_the_speculation() {
+    let mut client = server();
+    client.initialize(neovim_capabilities(), options());
+    client.wait_ready();
+    let uri = "file:///accept.py";
+    let mut text =
+        "import os\n\n\ndef scale(values, factor):\n    \"\"\"Multiply every value by factor.\"\"\"\n"
+            .to_string();
+    client.open(uri, &text);
+    let (mut version, mut speculated) = (1, 0);
+    for round in 0..3 {
+        let (line, col) = end_of(&text);
+        let result = client.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}),
+        );
+        let got = inline_text(&result);
+        let last = client.status()["last"].clone();
+        assert_eq!(
+            got,
+            complete_fresh(&text, line, col, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS),
+            "round {round}"
+        );
+        if round > 0 {
+            assert_eq!(
+                (&last["from_cache"], &last["stop"]),
+                (&json!(true), &json!("speculated")),
+                "round {round}: {last}"
+            );
+            speculated += 1;
+            eprintln!(
+                "round {round}: served from the speculation in {} ms",
+                last["total_ms"]
+            );
+        }
+        let Some(suggestion) = got else { break };
+        // Idle until the next suggestion is ready, then accept this one.
+        client.wait_status("the speculation", |status| status["speculation"] == "ready");
+        version += 1;
+        client.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": uri, "version": version},
+                   "contentChanges": [{"range": {"start": {"line": line, "character": col},
+                                                  "end": {"line": line, "character": col}}, "text": suggestion}]}),
+        );
+        text.push_str(&suggestion);
+    }
+    assert!(speculated >= 1, "no answer came from a speculation");
     assert!(client.shutdown().success());
 }
 

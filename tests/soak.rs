@@ -723,7 +723,8 @@ impl Session {
         assert!(response.get("error").is_none(), "{response}");
         let got = inline_text(&response["result"]);
         let status = self.check_status();
-        let kind = if got.is_some() && status["last"]["from_cache"] == true {
+        // A speculated answer is the model's own (the same job, computed while idle).
+        let kind = if got.is_some() && status["last"]["stop"] == "typed-through" {
             Kind::TypedThrough
         } else {
             Kind::Model

@@ -501,6 +501,7 @@ fn bench_dtype(
         "keystroke_generated_tokens": runs.keystroke_generated,
         "server_keystroke_ms_p50": server.as_ref().map(|s| round(s.p50)).unwrap_or(Value::Null),
         "server_keystroke_ms_p90": server.as_ref().map(|s| round(s.p90)).unwrap_or(Value::Null),
+        "server_accept_ms": server.as_ref().and_then(|s| s.accept).map(|(ms, _)| round(ms)),
         "weights_bytes_resident_nominal": bytes.resident,
         "peak_rss_bytes": peak_rss,
     });
@@ -747,6 +748,9 @@ struct ServerRuns {
     p90: f64,
     lasts: Vec<Value>,
     typed_through: usize,
+    /// Accepting the last suggestion and asking again, once the server has computed the next one
+    /// while idle: the round trip, and whether it was served from that speculation.
+    accept: Option<(f64, bool)>,
     peak_rss: Option<u64>,
 }
 
@@ -760,6 +764,8 @@ impl ServerRuns {
             "first_request_ms": round(self.first_ms),
             "keystrokes": self.rtt.len(),
             "typed_through": self.typed_through,
+            "accept_ms": self.accept.map(|(ms, _)| round(ms)),
+            "accept_speculated": self.accept.map(|(_, speculated)| speculated),
             "rtt_ms": self.rtt.iter().map(|&x| round(x)).collect::<Vec<_>>(),
             "p50_ms": round(self.p50),
             "p90_ms": round(self.p90),
@@ -838,6 +844,7 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
         ));
 
         let (mut rtt, mut lasts, mut typed_through) = (Vec::new(), Vec::new(), 0);
+        let mut shown = None;
         for (keystroke, &c) in text.typed.iter().enumerate() {
             let end = end_position(&document);
             document.push(c);
@@ -849,8 +856,10 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
                     "contentChanges": [{"range": {"start": end, "end": end}, "text": c.to_string()}],
                 }),
             )?;
-            client.request("textDocument/inlineCompletion", completion_params(uri, &document))?;
+            let answer =
+                client.request("textDocument/inlineCompletion", completion_params(uri, &document))?;
             let elapsed = ms(start.elapsed());
+            shown = first_insert_text(&answer);
             let last = client.request("phi-lsp/status", Value::Null)?["last"].clone();
             if last["from_cache"] == json!(true) {
                 typed_through += 1;
@@ -870,7 +879,28 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
             ));
             lasts.push(last);
         }
+        let accept = match shown {
+            Some(suggestion) => Some(accept_suggestion(
+                &mut client,
+                uri,
+                &mut document,
+                &suggestion,
+                text.typed.len() + 2,
+            )?),
+            None => None,
+        };
+        if let Some((accept_ms, speculated)) = accept {
+            progress(&format!(
+                "{name}: accepting the suggestion and asking again: {accept_ms:.1} ms{}",
+                if speculated {
+                    " (computed while idle)"
+                } else {
+                    " (not speculated)"
+                }
+            ));
+        }
         Ok(ServerRuns {
+            accept,
             load_s,
             first_ms,
             p50: Spread::percentile(&rtt, 50.0),
@@ -883,6 +913,43 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
     })();
     client.shutdown();
     result
+}
+
+/// Waits (idle) until the server has speculated, inserts `suggestion` at the end of `document` as
+/// an editor does on accept, and times the request that follows.
+fn accept_suggestion(
+    client: &mut ServerClient,
+    uri: &str,
+    document: &mut String,
+    suggestion: &str,
+    version: usize,
+) -> Result<(f64, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while client.request("phi-lsp/status", Value::Null)?["speculation"] != "ready"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let end = end_position(document);
+    document.push_str(suggestion);
+    let start = Instant::now();
+    client.notify(
+        "textDocument/didChange",
+        json!({
+            "textDocument": {"uri": uri, "version": version},
+            "contentChanges": [{"range": {"start": end, "end": end}, "text": suggestion}],
+        }),
+    )?;
+    client.request("textDocument/inlineCompletion", completion_params(uri, document))?;
+    let elapsed = ms(start.elapsed());
+    let last = client.request("phi-lsp/status", Value::Null)?["last"].clone();
+    Ok((elapsed, last["stop"] == "speculated"))
+}
+
+/// The `insertText` of the first item of an inlineCompletion answer.
+fn first_insert_text(answer: &Value) -> Option<String> {
+    let items = answer.as_array().or_else(|| answer["items"].as_array())?;
+    Some(items.first()?["insertText"].as_str()?.to_string()).filter(|t| !t.is_empty())
 }
 
 fn completion_params(uri: &str, document: &str) -> Value {
@@ -1118,6 +1185,10 @@ fn human(r: &Value) -> String {
             server["last_generated_tokens"],
             server["first_request_ms"],
             server["load_s"],
+        ));
+        lines.push(format!(
+            "  accept, then ask again   {} ms (served from the speculation: {})",
+            server["accept_ms"], server["accept_speculated"],
         ));
     }
     lines.push(format!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Instant;
 
-use phi_engine::{Generation, JobOutcome, StopReason, Worker, WorkerOptions};
+use phi_engine::{Generation, JobOutcome, StopReason, Ticket, Worker, WorkerOptions};
 use ropey::Rope;
 use serde::Serialize;
 use serde_json::Value;
@@ -22,6 +22,7 @@ use crate::complete::{self, Prepared};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::{Documents, Edit};
 use crate::loading;
+use crate::prompt::PromptWindow;
 use crate::remote::{Remote, RemoteError};
 use crate::settings::{CompletionMode, Settings};
 
@@ -108,6 +109,27 @@ struct Shown {
     suggestion: String,
 }
 
+/// How long the user must be idle after a suggestion before the next one is computed: a keystroke
+/// arriving while the model thread works on a speculation waits for the token in progress.
+const SPECULATE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The suggestion for the text as it will be once the one just shown is accepted, computed on the
+/// model thread while the user is idle. Any other request cancels it (dropping the ticket).
+struct Speculation {
+    key: String,
+    window: PromptWindow,
+    result: oneshot::Receiver<phi_engine::Result<JobOutcome>>,
+    done: Arc<AtomicBool>,
+    _ticket: Ticket,
+}
+
+#[derive(Default)]
+struct Speculations {
+    /// Completion requests so far: a speculation starts only if none came while it waited.
+    requests: u64,
+    current: Option<Speculation>,
+}
+
 struct Session {
     settings: Settings,
     encoding: PositionEncoding,
@@ -124,6 +146,7 @@ struct Shared {
     /// The last failure of the remote backend, until a request succeeds again.
     backend_error: Mutex<Option<String>>,
     shown: Mutex<HashMap<String, Shown>>,
+    speculation: Mutex<Speculations>,
     last: Mutex<Option<LastCompletion>>,
     /// Only the newest load may install its worker.
     load_seq: AtomicU64,
@@ -247,6 +270,7 @@ impl Backend {
             )),
             backend_error: Mutex::new(None),
             shown: Mutex::new(HashMap::new()),
+            speculation: Mutex::new(Speculations::default()),
             last: Mutex::new(None),
             load_seq: AtomicU64::new(0),
             max_slots: AtomicUsize::new(0),
@@ -429,7 +453,7 @@ impl Backend {
                 };
                 *lock(&self.shared.model) = (state, Some(Generator::Local(Arc::new(worker))));
                 self.shared.max_slots.store(max_slots, Ordering::Relaxed);
-                lock(&self.shared.shown).clear();
+                self.forget_suggestions();
                 if let Some(progress) = progress {
                     progress.finish_with_message(message.clone()).await;
                 }
@@ -493,6 +517,12 @@ impl Backend {
                 "documents": lock(&self.shared.documents).len(),
                 "backend": settings.model.backend,
                 "backendError": *lock(&self.shared.backend_error),
+                "speculate": settings.speculate,
+                "speculation": match &lock(&self.shared.speculation).current {
+                    None => "none",
+                    Some(s) if s.done.load(Ordering::Relaxed) => "ready",
+                    Some(_) => "running",
+                },
                 "last": *lock(&self.shared.last),
             });
             if let (Value::Object(map), Ok(Value::Object(state))) =
@@ -555,15 +585,22 @@ impl Backend {
             });
             return Ok(Some((rope, cursor, rest)));
         }
+        let speculated = self.speculated(&key, &prepared).await;
         let Some(generator) = lock(&self.shared.model).1.clone() else {
             return Ok(None);
         };
         if prepared.window.text.is_empty() {
             return Ok(None);
         }
-        let generation = match generator {
-            Generator::Local(worker) => self.generate_local(&worker, &key, &prepared, &settings).await?,
-            Generator::Remote(remote) => self.generate_remote(remote, &prepared, &settings).await,
+        let from_cache = speculated.is_some();
+        let generation = match (speculated, &generator) {
+            (Some(speculated), _) => speculated,
+            (None, Generator::Local(worker)) => {
+                self.generate_local(worker, &key, &prepared, &settings).await?
+            }
+            (None, Generator::Remote(remote)) => {
+                self.generate_remote(remote.clone(), &prepared, &settings).await
+            }
         };
         let Some(generation) = generation else {
             return Ok(None);
@@ -579,9 +616,16 @@ impl Backend {
             prefill_ms: stats.prefill_ms,
             decode_ms: stats.decode_ms,
             total_ms: started.elapsed().as_secs_f64() * 1000.0,
-            from_cache: false,
-            stop: format!("{:?}", generation.stop),
+            from_cache,
+            stop: if from_cache {
+                "speculated".into()
+            } else {
+                format!("{:?}", generation.stop)
+            },
         });
+        if let (Some(text), Generator::Local(worker), true) = (&suggestion, &generator, settings.speculate) {
+            self.speculate(worker, &key, &rope, cursor, text, &settings);
+        }
         let mut shown = lock(&self.shared.shown);
         match &suggestion {
             Some(text) => {
@@ -700,7 +744,7 @@ impl Backend {
     /// Generation by the OpenAI-compatible server at `url`, which serves `model`. Nothing is
     /// loaded; a bad URL is a failed state, an unreachable server shows on the first request.
     async fn use_remote(&self, model: &str, url: &str) {
-        lock(&self.shared.shown).clear();
+        self.forget_suggestions();
         *lock(&self.shared.backend_error) = None;
         match Remote::new(url, model) {
             Ok(remote) => {
@@ -732,6 +776,78 @@ impl Backend {
                     .await;
             }
         }
+    }
+
+    /// After a new model, backend or settings, no earlier suggestion may be served from memory.
+    fn forget_suggestions(&self) {
+        lock(&self.shared.shown).clear();
+        lock(&self.shared.speculation).current = None;
+    }
+
+    /// Once the user has been idle for [`SPECULATE_AFTER_IDLE`], starts computing the suggestion
+    /// for the text as it will be when `suggestion` (at `cursor` of `rope`) is accepted: the same
+    /// job a request there will make, without a deadline (any other request cancels it instead),
+    /// so its answer is the one a fresh request would compute.
+    fn speculate(
+        &self,
+        worker: &Arc<Worker>,
+        key: &str,
+        rope: &Rope,
+        cursor: usize,
+        suggestion: &str,
+        settings: &Settings,
+    ) {
+        let mut accepted = rope.clone();
+        accepted.insert(cursor, suggestion);
+        let prepared = complete::prepare(&accepted, cursor + suggestion.chars().count(), settings);
+        let mut job = prepared.job(key, settings);
+        job.params.deadline = None;
+        let (shared, worker, key) = (self.shared.clone(), worker.clone(), key.to_string());
+        let requests = lock(&shared.speculation).requests;
+        tokio::spawn(async move {
+            tokio::time::sleep(SPECULATE_AFTER_IDLE).await;
+            // Checked and set under the lock that requests take first, so a request either sees
+            // this speculation or stops it from starting (it would supersede the request's job).
+            let mut speculations = lock(&shared.speculation);
+            if speculations.requests != requests {
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            let done = Arc::new(AtomicBool::new(false));
+            let done_in_reply = done.clone();
+            let reply = Box::new(move |r| {
+                done_in_reply.store(true, Ordering::Relaxed);
+                drop(tx.send(r))
+            });
+            let ticket = worker.submit(job, reply);
+            speculations.current = Some(Speculation {
+                key,
+                window: prepared.window,
+                result: rx,
+                done,
+                _ticket: ticket,
+            });
+        });
+    }
+
+    /// `Some` when `prepared` is where the speculation was computed for: its generation (waiting for
+    /// it if it is still running), or `None` when a newer request superseded it meanwhile. Any
+    /// speculation is used up or cancelled here.
+    async fn speculated(&self, key: &str, prepared: &Prepared) -> Option<Option<Generation>> {
+        let speculation = {
+            let mut speculations = lock(&self.shared.speculation);
+            speculations.requests += 1;
+            speculations.current.take()?
+        };
+        if speculation.key != key || speculation.window != prepared.window {
+            return None;
+        }
+        Some(match speculation.result.await {
+            Ok(Ok(JobOutcome::Finished(generation))) if generation.stop != StopReason::Cancelled => {
+                Some(generation)
+            }
+            _ => None,
+        })
     }
 
     /// When the text typed since the last suggestion is a prefix of it, the rest is the answer.
@@ -954,6 +1070,11 @@ impl LanguageServer for Backend {
             let uri = params.text_document.uri.as_str().to_string();
             lock(&self.shared.documents).close(&uri);
             lock(&self.shared.shown).remove(&uri);
+            let mut speculation = lock(&self.shared.speculation);
+            if speculation.current.as_ref().is_some_and(|s| s.key == uri) {
+                speculation.current = None;
+            }
+            drop(speculation);
             let generator = lock(&self.shared.model).1.clone();
             if let Some(Generator::Local(worker)) = generator {
                 worker.forget(&uri);
@@ -976,7 +1097,7 @@ impl LanguageServer for Backend {
                 return;
             }
             let after = self.settings();
-            lock(&self.shared.shown).clear();
+            self.forget_suggestions();
             if after.model != before.model || after.context_tokens != before.context_tokens {
                 self.load_model().await;
             }

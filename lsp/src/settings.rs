@@ -42,6 +42,9 @@ pub struct Settings {
     /// Tokens of context: the prompt window plus `max_new_tokens`.
     pub context_tokens: usize,
     pub completion_mode: CompletionMode,
+    /// After a suggestion is shown, compute the next one (for the text as it will be once the
+    /// suggestion is accepted) while the user is idle.
+    pub speculate: bool,
 }
 
 /// Hard bounds on what a client controls.
@@ -57,6 +60,7 @@ impl Settings {
             deadline_ms: 4000,
             context_tokens: 1024,
             completion_mode: CompletionMode::Auto,
+            speculate: true,
         }
     }
 
@@ -116,6 +120,9 @@ impl Settings {
         if let Some(mode) = update.completion_mode {
             next.completion_mode = mode;
         }
+        if let Some(speculate) = update.speculate {
+            next.speculate = speculate;
+        }
         *self = next;
         Ok(())
     }
@@ -133,6 +140,7 @@ struct Update {
     deadline_ms: Option<u64>,
     context_tokens: Option<usize>,
     completion_mode: Option<CompletionMode>,
+    speculate: Option<bool>,
 }
 
 #[cfg(test)]
@@ -153,9 +161,12 @@ mod tests {
     #[test]
     fn applies_plain_and_wrapped_objects() {
         let mut s = settings();
-        s.apply(&json!({"maxNewTokens": 32, "completionMode": "menu"}))
+        s.apply(&json!({"maxNewTokens": 32, "completionMode": "menu", "speculate": false}))
             .expect("valid");
-        assert_eq!((s.max_new_tokens, s.completion_mode), (32, CompletionMode::Menu));
+        assert_eq!(
+            (s.max_new_tokens, s.completion_mode, s.speculate),
+            (32, CompletionMode::Menu, false)
+        );
         s.apply(&json!({"phi-lsp": {"model": "/models/phi-1", "deadlineMs": 900, "unknown": 1}}))
             .expect("valid");
         assert_eq!((s.model.model.as_str(), s.deadline_ms), ("/models/phi-1", 900));

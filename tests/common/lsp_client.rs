@@ -220,6 +220,22 @@ impl LspClient {
         self.request("phi-lsp/status", Value::Null)
     }
 
+    /// Polls `phi-lsp/status` until `pred` holds for it.
+    pub fn wait_status(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let status = self.status();
+            if pred(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Polls `phi-lsp/status` until the model is ready (panics if it failed).
     pub fn wait_ready(&mut self) -> Value {
         let deadline = Instant::now() + TIMEOUT;

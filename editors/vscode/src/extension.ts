@@ -112,6 +112,7 @@ function serverSettings(): Record<string, unknown> {
     deadlineMs: c.get<number>("deadlineMs", 4000),
     contextTokens: c.get<number>("contextTokens", 1024),
     completionMode: c.get<string>("completionMode", "auto"),
+    speculate: c.get<boolean>("speculate", true),
     // An empty string clears a tokenizer set before.
     tokenizer: expandHome(c.get<string>("tokenizer", "").trim()),
   };
