@@ -267,8 +267,7 @@ fn typing_reuses_the_cache_and_types_through() {
     let mut reused = Vec::new();
     for ch in typed.chars() {
         // Insert the character at the end (an incremental edit), then ask at the new end.
-        let line = text.matches('\n').count() as u32;
-        let col = text.len() - text.rfind('\n').map_or(0, |i| i + 1);
+        let (line, col) = end_of(&text);
         version += 1;
         client.notify(
             "textDocument/didChange",
@@ -277,10 +276,7 @@ fn typing_reuses_the_cache_and_types_through() {
                                                   "end": {"line": line, "character": col}}, "text": ch.to_string()}]}),
         );
         text.push(ch);
-        let (line, col) = (
-            text.matches('\n').count() as u32,
-            text.len() - text.rfind('\n').map_or(0, |i| i + 1),
-        );
+        let (line, col) = end_of(&text);
         let result = client.request(
             "textDocument/inlineCompletion",
             json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}),
@@ -298,7 +294,7 @@ fn typing_reuses_the_cache_and_types_through() {
             model_answers += 1;
             assert_eq!(
                 got,
-                complete_fresh(&text, line, col as u32, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS),
+                complete_fresh(&text, line, col, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS),
                 "after typing {:?}",
                 &text[prefix.len()..]
             );
@@ -306,10 +302,10 @@ fn typing_reuses_the_cache_and_types_through() {
             // (A speculated answer, computed while the test looked elsewhere, has its own stats.)
             if last["from_cache"] == true {
                 assert_eq!(last["stop"], "speculated");
-            } else if !reused.is_empty() {
-                max_prefilled = max_prefilled.max(last["prefilled_tokens"].as_u64().expect("prefilled"));
-            }
-            if last["from_cache"] == false {
+            } else {
+                if !reused.is_empty() {
+                    max_prefilled = max_prefilled.max(last["prefilled_tokens"].as_u64().expect("prefilled"));
+                }
                 reused.push(last["reused_tokens"].as_u64().expect("reused"));
             }
         }

@@ -118,8 +118,8 @@ const SPECULATE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_mill
 struct Speculation {
     key: String,
     window: PromptWindow,
+    /// Holds the outcome once the job is done (nothing polls it before a request takes it).
     result: oneshot::Receiver<phi_engine::Result<JobOutcome>>,
-    done: Arc<AtomicBool>,
     _ticket: Ticket,
 }
 
@@ -520,7 +520,7 @@ impl Backend {
                 "speculate": settings.speculate,
                 "speculation": match &lock(&self.shared.speculation).current {
                     None => "none",
-                    Some(s) if s.done.load(Ordering::Relaxed) => "ready",
+                    Some(s) if !s.result.is_empty() => "ready",
                     Some(_) => "running",
                 },
                 "last": *lock(&self.shared.last),
@@ -799,10 +799,13 @@ impl Backend {
     ) {
         let mut accepted = rope.clone();
         accepted.insert(cursor, suggestion);
-        let prepared = complete::prepare(&accepted, cursor + suggestion.chars().count(), settings);
-        let mut job = prepared.job(key, settings);
-        job.params.deadline = None;
-        let (shared, worker, key) = (self.shared.clone(), worker.clone(), key.to_string());
+        let accepted_cursor = cursor + suggestion.chars().count();
+        let (shared, worker, key, settings) = (
+            self.shared.clone(),
+            worker.clone(),
+            key.to_string(),
+            settings.clone(),
+        );
         let requests = lock(&shared.speculation).requests;
         tokio::spawn(async move {
             tokio::time::sleep(SPECULATE_AFTER_IDLE).await;
@@ -812,19 +815,15 @@ impl Backend {
             if speculations.requests != requests {
                 return;
             }
+            let prepared = complete::prepare(&accepted, accepted_cursor, &settings);
+            let mut job = prepared.job(&key, &settings);
+            job.params.deadline = None;
             let (tx, rx) = oneshot::channel();
-            let done = Arc::new(AtomicBool::new(false));
-            let done_in_reply = done.clone();
-            let reply = Box::new(move |r| {
-                done_in_reply.store(true, Ordering::Relaxed);
-                drop(tx.send(r))
-            });
-            let ticket = worker.submit(job, reply);
+            let ticket = worker.submit(job, Box::new(move |r| drop(tx.send(r))));
             speculations.current = Some(Speculation {
                 key,
                 window: prepared.window,
                 result: rx,
-                done,
                 _ticket: ticket,
             });
         });
@@ -1070,11 +1069,7 @@ impl LanguageServer for Backend {
             let uri = params.text_document.uri.as_str().to_string();
             lock(&self.shared.documents).close(&uri);
             lock(&self.shared.shown).remove(&uri);
-            let mut speculation = lock(&self.shared.speculation);
-            if speculation.current.as_ref().is_some_and(|s| s.key == uri) {
-                speculation.current = None;
-            }
-            drop(speculation);
+            lock(&self.shared.speculation).current.take_if(|s| s.key == uri);
             let generator = lock(&self.shared.model).1.clone();
             if let Some(Generator::Local(worker)) = generator {
                 worker.forget(&uri);
