@@ -687,7 +687,7 @@ impl Session {
             utf8_col,
         };
         self.reference.send(check()).expect("reference running");
-        if fresh || idx % FRESH_PROCESS_EVERY == 0 {
+        if fresh || idx.is_multiple_of(FRESH_PROCESS_EVERY) {
             self.fresh.send(check()).expect("fresh checks running");
         }
     }
@@ -841,7 +841,7 @@ fn soak_replay_of_typing_matches_fresh_computations() {
         if session.keystroke >= warm_up && rss_warm.is_none() {
             rss_warm = Some(vm_rss_kib(pid));
         }
-        if rss_warm.is_some() && session.keystroke % 250 == 0 {
+        if rss_warm.is_some() && session.keystroke.is_multiple_of(250) {
             rss_max_after_warm_up = rss_max_after_warm_up.max(vm_rss_kib(pid));
         }
     }

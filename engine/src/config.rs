@@ -106,7 +106,7 @@ impl PhiConfig {
     /// Checks what this implementation supports, so a wrong file fails here and not mid-forward.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size == 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || self.hidden_size == 0 || !self.hidden_size.is_multiple_of(heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {heads}",
                 self.hidden_size
@@ -142,7 +142,7 @@ impl PhiConfig {
             return Err(format!("partial_rotary_factor {factor} is outside (0, 1]"));
         }
         let rotary = self.rotary_dim();
-        if rotary == 0 || rotary % 2 != 0 {
+        if rotary == 0 || !rotary.is_multiple_of(2) {
             return Err(format!("rotary dimension {rotary} must be even and non-zero"));
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {

@@ -836,7 +836,7 @@ fn plan(cfg: &PhiConfig, dtype: WeightDType) -> Vec<Planned> {
         WeightDType::F16 => GgmlDType::F16,
         WeightDType::BF16 => GgmlDType::BF16,
         WeightDType::Q8_0 | WeightDType::Q4K => match dtype.quantized() {
-            Some(q) if in_dim % q.block_size() == 0 => q,
+            Some(q) if in_dim.is_multiple_of(q.block_size()) => q,
             _ => GgmlDType::F32,
         },
     };

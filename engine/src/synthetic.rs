@@ -75,7 +75,7 @@ impl WeightSource for SyntheticSource {
     /// whole weight ever exists; the blocks are those `QTensor::quantize` makes of the f32 weight.
     fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
         match self.dtype.quantized() {
-            Some(q) if in_dim % q.block_size() == 0 => {
+            Some(q) if in_dim.is_multiple_of(q.block_size()) => {
                 let qtensor = match (q, &self.device) {
                     (GgmlDType::Q4K, Device::Cpu) => self.quantize_rows::<BlockQ4K>(name, out_dim, in_dim)?,
                     (GgmlDType::Q8_0, Device::Cpu) => {

@@ -72,7 +72,7 @@ impl WeightDType {
         let kv = (cfg.num_kv_heads() * cfg.head_dim()) as u64;
         let matmul = |out_dim: u64, in_dim: u64| -> u64 {
             match self.quantized() {
-                Some(q) if in_dim % q.block_size() as u64 == 0 => {
+                Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
                     out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
                 }
                 _ => out_dim * in_dim * dense,
@@ -129,7 +129,7 @@ impl WeightSource for SafetensorsSource<'_> {
         let weight = self.vb.get((out_dim, in_dim), name)?;
         match self.quantize {
             // Rows must be whole blocks (32 for q8_0, 256 for k-quants); narrower ones stay dense.
-            Some(q) if in_dim % q.block_size() == 0 => {
+            Some(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Ok(QMatMul::from_qtensor(QTensor::quantize(&weight, q)?)?)
             }
             _ => Ok(QMatMul::Tensor(weight)),

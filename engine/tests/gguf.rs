@@ -132,7 +132,7 @@ fn with_quantized_embedding(src: &Path, dst: &Path, dtype: GgmlDType) {
     let mut tensors =
         candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("loads");
     let embedding = &tensors["model.embed_tokens.weight"];
-    if embedding.dim(1).expect("2-d") % dtype.block_size() == 0 {
+    if embedding.dim(1).expect("2-d").is_multiple_of(dtype.block_size()) {
         let round_trip = QTensor::quantize(embedding, dtype)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .expect("quantizes");
