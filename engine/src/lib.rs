@@ -8,6 +8,7 @@ pub mod generate;
 pub mod gguf;
 mod kernels;
 pub mod model;
+mod qmatmul;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

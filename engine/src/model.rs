@@ -29,12 +29,25 @@ impl Linear {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.weight.forward(xs)?.broadcast_add(&self.bias)?)
+        let mut outs = linear(&[(&self.weight, &self.bias)], xs)?;
+        Ok(outs.remove(0))
     }
 
     pub fn weight(&self) -> &QMatMul {
         &self.weight
     }
+}
+
+/// `xs · wᵀ + bias` for each `(w, bias)` on one input: q4k weights and a few rows on the CPU in one
+/// pass over their stored blocks ([`crate::qmatmul`]), the rest through candle.
+pub(crate) fn linear(layers: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Result<Vec<Tensor>> {
+    if let Some(outs) = crate::qmatmul::linear_rows(layers, xs)? {
+        return Ok(outs);
+    }
+    layers
+        .iter()
+        .map(|(weight, bias)| Ok(weight.forward(xs)?.broadcast_add(bias)?))
+        .collect()
 }
 
 fn layer_norm(size: usize, eps: f64, vb: &Vb) -> Result<LayerNorm> {
@@ -147,17 +160,24 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
-        let (b, n_tokens, _) = xs.dims3()?;
+    /// The rest of attention after the projections `q`, `k`, `v` (`[1, n, hidden]`) of its input.
+    fn forward(
+        &self,
+        [q, k, v]: [Tensor; 3],
+        rotary: &Rotary,
+        cache: &KvCache,
+        layer_idx: usize,
+    ) -> Result<Tensor> {
+        let (b, n_tokens, _) = q.dims3()?;
         let start = cache.len();
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n_tokens, self.n_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = rotary.apply(&heads(self.q_proj.forward(xs)?)?, start)?;
-        let k = rotary.apply(&heads(self.k_proj.forward(xs)?)?, start)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
+        let q = rotary.apply(&heads(q)?, start)?;
+        let k = rotary.apply(&heads(k)?, start)?;
+        let v = heads(v)?;
         let (k, v) = cache.append(layer_idx, &k, &v)?;
 
         let out = attention_core(&q, &k, &v, start)?;
@@ -227,10 +247,6 @@ impl Mlp {
             fc2: Linear::load(cfg.intermediate_size, cfg.hidden_size, &vb.pp("fc2"))?,
         })
     }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu_new(&self.fc1.forward(xs)?)?)
-    }
 }
 
 struct DecoderLayer {
@@ -248,11 +264,17 @@ impl DecoderLayer {
         })
     }
 
-    /// Attention and MLP run in parallel on one LayerNorm and both add to the residual.
+    /// Attention and MLP run in parallel on one LayerNorm and both add to the residual; q, k, v
+    /// and fc1 read that one input together.
     fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
         let h = self.input_layernorm.forward(xs)?;
-        let attn = self.self_attn.forward(&h, rotary, cache, layer_idx)?;
-        let ff = self.mlp.forward(&h)?;
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        let projections = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &mlp.fc1].map(|l| (&l.weight, &l.bias));
+        let [q, k, v, up]: [Tensor; 4] = linear(&projections, &h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("one output per projection expected".into()))?;
+        let attn = attn.forward([q, k, v], rotary, cache, layer_idx)?;
+        let ff = mlp.fc2.forward(&gelu_new(&up)?)?;
         Ok(((attn + ff)? + xs)?)
     }
 }
@@ -314,8 +336,9 @@ impl PhiModel {
 
     /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of
     /// a first forward happens before the user's first keystroke: candle lays quantized weights
-    /// out again for its kernels on first use (one layout for single rows, on CPUs with AMX
-    /// another for 32 rows or more), which takes seconds for Phi-1.
+    /// out again for its kernels on first use (q8_0 for single rows; on CPUs with AMX q4k for 32
+    /// rows or more — fewer q4k rows read the stored blocks, [`crate::qmatmul`]), which takes
+    /// seconds for Phi-1.
     pub fn warm_up(&self) -> Result<()> {
         let n = 32.min(self.cfg.max_position_embeddings.saturating_sub(1));
         if n == 0 {

@@ -249,8 +249,9 @@ pub fn matmul_timings(
     let x_h = src.tensor("bench.x_h", &[1, n_tokens, h])?;
     let x_i = src.tensor("bench.x_i", &[1, n_tokens, i])?;
     let x_last = x_h.narrow(1, n_tokens - 1, 1)?;
-    let run =
-        |(w, b): &(QMatMul, Tensor), x: &Tensor| -> Result<Tensor> { Ok(w.forward(x)?.broadcast_add(b)?) };
+    let run = |(w, b): &(QMatMul, Tensor), x: &Tensor| -> Result<Tensor> {
+        Ok(crate::model::linear(&[(w, b)], x)?.remove(0))
+    };
     const NAMES: [&str; 5] = ["qkv", "dense", "fc1", "fc2", "lm_head"];
     let mut samples: Vec<[f64; 5]> = Vec::new();
     for pass in 0..=repeats {

@@ -312,11 +312,11 @@ fn sum_words_portable(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |a, &w| a.wrapping_add(w))
 }
 
-/// Bytes of weights one decode step reads: every matmul weight (as stored, and as candle's kernel
-/// actually reads it), biases, norms and one embedding row.
+/// Bytes of weights one decode step reads: every matmul weight as stored (the quantized kernels
+/// of a decode step read q4k and q8_0 blocks of the stored size), biases, norms and one embedding
+/// row.
 struct WeightBytes {
     stored: u64,
-    read: u64,
     /// Everything the model holds, as stored (before candle's repacked copies).
     resident: u64,
 }
@@ -329,43 +329,26 @@ fn weight_bytes(cfg: &PhiConfig, dtype: WeightDType) -> WeightBytes {
         cfg.vocab_size as u64,
     );
     let layers = cfg.num_hidden_layers as u64;
-    let matmul = |out_dim: u64, in_dim: u64| -> (u64, u64) {
+    let matmul = |out_dim: u64, in_dim: u64| -> u64 {
         match dtype.quantized() {
-            Some(q) if in_dim % q.block_size() as u64 == 0 => {
-                let stored = out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64;
-                (stored, read_bytes(dtype, out_dim, in_dim).unwrap_or(stored))
+            Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
+                out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
             }
-            _ => (out_dim * in_dim * act, out_dim * in_dim * act),
+            _ => out_dim * in_dim * act,
         }
     };
-    let (mut stored, mut read) = (0u64, 0u64);
-    for (out_dim, in_dim, count) in [(h, h, 4 * layers), (i, h, layers), (h, i, layers), (v, h, 1)] {
-        let (s, r) = matmul(out_dim, in_dim);
-        stored += count * s;
-        read += count * r;
-    }
+    let stored: u64 = [(h, h, 4 * layers), (i, h, layers), (h, i, layers), (v, h, 1)]
+        .into_iter()
+        .map(|(out_dim, in_dim, count)| count * matmul(out_dim, in_dim))
+        .sum();
     // The embedding table is stored like the matmul weights (model.rs quantizes it too) but a
     // token reads one row of it.
-    let (embedding, _) = matmul(v, h);
+    let embedding = matmul(v, h);
     let small = act * (layers * (4 * h + i + h + 2 * h) + 2 * h + v);
     WeightBytes {
         stored: stored + small + embedding / v,
-        read: read + small + embedding / v,
         resident: stored + small + embedding,
     }
-}
-
-/// Bytes candle 0.11's x86 kernels read for one quantized weight, where it is not what is stored:
-/// with AVX2 and FMA, q4k weights whose rows are multiples of 16 and 256 are repacked (on first
-/// use, into a second copy kept beside the first) as 16-row tiles with f32 scales and mins, 3072
-/// bytes per 4096 weights against q4k's 2304. q8_0 tiles are the size of q8_0 itself.
-fn read_bytes(dtype: WeightDType, out_dim: u64, in_dim: u64) -> Option<u64> {
-    #[cfg(target_arch = "x86_64")]
-    let repacks = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let repacks = false;
-    (repacks && dtype == WeightDType::Q4K && out_dim % 16 == 0 && in_dim % 256 == 0)
-        .then(|| out_dim * in_dim / 4096 * 3072)
 }
 
 /// Resets this process's peak RSS (VmHWM), so each dtype's figure is its own.
@@ -463,7 +446,6 @@ fn bench_dtype(
     };
 
     let ceiling = bandwidth.median * 1e9 / bytes.stored as f64;
-    let ceiling_read = bandwidth.median * 1e9 / bytes.read as f64;
     let kv_read = cfg.kv_bytes_per_token(dtype.activation_dtype().size_in_bytes()) * PROMPT_TOKENS as u64;
     let mut report = json!({
         "dtype": name,
@@ -484,11 +466,9 @@ fn bench_dtype(
         "bandwidth_gb_s": round(bandwidth.median),
         "bandwidth_gb_s_spread": bandwidth.json(),
         "weight_bytes_per_token": bytes.stored,
-        "weight_bytes_read_per_token": bytes.read,
         "kv_bytes_read_per_token_at_512": kv_read,
         "decode_ceiling_tok_s": round(ceiling),
         "decode_ceiling_ratio": round(runs.decode.median / ceiling),
-        "decode_ceiling_ratio_as_read": round(runs.decode.median / ceiling_read),
         "keystroke_ms_cached": round(runs.keystroke_cached.median),
         "keystroke_ms_cached_spread": runs.keystroke_cached.json(),
         "keystroke_ms_uncached": round(runs.keystroke_uncached.median),
@@ -1132,12 +1112,11 @@ fn human(r: &Value) -> String {
     let bytes = |key: &str| r[key].as_u64().map(gb).unwrap_or_else(|| "?".into());
     let mut lines = vec![
         format!(
-            "\n{}  ({} threads; built in {:.1} s; weights read per token {} as stored, {} as candle reads them; warm-up prefill {:.0} ms)",
+            "\n{}  ({} threads; built in {:.1} s; weights read per token {}; warm-up prefill {:.0} ms)",
             r["dtype"].as_str().unwrap_or("?"),
             r["threads"],
             num("build_s"),
             bytes("weight_bytes_per_token"),
-            bytes("weight_bytes_read_per_token"),
             num("warmup_prefill_ms"),
         ),
         format!(
@@ -1152,13 +1131,12 @@ fn human(r: &Value) -> String {
             spread_text(&r["first_token_ms_16_spread"])
         ),
         format!(
-            "  decode at context 512    {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s: ratio {:.2} ({:.2} of the ceiling for the bytes candle reads)",
+            "  decode at context 512    {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s: ratio {:.2}",
             num("decode_tok_s"),
             spread_text(&r["decode_tok_s_spread"]),
             num("decode_ceiling_tok_s"),
             num("bandwidth_gb_s"),
             num("decode_ceiling_ratio"),
-            num("decode_ceiling_ratio_as_read"),
         ),
         format!(
             "  keystroke, 8-token line  {:>8.1} ms cached, {:.1} ms uncached: ratio {:.3}; prefill part {:.1} vs {:.1} ms: ratio {:.3} (prefilled {} tokens cached)",
@@ -1407,12 +1385,10 @@ mod tests {
         // f32: 1.313e9 weights read per token (all but the embedding table), 4 bytes each.
         let f32 = weight_bytes(&cfg, WeightDType::F32);
         assert!((f32.stored as f64 / 1e9 - 5.25).abs() < 0.02, "{}", f32.stored);
-        assert_eq!(f32.stored, f32.read);
         let q8 = weight_bytes(&cfg, WeightDType::Q8_0);
         assert!((q8.stored as f64 / 1e9 - 1.40).abs() < 0.02, "{}", q8.stored);
         let q4k = weight_bytes(&cfg, WeightDType::Q4K);
         assert!((q4k.stored as f64 / 1e9 - 0.74).abs() < 0.02, "{}", q4k.stored);
-        assert!(q4k.read >= q4k.stored);
     }
 
     #[test]

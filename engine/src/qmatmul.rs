@@ -1,0 +1,518 @@
+//! q4k matmuls for a few activation rows (a decode step, a keystroke's new tokens) read straight
+//! from the stored GGUF blocks. candle 0.11 lays every q4k weight out again for these shapes
+//! (16-row tiles with the scales widened to f32: 1.33× the bytes, read on every token, and a second
+//! copy of the model in memory); decoding is bound by the bytes read per token, so reading the
+//! stored 144-byte blocks is leaner, and with the next point faster. Several weights that share one
+//! input (a layer's q, k, v and fc1) run in one pass over one quantized input, and the bias is
+//! added on the way out. CPU, f32 activations; AVX-512 VNNI or AVX2+FMA by runtime detection, with
+//! a portable fallback.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Storage, Tensor};
+
+type Result<T> = candle_core::Result<T>;
+
+/// Most activation rows [`linear_rows`] takes. Per row this kernel does more work than candle's
+/// tiles (it matches them at 1–3 rows, takes ~1.3× the time at 8 and ~2× at 31), but below 32 rows
+/// candle would build its tiled copy of every weight (a gigabyte for Phi-1, seconds on first use);
+/// from 32 rows on candle's AMX kernel runs (where the CPU has it).
+pub(crate) const MAX_ROWS: usize = 31;
+
+const QK_K: usize = 256;
+
+/// How far ahead of the block it works on a kernel prefetches the weights.
+const PREFETCH_BYTES: usize = 1024;
+
+/// ggml's `block_q4_K`: 256 weights `d·scale_j·q − dmin·min_j` in 8 sub-blocks of 32, the 6-bit
+/// scales and mins packed in 12 bytes, 4-bit `q`: byte `l` of 32-byte group `g` holds weight
+/// `64g + l` (low nibble) and `64g + 32 + l` (high nibble).
+#[repr(C)]
+struct BlockQ4K {
+    d: u16,
+    dmin: u16,
+    scales: [u8; 12],
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+/// 256 activations as `d·qs` (ggml's q8_K rounding) with the sums of `qs` per 32-value sub-block,
+/// which the mins multiply. `qs` holds the 32-value sub-blocks in the order the nibbles of 64 stored
+/// bytes come out of a 512-bit register, [`SUB_BLOCK_AT`]: low nibbles of bytes 0..64 are
+/// sub-blocks 0 and 2, high nibbles 1 and 3, and so on.
+#[repr(C, align(32))]
+#[derive(Clone)]
+struct Q8Block {
+    qs: [i8; QK_K],
+    d: f32,
+    sums: [i16; 8],
+}
+
+impl Q8Block {
+    const ZERO: Q8Block = Q8Block {
+        qs: [0; QK_K],
+        d: 0.0,
+        sums: [0; 8],
+    };
+
+    fn quantize(xs: &[f32]) -> Q8Block {
+        let mut block = Q8Block::ZERO;
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &x in xs {
+            if amax < x.abs() {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        if amax == 0.0 {
+            return block;
+        }
+        let iscale = -127f32 / max;
+        for (j, (xs, sum)) in xs.chunks_exact(32).zip(&mut block.sums).enumerate() {
+            let qs = &mut block.qs[32 * SUB_BLOCK_AT[j]..][..32];
+            for (q, &x) in qs.iter_mut().zip(xs) {
+                *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+            }
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+        block
+    }
+
+    /// The 32 quantized activations of sub-block `j`.
+    fn sub_block(&self, j: usize) -> &[i8] {
+        &self.qs[32 * SUB_BLOCK_AT[j]..][..32]
+    }
+}
+
+/// Where sub-block `j` of 32 activations sits in [`Q8Block::qs`] (in units of 32; its own inverse).
+const SUB_BLOCK_AT: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+/// The 8 6-bit scales and the 8 mins of a block as the bytes of two `u64`s, unpacked 4 at a time
+/// as ggml's AVX2 kernel does (ggml's `get_scale_min_k4` for each).
+fn unpacked_scales(s: &[u8; 12]) -> [u64; 2] {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let scales = (u0 & KMASK1) as u64 | (((u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)) as u64) << 32;
+    let mins = (u1 & KMASK1) as u64 | ((((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4)) as u64) << 32;
+    [scales, mins]
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// `out[r] = Σ_k w[k]·x[r][k]` for one weight row and `m` activation rows (`x` row-major, `kb`
+/// blocks per row).
+type RowKernel = unsafe fn(&[BlockQ4K], &[Q8Block], usize, &mut [f32]);
+
+fn row_generic(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
+    let kb = w.len();
+    out[..m].fill(0.0);
+    for (b, block) in w.iter().enumerate() {
+        let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
+        let (d, dmin) = (f16_to_f32(block.d), f16_to_f32(block.dmin));
+        for (r, acc) in out[..m].iter_mut().enumerate() {
+            let a = &x[r * kb + b];
+            let mut sumi = 0i32;
+            for g in 0..4 {
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for l in 0..32 {
+                    let q = block.qs[32 * g + l];
+                    lo += (q & 0xF) as i32 * a.sub_block(2 * g)[l] as i32;
+                    hi += (q >> 4) as i32 * a.sub_block(2 * g + 1)[l] as i32;
+                }
+                sumi += lo * sc[2 * g] as i32 + hi * sc[2 * g + 1] as i32;
+            }
+            let summ: i32 = (0..8).map(|j| mn[j] as i32 * a.sums[j] as i32).sum();
+            *acc += a.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
+    let kb = w.len();
+    let mut r = 0;
+    while r < m {
+        let x = &x[r * kb..];
+        let out = &mut out[r..];
+        match m - r {
+            1 => rows_avx2::<1>(w, x, out),
+            2 => rows_avx2::<2>(w, x, out),
+            3 => rows_avx2::<3>(w, x, out),
+            _ => rows_avx2::<4>(w, x, out),
+        }
+        r += 4;
+    }
+}
+
+/// [`row_avx2`] for `M` activation rows, ggml's `q4_K·q8_K` AVX2 dot product widened to `M` rows
+/// so the weights are unpacked once for all of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut acc_min = [_mm_setzero_ps(); M];
+    let low = _mm256_set1_epi8(0xF);
+    for (b, block) in w.iter().enumerate() {
+        let [sc, mn] = unpacked_scales(&block.scales);
+        let scales = _mm256_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64));
+        let scales = _mm256_permute2x128_si256(scales, scales, 0);
+        let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+        let (d, dmin) = (f16_to_f32(block.d), f16_to_f32(block.dmin));
+        let ahead = (block as *const BlockQ4K as *const i8).wrapping_add(PREFETCH_BYTES);
+        _mm_prefetch::<_MM_HINT_T0>(ahead);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(72));
+        let mut q = [_mm256_setzero_si256(); 8];
+        for g in 0..4 {
+            let bytes = _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i);
+            q[2 * g] = _mm256_and_si256(bytes, low);
+            q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+        }
+        for r in 0..M {
+            let a = x.get_unchecked(r * kb + b);
+            let mut sumi = _mm256_setzero_si256();
+            for (j, q) in q.iter().enumerate() {
+                let scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((0x100 + 0x202 * j) as i16));
+                let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(*q, act);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, scale));
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+            let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+            let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+            acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+        }
+    }
+    for r in 0..M {
+        let v = acc[r];
+        let quad = _mm_sub_ps(
+            _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)),
+            acc_min[r],
+        );
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn row_avx512(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
+    let kb = w.len();
+    let mut r = 0;
+    while r < m {
+        let x = &x[r * kb..];
+        let out = &mut out[r..];
+        match m - r {
+            1 => rows_avx512::<1>(w, x, out),
+            2 => rows_avx512::<2>(w, x, out),
+            3 => rows_avx512::<3>(w, x, out),
+            _ => rows_avx512::<4>(w, x, out),
+        }
+        r += 4;
+    }
+}
+
+/// [`rows_avx2`] on 512-bit registers: each holds two sub-blocks (64 stored bytes, one nibble
+/// half), whose activations [`Q8Block`] keeps side by side, and the scales are applied with
+/// VNNI's `vpdpwssd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+#[inline]
+unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    let mut acc = [_mm512_setzero_ps(); M];
+    let mut acc_min = [_mm_setzero_ps(); M];
+    let low = _mm512_set1_epi8(0xF);
+    // Register i holds sub-blocks SUB_BLOCK_AT[2i] and SUB_BLOCK_AT[2i + 1] (16 i16 lanes each).
+    let pick = |i: usize| {
+        let (a, b) = (SUB_BLOCK_AT[2 * i] as i16, SUB_BLOCK_AT[2 * i + 1] as i16);
+        _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
+    };
+    let picks = [pick(0), pick(1), pick(2), pick(3)];
+    for (b, block) in w.iter().enumerate() {
+        let [sc, mn] = unpacked_scales(&block.scales);
+        let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64)));
+        let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(
+            (block.d as u32 | (block.dmin as u32) << 16) as i32,
+        ));
+        let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+        // The blocks stream from memory and the kernel computes for a while on each: ask for the
+        // bytes ~7 blocks ahead (measured: 0.65 against 0.93 ms for an fc1 without it).
+        let ahead = (block as *const BlockQ4K as *const i8).wrapping_add(PREFETCH_BYTES);
+        _mm_prefetch::<_MM_HINT_T0>(ahead);
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(72));
+        let lo = _mm512_loadu_si512(block.qs.as_ptr() as *const __m512i);
+        let hi = _mm512_loadu_si512(block.qs.as_ptr().add(64) as *const __m512i);
+        let q = [
+            _mm512_and_si512(lo, low),
+            _mm512_and_si512(_mm512_srli_epi16(lo, 4), low),
+            _mm512_and_si512(hi, low),
+            _mm512_and_si512(_mm512_srli_epi16(hi, 4), low),
+        ];
+        let s = picks.map(|p| _mm512_permutexvar_epi16(p, scales));
+        for r in 0..M {
+            let a = x.get_unchecked(r * kb + b);
+            let act = |i: usize| {
+                let act = _mm512_load_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
+                _mm512_maddubs_epi16(q[i], act)
+            };
+            let even = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(0), s[0]), act(2), s[2]);
+            let odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(1), s[1]), act(3), s[3]);
+            let sumi = _mm512_add_epi32(even, odd);
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[r]);
+            let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+            let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+            acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+        }
+    }
+    for r in 0..M {
+        let min = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
+        let min = _mm_cvtss_f32(_mm_add_ss(min, _mm_shuffle_ps(min, min, 1)));
+        out[r] = _mm512_reduce_add_ps(acc[r]) - min;
+    }
+}
+
+/// The kernels this CPU can run, fastest first; the last is portable.
+fn row_kernels() -> Vec<RowKernel> {
+    let mut kernels: Vec<RowKernel> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
+        {
+            kernels.push(row_avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.push(row_avx2);
+        }
+    }
+    kernels.push(row_generic);
+    kernels
+}
+
+/// A q4k weight `[n, k]` as its stored blocks, with the bias added to its outputs.
+struct Part<'a> {
+    blocks: &'a [BlockQ4K],
+    bias: &'a [f32],
+    n: usize,
+}
+
+/// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`, at most
+/// [`MAX_ROWS`] rows), one `[.., n]` tensor each. `None` where this path does not apply (another
+/// device or dtype, a weight that is not q4k, more rows): the caller uses candle's ops.
+pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let dims = xs.dims().to_vec();
+    let Some((&k, batch)) = dims.split_last() else {
+        return Ok(None);
+    };
+    let m: usize = batch.iter().product();
+    if m == 0 || m > MAX_ROWS || k % QK_K != 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
+    for &(weight, bias) in linears {
+        match weight {
+            QMatMul::QTensor(w) if w.dtype() == GgmlDType::Q4K && w.shape().dims2()?.1 == k => {
+                if bias.dtype() != DType::F32 || bias.dims1()? != w.shape().dims2()?.0 {
+                    return Ok(None);
+                }
+                weights.push((w, bias))
+            }
+            _ => return Ok(None),
+        }
+    }
+    let datas = weights
+        .iter()
+        .map(|(w, _)| w.data())
+        .collect::<Result<Vec<Cow<[u8]>>>>()?;
+    let biases = weights
+        .iter()
+        .map(|(_, b)| b.contiguous())
+        .collect::<Result<Vec<Tensor>>>()?;
+    let bias_guards: Vec<_> = biases.iter().map(|b| b.storage_and_layout()).collect();
+    let mut parts = Vec::with_capacity(weights.len());
+    for ((data, (guard, layout)), (w, _)) in datas.iter().zip(&bias_guards).zip(&weights) {
+        let n = w.shape().dims2()?.0;
+        // SAFETY: BlockQ4K is plain bytes (`repr(C)`, no padding, any bit pattern valid).
+        let (head, blocks, tail) = unsafe { data.align_to::<BlockQ4K>() };
+        if !head.is_empty() || !tail.is_empty() || blocks.len() != n * k / QK_K {
+            return Ok(None);
+        }
+        let Storage::Cpu(cpu) = &**guard else {
+            return Ok(None);
+        };
+        let bias = &cpu.as_slice::<f32>()?[layout.start_offset()..][..n];
+        parts.push(Part { blocks, bias, n });
+    }
+
+    let xs = xs.contiguous()?;
+    let (guard, layout) = xs.storage_and_layout();
+    let Storage::Cpu(cpu) = &*guard else {
+        return Ok(None);
+    };
+    let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
+    let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
+    run(&parts, &quantized, m, &mut outs);
+    drop(guard);
+
+    outs.into_iter()
+        .zip(&parts)
+        .map(|(out, part)| {
+            let mut shape = dims.clone();
+            if let Some(last) = shape.last_mut() {
+                *last = part.n;
+            }
+            Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Every weight row of every part against the `m` rows of `x`, the rows split evenly over
+/// candle's thread pool in one parallel region.
+fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
+    static KERNEL: std::sync::OnceLock<RowKernel> = std::sync::OnceLock::new();
+    let kernel = *KERNEL.get_or_init(|| row_kernels()[0]);
+    let total: usize = parts.iter().map(|p| p.n).sum();
+    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    let per_thread = total.div_ceil(threads);
+    pool.execute(|tid| {
+        let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
+        let mut row_out = [0f32; MAX_ROWS];
+        let mut first = 0;
+        for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
+            let (lo, hi) = (start.max(first), end.min(first + part.n));
+            let kb = part.blocks.len() / part.n;
+            for row in lo.saturating_sub(first)..hi.saturating_sub(first) {
+                // SAFETY: `row_kernels` checked the CPU features of the kernel.
+                unsafe { kernel(&part.blocks[row * kb..][..kb], x, m, &mut row_out) };
+                for (r, value) in row_out[..m].iter().enumerate() {
+                    // SAFETY: every (r, row) of a part is written by exactly one thread.
+                    unsafe { *(out_ptr as *mut f32).add(r * part.n + row) = value + part.bias[row] };
+                }
+            }
+            first += part.n;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The stored-block kernels against candle's own q4k matmul on the same blocks (which
+    /// quantizes the input the same way), for one to many rows and two weights sharing the input.
+    #[test]
+    fn matches_candles_q4k_matmul() -> Result<()> {
+        let (k, n1, n2) = (512, 48, 80);
+        let dev = Device::Cpu;
+        let w1 = QTensor::quantize(
+            &Tensor::from_vec(random(n1 * k, 1), (n1, k), &dev)?,
+            GgmlDType::Q4K,
+        )?;
+        let w2 = QTensor::quantize(
+            &Tensor::from_vec(random(n2 * k, 2), (n2, k), &dev)?,
+            GgmlDType::Q4K,
+        )?;
+        let (w1, w2) = (QMatMul::from_qtensor(w1)?, QMatMul::from_qtensor(w2)?);
+        let b1 = Tensor::from_vec(random(n1, 3), n1, &dev)?;
+        let b2 = Tensor::from_vec(random(n2, 4), n2, &dev)?;
+        for m in [1, 3, MAX_ROWS] {
+            let xs = Tensor::from_vec(random(m * k, 5 + m as u64), (1, m, k), &dev)?;
+            let outs = linear_rows(&[(&w1, &b1), (&w2, &b2)], &xs)?.expect("q4k on the CPU applies");
+            for ((w, b), out) in [(&w1, &b1), (&w2, &b2)].into_iter().zip(&outs) {
+                let expected = w.forward(&xs)?.broadcast_add(b)?;
+                assert_eq!(out.dims(), expected.dims());
+                let diff = (out - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "m={m}: max difference {diff} (outputs up to {scale})"
+                );
+            }
+            // Each kernel this CPU can run, not only the one `linear_rows` picked.
+            let quantized: Vec<Q8Block> = xs
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .chunks_exact(QK_K)
+                .map(Q8Block::quantize)
+                .collect();
+            let QMatMul::QTensor(w) = &w1 else {
+                panic!("w1 is quantized")
+            };
+            let data = w.data()?;
+            // SAFETY: as in `linear_rows`; the test below fails if the blocks did not line up.
+            let (_, blocks, _) = unsafe { data.align_to::<BlockQ4K>() };
+            let expected = w1.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
+            let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (index, kernel) in row_kernels().into_iter().enumerate() {
+                let mut row = [0f32; MAX_ROWS];
+                for i in 0..n1 {
+                    // SAFETY: `row_kernels` checked the CPU features of the kernel.
+                    unsafe { kernel(&blocks[i * k / QK_K..][..k / QK_K], &quantized, m, &mut row) };
+                    for r in 0..m {
+                        let e = expected[r * n1 + i];
+                        assert!(
+                            (row[r] - e).abs() <= 1e-5 * scale,
+                            "kernel {index}, m={m}: {} vs {e}",
+                            row[r]
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn other_dtypes_and_long_inputs_are_left_to_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = QTensor::quantize(
+            &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
+            GgmlDType::Q8_0,
+        )?;
+        let w = QMatMul::from_qtensor(w)?;
+        let b = Tensor::zeros(16, DType::F32, &dev)?;
+        let xs = Tensor::zeros((1, 1, 256), DType::F32, &dev)?;
+        assert!(linear_rows(&[(&w, &b)], &xs)?.is_none());
+        let w = QMatMul::from_qtensor(QTensor::quantize(
+            &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
+            GgmlDType::Q4K,
+        )?)?;
+        let long = Tensor::zeros((1, MAX_ROWS + 1, 256), DType::F32, &dev)?;
+        assert!(linear_rows(&[(&w, &b)], &long)?.is_none());
+        assert!(linear_rows(&[(&w, &b)], &xs)?.is_some());
+        Ok(())
+    }
+}
