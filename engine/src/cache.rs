@@ -66,14 +66,19 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes `k`, `v` (`[1, kv_heads, n_new, head_dim]`) for `layer_idx` at the current length
-    /// and returns views of all positions so far. The length moves only in [`Self::advance`],
+    /// Writes `k`, `v` (`[1, kv_heads, n_new, head_dim]`, converted to the cache's dtype) for
+    /// `layer_idx` at the current length and returns views of all positions so far. The length moves only in [`Self::advance`],
     /// once every layer has appended.
     pub(crate) fn append(&self, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[layer_idx];
         let n_new = k.dim(2)?;
-        layer.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        layer.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        let dtype = layer.k.dtype();
+        layer
+            .k
+            .slice_set(&k.to_dtype(dtype)?.contiguous()?, 2, self.len)?;
+        layer
+            .v
+            .slice_set(&v.to_dtype(dtype)?.contiguous()?, 2, self.len)?;
         let total = self.len + n_new;
         Ok((layer.k.narrow(2, 0, total)?, layer.v.narrow(2, 0, total)?))
     }

@@ -18,8 +18,9 @@ fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
 
 /// Attention of one query position per head over `total` cached positions:
 /// `softmax(q·Kᵀ · scale) · V` per head, the softmax in f32 as transformers computes it.
-/// Inputs `q` `[1, heads, 1, head_dim]`, `k`/`v` `[1, heads, total, head_dim]` (views of the cache:
-/// rows contiguous, heads at any stride); output `[1, heads, 1, head_dim]`.
+/// Inputs `q` `[1, heads, 1, head_dim]` f32, `k`/`v` `[1, heads, total, head_dim]` f32 or f16
+/// (views of the cache: rows contiguous, heads at any stride; f16 is widened to f32 as it is
+/// read); output `[1, heads, 1, head_dim]` f32.
 pub(crate) struct DecodeAttention {
     pub scale: f32,
 }
@@ -38,11 +39,16 @@ impl CustomOp3 for DecodeAttention {
         v_storage: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            f32_slice(q_storage, "query")?,
-            f32_slice(k_storage, "keys")?,
-            f32_slice(v_storage, "values")?,
-        );
+        let q = f32_slice(q_storage, "query")?;
+        let cache = match (k_storage, v_storage) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => Cache::F32(k, v),
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => Cache::F16(k, v),
+            (k, v) => candle_core::bail!(
+                "decode attention: keys {:?} and values {:?}, f32 or f16 both expected",
+                k.dtype(),
+                v.dtype()
+            ),
+        };
         let (heads, head_dim) = match q_layout.dims() {
             &[1, heads, 1, head_dim] if q_layout.stride()[3] == 1 => (heads, head_dim),
             dims => candle_core::bail!(
@@ -65,17 +71,104 @@ impl CustomOp3 for DecodeAttention {
         candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
             let mut scores = vec![0f32; total];
             for h in range {
-                let k_head = &k[k_layout.start_offset() + h * k_layout.stride()[1]..][..total * head_dim];
-                let v_head = &v[v_layout.start_offset() + h * v_layout.stride()[1]..][..total * head_dim];
+                let (k_start, v_start) = (
+                    k_layout.start_offset() + h * k_layout.stride()[1],
+                    v_layout.start_offset() + h * v_layout.stride()[1],
+                );
                 // SAFETY: each head writes only its own `head_dim` outputs.
                 let out_head = unsafe {
                     std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(h * head_dim), head_dim)
                 };
                 let q_head = &q[q_layout.start_offset() + h * q_layout.stride()[1]..][..head_dim];
-                attend(q_head, k_head, v_head, self.scale, &mut scores, out_head);
+                let len = total * head_dim;
+                match cache {
+                    Cache::F32(k, v) => {
+                        let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
+                        attend(q_head, k, v, self.scale, &mut scores, out_head)
+                    }
+                    Cache::F16(k, v) => {
+                        let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
+                        attend_f16(q_head, k, v, self.scale, &mut scores, out_head)
+                    }
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((1, heads, 1, head_dim))))
+    }
+}
+
+/// The cache's storage, as [`DecodeAttention`] takes it.
+#[derive(Clone, Copy)]
+enum Cache<'a> {
+    /// Keys, values.
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [half::f16], &'a [half::f16]),
+}
+
+/// [`attend`] over an f16 cache: AVX2 with F16C widens 8 values per instruction as it reads; the
+/// fallback widens each head into a buffer first.
+fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if q.len().is_multiple_of(8)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: the features were just detected.
+        return unsafe { attend_f16_avx2(q, k, v, scale, scores, out) };
+    }
+    let widen = |xs: &[half::f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    attend_generic(q, &widen(k), &widen(v), scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_f16_avx2(
+    q: &[f32],
+    k: &[half::f16],
+    v: &[half::f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let head_dim = q.len();
+    let lanes = head_dim / 8;
+    assert!(
+        k.len() >= scores.len() * head_dim && v.len() >= scores.len() * head_dim && out.len() == head_dim
+    );
+    let widen =
+        |xs: &[half::f16], at: usize| _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i));
+    let mut max = f32::NEG_INFINITY;
+    for (t, score) in scores.iter_mut().enumerate() {
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..lanes {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.as_ptr().add(8 * c)),
+                widen(k, t * head_dim + 8 * c),
+                acc,
+            );
+        }
+        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        *score = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1))) * scale;
+        max = max.max(*score);
+    }
+    let mut sum = 0f32;
+    for score in scores.iter_mut() {
+        *score = exp(*score - max);
+        sum += *score;
+    }
+    out.fill(0.0);
+    for (t, score) in scores.iter().enumerate() {
+        let p = _mm256_set1_ps(score / sum);
+        for c in 0..lanes {
+            let o = out.as_mut_ptr().add(8 * c);
+            _mm256_storeu_ps(
+                o,
+                _mm256_fmadd_ps(p, widen(v, t * head_dim + 8 * c), _mm256_loadu_ps(o)),
+            );
+        }
     }
 }
 
@@ -219,7 +312,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor, D};
+    use candle_core::{DType, Device, Tensor, D};
 
     #[test]
     fn exp_and_gelu_match_libm() {
@@ -260,28 +353,40 @@ mod tests {
     /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity.
     #[test]
     fn decode_attention_matches_candle_on_a_cache_view() {
-        let (heads, head_dim, capacity, total) = (4, 16, 40, 29);
+        let (heads, capacity, total) = (4, 40, 29);
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, heads, 1, head_dim), &dev).expect("q");
-        let k_cache = Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev).expect("k");
-        let v_cache = Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev).expect("v");
-        let (k, v) = (
-            k_cache.narrow(2, 0, total).expect("k view"),
-            v_cache.narrow(2, 0, total).expect("v view"),
-        );
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let ours = q
-            .apply_op3_no_bwd(&k, &v, &DecodeAttention { scale })
-            .expect("op");
-        let scores = (q.matmul(&k.t().expect("kt")).expect("qk") * scale as f64).expect("scale");
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1).expect("softmax");
-        let expected = probs.matmul(&v.contiguous().expect("v")).expect("pv");
-        assert_eq!(ours.dims(), expected.dims());
-        let diff: f32 = (ours - expected)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar())
-            .expect("diff");
-        assert!(diff < 1e-5, "{diff}");
+        // An f32 cache, and an f16 one (a quantized model's), against candle's ops in f32 on the
+        // same values; a head_dim that is not a multiple of 8 takes the portable f16 path.
+        for (dtype, head_dim) in [(DType::F32, 16), (DType::F16, 16), (DType::F16, 12)] {
+            let q = Tensor::randn(0f32, 1.0, (1, heads, 1, head_dim), &dev).expect("q");
+            let cache = || {
+                Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .expect("cache")
+            };
+            let (k_cache, v_cache) = (cache(), cache());
+            let (k, v) = (
+                k_cache.narrow(2, 0, total).expect("k view"),
+                v_cache.narrow(2, 0, total).expect("v view"),
+            );
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let ours = q
+                .apply_op3_no_bwd(&k, &v, &DecodeAttention { scale })
+                .expect("op");
+            let (k, v) = (
+                k.to_dtype(DType::F32).expect("k f32"),
+                v.to_dtype(DType::F32).expect("v f32"),
+            );
+            let scores = (q.matmul(&k.t().expect("kt")).expect("qk") * scale as f64).expect("scale");
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1).expect("softmax");
+            let expected = probs.matmul(&v.contiguous().expect("v")).expect("pv");
+            assert_eq!(ours.dims(), expected.dims());
+            let diff: f32 = (ours - expected)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar())
+                .expect("diff");
+            assert!(diff < 1e-5, "{dtype:?}: {diff}");
+        }
     }
 }

@@ -187,15 +187,20 @@ impl Attention {
 
 /// `softmax(q·kᵀ/√head_dim + causal mask)·v` for the `n` new positions of `q` (`[1, heads, n,
 /// head_dim]`) after `start` cached ones, over `k`/`v` (`[1, heads, start + n, head_dim]`);
-/// returns `[1, n, heads·head_dim]`. One new position on the CPU in f32 (a decode step) runs
-/// [`DecodeAttention`]; the rest candle's ops.
+/// returns `[1, n, heads·head_dim]` in the dtype of `q`. One new position on the CPU in f32 with
+/// an f32 or f16 cache (a decode step) runs [`DecodeAttention`]; the rest candle's ops.
 pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
     let (b, heads, n_tokens, head_dim) = q.dims4()?;
     let hidden = heads * head_dim;
+    let out_dtype = q.dtype();
     // Scores and softmax in f32, as transformers upcasts them.
     let scale = 1.0 / (head_dim as f64).sqrt();
     let q = q.to_dtype(DType::F32)?;
-    if n_tokens == 1 && on_cpu_in_f32(v) {
+    if n_tokens == 1
+        && q.device().is_cpu()
+        && out_dtype == DType::F32
+        && matches!(v.dtype(), DType::F32 | DType::F16)
+    {
         let op = DecodeAttention { scale: scale as f32 };
         return Ok(q
             .contiguous()?
@@ -207,8 +212,18 @@ pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -
     if n_tokens > 1 {
         scores = scores.broadcast_add(&causal_mask(n_tokens, start, q.device())?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(v)?.transpose(1, 2)?.reshape((b, n_tokens, hidden))?)
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    // The CPU multiplies in f32 (its f16 matmul is slow); a GPU in the cache's dtype.
+    let (probs, v) = if q.device().is_cpu() {
+        (probs, v.to_dtype(DType::F32)?)
+    } else {
+        (probs.to_dtype(v.dtype())?, v.clone())
+    };
+    Ok(probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, n_tokens, hidden))?
+        .to_dtype(out_dtype)?)
 }
 
 /// `gelu_new`, the tanh approximation: [`GeluNew`] on the CPU in f32, else candle's `gelu` (the
@@ -288,6 +303,8 @@ pub struct PhiModel {
     rotary: Rotary,
     cfg: PhiConfig,
     dtype: DType,
+    /// f16 where the matmul weights are quantized ([`crate::WeightDType::kv_dtype`]).
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -304,6 +321,10 @@ impl PhiModel {
             .collect::<Result<Vec<_>>>()?;
         let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb_m.pp("final_layernorm"))?;
         let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, &vb.pp("lm_head"))?;
+        let quantized = matches!(lm_head.weight, QMatMul::QTensor(_))
+            || layers
+                .iter()
+                .any(|l| matches!(l.mlp.fc1.weight, QMatMul::QTensor(_)));
         Ok(PhiModel {
             embed_tokens,
             layers,
@@ -312,6 +333,7 @@ impl PhiModel {
             rotary: Rotary::new(cfg, src.dtype(), src.device())?,
             cfg: cfg.clone(),
             dtype: src.dtype(),
+            kv_dtype: if quantized { DType::F16 } else { src.dtype() },
             device: src.device().clone(),
         })
     }
@@ -328,10 +350,14 @@ impl PhiModel {
         self.dtype
     }
 
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     /// A cache for this model holding up to `capacity` positions (at most the model's maximum).
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let capacity = capacity.min(self.cfg.max_position_embeddings);
-        KvCache::new(&self.cfg, capacity, self.dtype, &self.device)
+        KvCache::new(&self.cfg, capacity, self.kv_dtype, &self.device)
     }
 
     /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of

@@ -306,8 +306,16 @@ pub fn attention_timings(
     let capacity = context.max(n_tokens);
     let mut caches = Vec::with_capacity(cfg.num_hidden_layers);
     for layer_idx in 0..cfg.num_hidden_layers {
-        let k = src.tensor(&format!("bench.k.{layer_idx}"), &[1, heads, capacity, head_dim])?;
-        let v = src.tensor(&format!("bench.v.{layer_idx}"), &[1, heads, capacity, head_dim])?;
+        // In the cache's dtype, as the model holds it.
+        let cache = |name: String| -> Result<Tensor> {
+            Ok(src
+                .tensor(&name, &[1, heads, capacity, head_dim])?
+                .to_dtype(dtype.kv_dtype())?)
+        };
+        let (k, v) = (
+            cache(format!("bench.k.{layer_idx}"))?,
+            cache(format!("bench.v.{layer_idx}"))?,
+        );
         caches.push((k, v));
     }
     let q_new = src.tensor("bench.q", &[1, heads, n_tokens, head_dim])?;
@@ -331,8 +339,8 @@ pub fn attention_timings(
             ms[0] += start.elapsed().as_secs_f64() * 1000.0;
 
             let start = Instant::now();
-            k_cache.slice_set(&rotated[1], 2, start_pos)?;
-            v_cache.slice_set(&k_new, 2, start_pos)?;
+            k_cache.slice_set(&rotated[1].to_dtype(k_cache.dtype())?, 2, start_pos)?;
+            v_cache.slice_set(&k_new.to_dtype(v_cache.dtype())?, 2, start_pos)?;
             let k = k_cache.narrow(2, 0, total)?;
             let v = v_cache.narrow(2, 0, total)?;
             ms[1] += start.elapsed().as_secs_f64() * 1000.0;
@@ -463,6 +471,8 @@ mod tests {
     fn logits(dtype: WeightDType, seed: u64) -> Vec<f32> {
         let cfg = small_config();
         let model = model(&cfg, dtype, &Device::Cpu, seed).expect("synthetic model builds");
+        // What `phi-lsp memory` counts for this dtype is what the model allocates.
+        assert_eq!(model.kv_dtype(), dtype.kv_dtype());
         let mut cache = model.new_cache(16).expect("cache");
         let out = model
             .forward(&[1, 5, 300, 7, 2], &mut cache, false)

@@ -59,6 +59,16 @@ impl WeightDType {
         }
     }
 
+    /// The dtype of the KV cache: f16 for quantized weights (as llama.cpp keeps it; a decode step
+    /// reads the whole cache, so half the bytes is speed), else the activation dtype.
+    pub fn kv_dtype(self) -> DType {
+        if self.quantized().is_some() {
+            DType::F16
+        } else {
+            self.activation_dtype()
+        }
+    }
+
     /// Bytes of weights a model of `cfg` holds in memory at this dtype, counting what the loader
     /// does: matmul weights and the embedding are quantized where their rows are whole blocks;
     /// norms, biases and narrow matrices stay in the activation dtype.

@@ -446,7 +446,7 @@ fn bench_dtype(
     };
 
     let ceiling = bandwidth.median * 1e9 / bytes.stored as f64;
-    let kv_read = cfg.kv_bytes_per_token(dtype.activation_dtype().size_in_bytes()) * PROMPT_TOKENS as u64;
+    let kv_read = cfg.kv_bytes_per_token(dtype.kv_dtype().size_in_bytes()) * PROMPT_TOKENS as u64;
     let mut report = json!({
         "dtype": name,
         "threads": threads,

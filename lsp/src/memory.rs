@@ -55,7 +55,7 @@ pub fn run(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
         .iter()
         .map(|&dtype| {
             let weights = dtype.weight_bytes(&cfg);
-            let kv = cfg.kv_bytes_per_token(dtype.activation_dtype().size_in_bytes());
+            let kv = cfg.kv_bytes_per_token(dtype.kv_dtype().size_in_bytes());
             let totals: serde_json::Map<String, serde_json::Value> = CONTEXTS
                 .iter()
                 .map(|&ctx| (ctx.to_string(), (weights + kv * ctx as u64).into()))

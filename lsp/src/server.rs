@@ -413,7 +413,7 @@ impl Backend {
             let device = loading::device_name(engine.model.device());
             let dtype = engine.dtype.clone();
             let cfg = engine.model.config().clone();
-            let bytes = engine.model.dtype().size_in_bytes();
+            let bytes = engine.model.kv_dtype().size_in_bytes();
             let capacity = settings.context_tokens.min(cfg.max_position_embeddings);
             let options = WorkerOptions::within_budget(&cfg, bytes, capacity, KV_BUDGET_BYTES);
             Ok((Worker::spawn(engine, options)?, device, dtype, options.max_slots))
