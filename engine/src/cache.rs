@@ -67,8 +67,8 @@ impl KvCache {
     }
 
     /// Writes `k`, `v` (`[1, kv_heads, n_new, head_dim]`, converted to the cache's dtype) for
-    /// `layer_idx` at the current length and returns views of all positions so far. The length moves only in [`Self::advance`],
-    /// once every layer has appended.
+    /// `layer_idx` at the current length and returns views of all positions so far. The length
+    /// moves only in [`Self::advance`], once every layer has appended.
     pub(crate) fn append(&self, layer_idx: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[layer_idx];
         let n_new = k.dim(2)?;
