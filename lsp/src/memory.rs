@@ -70,7 +70,7 @@ pub fn run(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
         return Ok(());
     }
     let mut out = format!(
-        "{} ({} parameters; from {source})\nweights + the KV cache of one slot; quantized dtypes keep norms and biases in f32\n\n{:<6} {:>10} {:>10} {:>12} {:>12} {:>12}\n",
+        "{} ({} parameters; from {source})\nweights + the KV cache of one slot; quantized dtypes keep norms and biases in f32, the KV cache in f16\n\n{:<6} {:>10} {:>10} {:>12} {:>12} {:>12}\n",
         model.model,
         cfg.n_params(),
         "dtype",
