@@ -16,13 +16,20 @@ fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// Attention of one query position per head over `total` cached positions:
+/// Attention of the `n` newest positions (a decode step, a keystroke's few tokens) per head over
+/// the `total` cached ones, causal: query `i` sees keys `0..total - n + i + 1`.
 /// `softmax(q·Kᵀ · scale) · V` per head, the softmax in f32 as transformers computes it.
-/// Inputs `q` `[1, heads, 1, head_dim]` f32, `k`/`v` `[1, heads, total, head_dim]` f32 or f16
-/// (views of the cache: rows contiguous, heads at any stride; f16 is widened to f32 as it is
-/// read); output `[1, heads, 1, head_dim]` f32.
+/// Inputs `q` `[1, heads, n, head_dim]` f32 (rows contiguous), `k`/`v` `[1, heads, total,
+/// head_dim]` f32 or f16 (views of the cache: rows contiguous, heads at any stride; f16 is widened
+/// to f32 as it is read); output `[1, n, heads·head_dim]` f32, the layout the dense layer takes.
 pub(crate) struct DecodeAttention {
     pub scale: f32,
+}
+
+impl DecodeAttention {
+    /// Most new positions the model sends here: each query reads its head's cache again, which
+    /// suits a few (a keystroke's tokens) and not a prefill chunk, where candle's matmuls win.
+    pub const MAX_QUERIES: usize = 31;
 }
 
 impl CustomOp3 for DecodeAttention {
@@ -49,14 +56,19 @@ impl CustomOp3 for DecodeAttention {
                 v.dtype()
             ),
         };
-        let (heads, head_dim) = match q_layout.dims() {
-            &[1, heads, 1, head_dim] if q_layout.stride()[3] == 1 => (heads, head_dim),
+        let (heads, n, head_dim) = match q_layout.dims() {
+            &[1, heads, n, head_dim] if q_layout.stride()[3] == 1 && q_layout.stride()[2] == head_dim => {
+                (heads, n, head_dim)
+            }
             dims => candle_core::bail!(
-                "decode attention: query {dims:?} / {:?} is not [1, heads, 1, head_dim]",
+                "decode attention: query {dims:?} / {:?} is not [1, heads, n, head_dim] with rows contiguous",
                 q_layout.stride()
             ),
         };
         let total = k_layout.dims()[2];
+        if n == 0 || n > total {
+            candle_core::bail!("decode attention: {n} queries over {total} positions");
+        }
         for (name, layout) in [("keys", k_layout), ("values", v_layout)] {
             let stride = layout.stride();
             if layout.dims() != [1, heads, total, head_dim] || stride[3] != 1 || stride[2] != head_dim {
@@ -66,7 +78,8 @@ impl CustomOp3 for DecodeAttention {
                 );
             }
         }
-        let mut out = vec![0f32; heads * head_dim];
+        let hidden = heads * head_dim;
+        let mut out = vec![0f32; n * hidden];
         let out_ptr = out.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
             let mut scores = vec![0f32; total];
@@ -75,25 +88,32 @@ impl CustomOp3 for DecodeAttention {
                     k_layout.start_offset() + h * k_layout.stride()[1],
                     v_layout.start_offset() + h * v_layout.stride()[1],
                 );
-                // SAFETY: each head writes only its own `head_dim` outputs.
-                let out_head = unsafe {
-                    std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(h * head_dim), head_dim)
-                };
-                let q_head = &q[q_layout.start_offset() + h * q_layout.stride()[1]..][..head_dim];
-                let len = total * head_dim;
-                match cache {
-                    Cache::F32(k, v) => {
-                        let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                        attend(q_head, k, v, self.scale, &mut scores, out_head)
-                    }
-                    Cache::F16(k, v) => {
-                        let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                        attend_f16(q_head, k, v, self.scale, &mut scores, out_head)
+                for i in 0..n {
+                    // SAFETY: each (query, head) writes only its own `head_dim` outputs.
+                    let out_row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (out_ptr as *mut f32).add(i * hidden + h * head_dim),
+                            head_dim,
+                        )
+                    };
+                    let q_row =
+                        &q[q_layout.start_offset() + h * q_layout.stride()[1] + i * head_dim..][..head_dim];
+                    let seen = total - n + i + 1;
+                    let (len, scores) = (seen * head_dim, &mut scores[..seen]);
+                    match cache {
+                        Cache::F32(k, v) => {
+                            let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
+                            attend(q_row, k, v, self.scale, scores, out_row)
+                        }
+                        Cache::F16(k, v) => {
+                            let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
+                            attend_f16(q_row, k, v, self.scale, scores, out_row)
+                        }
                     }
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((1, heads, 1, head_dim))))
+        Ok((CpuStorage::F32(out), Shape::from((1, n, hidden))))
     }
 }
 
@@ -355,10 +375,17 @@ mod tests {
     fn decode_attention_matches_candle_on_a_cache_view() {
         let (heads, capacity, total) = (4, 40, 29);
         let dev = Device::Cpu;
-        // An f32 cache, and an f16 one (a quantized model's), against candle's ops in f32 on the
-        // same values; a head_dim that is not a multiple of 8 takes the portable f16 path.
-        for (dtype, head_dim) in [(DType::F32, 16), (DType::F16, 16), (DType::F16, 12)] {
-            let q = Tensor::randn(0f32, 1.0, (1, heads, 1, head_dim), &dev).expect("q");
+        // An f32 cache, and an f16 one (a quantized model's), against candle's masked attention in
+        // f32 on the same values, for one new position and for three; a head_dim that is not a
+        // multiple of 8 takes the portable f16 path.
+        for (dtype, head_dim, n) in [
+            (DType::F32, 16, 1),
+            (DType::F32, 16, 3),
+            (DType::F16, 16, 1),
+            (DType::F16, 16, 3),
+            (DType::F16, 12, 3),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (1, heads, n, head_dim), &dev).expect("q");
             let cache = || {
                 Tensor::randn(0f32, 1.0, (1, heads, capacity, head_dim), &dev)
                     .and_then(|t| t.to_dtype(dtype))
@@ -377,16 +404,23 @@ mod tests {
                 k.to_dtype(DType::F32).expect("k f32"),
                 v.to_dtype(DType::F32).expect("v f32"),
             );
-            let scores = (q.matmul(&k.t().expect("kt")).expect("qk") * scale as f64).expect("scale");
+            let mask = crate::model::causal_mask(n, total - n, &dev).expect("mask");
+            let scores = (q.matmul(&k.t().expect("kt")).expect("qk") * scale as f64)
+                .and_then(|s| s.broadcast_add(&mask))
+                .expect("scores");
             let probs = candle_nn::ops::softmax(&scores, D::Minus1).expect("softmax");
-            let expected = probs.matmul(&v.contiguous().expect("v")).expect("pv");
+            let expected = probs
+                .matmul(&v.contiguous().expect("v"))
+                .and_then(|o| o.transpose(1, 2))
+                .and_then(|o| o.reshape((1, n, heads * head_dim)))
+                .expect("pv");
             assert_eq!(ours.dims(), expected.dims());
             let diff: f32 = (ours - expected)
                 .and_then(|d| d.abs())
                 .and_then(|d| d.max_all())
                 .and_then(|d| d.to_scalar())
                 .expect("diff");
-            assert!(diff < 1e-5, "{dtype:?}: {diff}");
+            assert!(diff < 1e-5, "{dtype:?}, head_dim {head_dim}, {n} queries: {diff}");
         }
     }
 }

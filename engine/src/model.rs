@@ -187,8 +187,9 @@ impl Attention {
 
 /// `softmax(q·kᵀ/√head_dim + causal mask)·v` for the `n` new positions of `q` (`[1, heads, n,
 /// head_dim]`) after `start` cached ones, over `k`/`v` (`[1, heads, start + n, head_dim]`);
-/// returns `[1, n, heads·head_dim]` in the dtype of `q`. One new position on the CPU in f32 with
-/// an f32 or f16 cache (a decode step) runs [`DecodeAttention`]; the rest candle's ops.
+/// returns `[1, n, heads·head_dim]` in the dtype of `q`. Up to [`DecodeAttention::MAX_QUERIES`]
+/// new positions on the CPU in f32 with an f32 or f16 cache (a decode step, a keystroke) run
+/// [`DecodeAttention`]; the rest (prefill chunks, other devices) candle's ops.
 pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
     let (b, heads, n_tokens, head_dim) = q.dims4()?;
     let hidden = heads * head_dim;
@@ -196,16 +197,13 @@ pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -
     // Scores and softmax in f32, as transformers upcasts them.
     let scale = 1.0 / (head_dim as f64).sqrt();
     let q = q.to_dtype(DType::F32)?;
-    if n_tokens == 1
+    if n_tokens <= DecodeAttention::MAX_QUERIES
         && q.device().is_cpu()
         && out_dtype == DType::F32
         && matches!(v.dtype(), DType::F32 | DType::F16)
     {
         let op = DecodeAttention { scale: scale as f32 };
-        return Ok(q
-            .contiguous()?
-            .apply_op3_no_bwd(k, v, &op)?
-            .reshape((b, 1, hidden))?);
+        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &op)?);
     }
     let k = k.to_dtype(DType::F32)?;
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
