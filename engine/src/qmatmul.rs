@@ -134,22 +134,31 @@ fn row_generic(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
     }
 }
 
+/// A [`RowKernel`] body: the `m` activation rows in groups of up to four, each group through
+/// `$rows::<M>` (which unpacks the weights once for its `M` rows).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups_of_four {
+    ($rows:ident, $w:expr, $x:expr, $m:expr, $out:expr) => {{
+        let (w, x, m, out) = ($w, $x, $m, $out);
+        let kb = w.len();
+        let mut r = 0;
+        while r < m {
+            let (x, out) = (&x[r * kb..], &mut out[r..]);
+            match m - r {
+                1 => $rows::<1>(w, x, out),
+                2 => $rows::<2>(w, x, out),
+                3 => $rows::<3>(w, x, out),
+                _ => $rows::<4>(w, x, out),
+            }
+            r += 4;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
-    let kb = w.len();
-    let mut r = 0;
-    while r < m {
-        let x = &x[r * kb..];
-        let out = &mut out[r..];
-        match m - r {
-            1 => rows_avx2::<1>(w, x, out),
-            2 => rows_avx2::<2>(w, x, out),
-            3 => rows_avx2::<3>(w, x, out),
-            _ => rows_avx2::<4>(w, x, out),
-        }
-        r += 4;
-    }
+    in_groups_of_four!(rows_avx2, w, x, m, out)
 }
 
 /// [`row_avx2`] for `M` activation rows, ggml's `q4_K·q8_K` AVX2 dot product widened to `M` rows
@@ -208,19 +217,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn row_avx512(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
-    let kb = w.len();
-    let mut r = 0;
-    while r < m {
-        let x = &x[r * kb..];
-        let out = &mut out[r..];
-        match m - r {
-            1 => rows_avx512::<1>(w, x, out),
-            2 => rows_avx512::<2>(w, x, out),
-            3 => rows_avx512::<3>(w, x, out),
-            _ => rows_avx512::<4>(w, x, out),
-        }
-        r += 4;
-    }
+    in_groups_of_four!(rows_avx512, w, x, m, out)
 }
 
 /// [`rows_avx2`] on 512-bit registers: each holds two sub-blocks (64 stored bytes, one nibble
