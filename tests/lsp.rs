@@ -269,19 +269,10 @@ fn typing_reuses_the_cache_and_types_through() {
         // Insert the character at the end (an incremental edit), then ask at the new end.
         let (line, col) = end_of(&text);
         version += 1;
-        client.notify(
-            "textDocument/didChange",
-            json!({"textDocument": {"uri": uri, "version": version},
-                   "contentChanges": [{"range": {"start": {"line": line, "character": col},
-                                                  "end": {"line": line, "character": col}}, "text": ch.to_string()}]}),
-        );
+        client.insert(uri, version, line, col, &ch.to_string());
         text.push(ch);
         let (line, col) = end_of(&text);
-        let result = client.request(
-            "textDocument/inlineCompletion",
-            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}),
-        );
-        let got = inline_text(&result);
+        let got = inline_text(&client.inline(uri, line, col));
         let last = client.status()["last"].clone();
         if last["stop"] == "typed-through" {
             typed_through += 1;
@@ -339,11 +330,7 @@ fn accepting_a_suggestion_is_answered_from_the_speculation() {
     let (mut version, mut speculated) = (1, 0);
     for round in 0..3 {
         let (line, col) = end_of(&text);
-        let result = client.request(
-            "textDocument/inlineCompletion",
-            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 2}}),
-        );
-        let got = inline_text(&result);
+        let got = inline_text(&client.inline(uri, line, col));
         let last = client.status()["last"].clone();
         assert_eq!(
             got,
@@ -366,12 +353,7 @@ fn accepting_a_suggestion_is_answered_from_the_speculation() {
         // Idle until the next suggestion is ready, then accept this one.
         client.wait_status("the speculation", |status| status["speculation"] == "ready");
         version += 1;
-        client.notify(
-            "textDocument/didChange",
-            json!({"textDocument": {"uri": uri, "version": version},
-                   "contentChanges": [{"range": {"start": {"line": line, "character": col},
-                                                  "end": {"line": line, "character": col}}, "text": suggestion}]}),
-        );
+        client.insert(uri, version, line, col, &suggestion);
         text.push_str(&suggestion);
     }
     assert!(speculated >= 1, "no answer came from a speculation");

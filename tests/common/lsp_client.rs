@@ -322,12 +322,29 @@ impl LspClient {
         );
     }
 
+    /// Sends `text` inserted at (line, character) as a `textDocument/didChange`.
+    pub fn insert(&mut self, uri: &str, version: i32, line: u32, character: u32, text: &str) {
+        let at = json!({"line": line, "character": character});
+        self.change(
+            uri,
+            version,
+            json!([{"range": {"start": at, "end": at}, "text": text}]),
+        );
+    }
+
     /// Sends `textDocument/inlineCompletion` at (line, character) without waiting.
     pub fn inline_async(&mut self, uri: &str, line: u32, character: u32) -> i64 {
         self.request_async(
             "textDocument/inlineCompletion",
-            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-                   "context": {"triggerKind": 2}}),
+            inline_params(uri, line, character),
+        )
+    }
+
+    /// `textDocument/inlineCompletion` at (line, character): its `result`.
+    pub fn inline(&mut self, uri: &str, line: u32, character: u32) -> Value {
+        self.request(
+            "textDocument/inlineCompletion",
+            inline_params(uri, line, character),
         )
     }
 
@@ -363,4 +380,10 @@ impl Drop for LspClient {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An automatic (`triggerKind` 2) inline completion request at (line, character).
+fn inline_params(uri: &str, line: u32, character: u32) -> Value {
+    json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+           "context": {"triggerKind": 2}})
 }
