@@ -360,9 +360,8 @@ impl PhiModel {
 
     /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of
     /// a first forward happens before the user's first keystroke: candle lays quantized weights
-    /// out again for its kernels on first use (q8_0 for single rows; on CPUs with AMX q4k for 32
-    /// rows or more — fewer q4k rows read the stored blocks, [`crate::qmatmul`]), which takes
-    /// seconds for Phi-1.
+    /// out again for its kernels on first use (q8_0; q4k only for 32 rows or more on CPUs without
+    /// AMX — the rest reads the stored blocks, [`crate::qmatmul`]), which takes seconds for Phi-1.
     pub fn warm_up(&self) -> Result<()> {
         let n = 32.min(self.cfg.max_position_embeddings.saturating_sub(1));
         if n == 0 {

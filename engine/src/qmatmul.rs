@@ -1,11 +1,11 @@
-//! q4k matmuls for a few activation rows (a decode step, a keystroke's new tokens) read straight
-//! from the stored GGUF blocks. candle 0.11 lays every q4k weight out again for these shapes
-//! (16-row tiles with the scales widened to f32: 1.33× the bytes, read on every token, and a second
-//! copy of the model in memory); decoding is bound by the bytes read per token, so reading the
-//! stored 144-byte blocks is leaner, and with the next point faster. Several weights that share one
-//! input (a layer's q, k, v and fc1) run in one pass over one quantized input, and the bias is
-//! added on the way out. CPU, f32 activations; AVX-512 VNNI or AVX2+FMA by runtime detection, with
-//! a portable fallback.
+//! q4k matmuls read straight from the stored GGUF blocks. For a few activation rows (a decode
+//! step, a keystroke's new tokens) candle 0.11 lays every q4k weight out again (16-row tiles with
+//! the scales widened to f32: 1.33× the bytes, read on every token, and a second copy of the model
+//! in memory); decoding is bound by the bytes read per token, so reading the stored 144-byte blocks
+//! is leaner, and with the next point faster. Several weights that share one input (a layer's q, k,
+//! v and fc1) run in one pass over one quantized input, and the bias is added on the way out. CPU,
+//! f32 activations; AVX-512 VNNI or AVX2+FMA by runtime detection, with a portable fallback; many
+//! rows (prefill) on AMX tiles where the CPU has them ([`amx`]).
 
 use std::borrow::Cow;
 
@@ -14,10 +14,13 @@ use candle_core::{DType, Storage, Tensor};
 
 type Result<T> = candle_core::Result<T>;
 
-/// Most activation rows [`linear_rows`] takes. Per row this kernel does more work than candle's
-/// tiles (it matches them at 1–3 rows, takes ~1.3× the time at 8 and ~2× at 31), but below 32 rows
-/// candle would build its tiled copy of every weight (a gigabyte for Phi-1, seconds on first use);
-/// from 32 rows on candle's AMX kernel runs (where the CPU has it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
+
+/// Most activation rows the row kernels take. Per row they do more work than candle's tiles (they
+/// match them at 1–3 rows, take ~1.3× the time at 8 and ~2× at 31), but below 32 rows candle would
+/// build its tiled copy of every weight (a gigabyte for Phi-1, seconds on first use). More rows go
+/// to [`amx`] where the CPU has it, else to candle's kernels.
 pub(crate) const MAX_ROWS: usize = 31;
 
 const QK_K: usize = 256;
@@ -309,16 +312,16 @@ struct Part<'a> {
     n: usize,
 }
 
-/// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`, at most
-/// [`MAX_ROWS`] rows), one `[.., n]` tensor each. `None` where this path does not apply (another
-/// device or dtype, a weight that is not q4k, more rows): the caller uses candle's ops.
+/// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
+/// tensor each. `None` where this path does not apply (another device or dtype, a weight that is
+/// not q4k, more than [`MAX_ROWS`] rows without AMX): the caller uses candle's ops.
 pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((&k, batch)) = dims.split_last() else {
         return Ok(None);
     };
     let m: usize = batch.iter().product();
-    if m == 0 || m > MAX_ROWS || k % QK_K != 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+    if m == 0 || k % QK_K != 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
         return Ok(None);
     }
     let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
@@ -365,7 +368,18 @@ pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Resul
     let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
     let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
-    run(&parts, &quantized, m, &mut outs);
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let amx = m >= amx::MIN_ROWS && amx::available() && amx::fits(&parts);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let amx = false;
+    if amx {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        amx::run(&parts, &quantized, m, &mut outs);
+    } else if m <= MAX_ROWS {
+        run(&parts, &quantized, m, &mut outs);
+    } else {
+        return Ok(None);
+    }
     drop(guard);
 
     outs.into_iter()
@@ -445,9 +459,17 @@ mod tests {
         let (w1, w2) = (QMatMul::from_qtensor(w1)?, QMatMul::from_qtensor(w2)?);
         let b1 = Tensor::from_vec(random(n1, 3), n1, &dev)?;
         let b2 = Tensor::from_vec(random(n2, 4), n2, &dev)?;
-        for m in [1, 3, MAX_ROWS] {
+        for m in [1, 3, 16, MAX_ROWS, 40, 128] {
             let xs = Tensor::from_vec(random(m * k, 5 + m as u64), (1, m, k), &dev)?;
-            let outs = linear_rows(&[(&w1, &b1), (&w2, &b2)], &xs)?.expect("q4k on the CPU applies");
+            let outs = linear_rows(&[(&w1, &b1), (&w2, &b2)], &xs)?;
+            let Some(outs) = outs else {
+                assert!(
+                    m > MAX_ROWS && !amx_available(),
+                    "q4k on the CPU applies for m={m}"
+                );
+                eprintln!("no AMX here: {m} rows are left to candle");
+                continue;
+            };
             for ((w, b), out) in [(&w1, &b1), (&w2, &b2)].into_iter().zip(&outs) {
                 let expected = w.forward(&xs)?.broadcast_add(b)?;
                 assert_eq!(out.dims(), expected.dims());
@@ -458,7 +480,10 @@ mod tests {
                     "m={m}: max difference {diff} (outputs up to {scale})"
                 );
             }
-            // Each kernel this CPU can run, not only the one `linear_rows` picked.
+            if m > MAX_ROWS {
+                continue;
+            }
+            // Each row kernel this CPU can run, not only the one `linear_rows` picked.
             let quantized: Vec<Q8Block> = xs
                 .flatten_all()?
                 .to_vec1::<f32>()?
@@ -508,8 +533,23 @@ mod tests {
             GgmlDType::Q4K,
         )?)?;
         let long = Tensor::zeros((1, MAX_ROWS + 1, 256), DType::F32, &dev)?;
+        assert_eq!(linear_rows(&[(&w, &b)], &long)?.is_some(), amx_available());
+        assert!(linear_rows(&[(&w, &b)], &xs)?.is_some());
+        // AMX takes weights in whole tiles of 16 rows.
+        let w = QMatMul::from_qtensor(QTensor::quantize(
+            &Tensor::from_vec(random(24 * 256, 1), (24, 256), &dev)?,
+            GgmlDType::Q4K,
+        )?)?;
+        let b = Tensor::zeros(24, DType::F32, &dev)?;
         assert!(linear_rows(&[(&w, &b)], &long)?.is_none());
         assert!(linear_rows(&[(&w, &b)], &xs)?.is_some());
         Ok(())
+    }
+
+    fn amx_available() -> bool {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        return amx::available();
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
     }
 }
