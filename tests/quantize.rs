@@ -72,11 +72,10 @@ fn generate_on_load(dtype: &str, prompt: &str) -> Vec<u32> {
     ids(&json, "tokens")
 }
 
-/// Other types run and stay close. The fixture is 64 wide: q4k quantizes only the 256-wide fc2
-/// rows, the embedding stays f32 as when quantizing on load, so the two are the same model; a
-/// q8_0 file also quantizes the embedding (as llama.cpp's do), so it is held to transformers'
-/// first tokens only (the random fixture's top-1 margins go down to 0.024); f16 and bf16 files
-/// run in f32 and keep every token.
+/// Other types run and stay close. q4k and q8_0 files hold the blocks quantizing on load makes
+/// (the fixture is 64 wide: q4k quantizes only the 256-wide fc2 rows), so they give its tokens;
+/// q8_0 is also held to transformers' first token, up to what q8_0 moves the logits; f16 and bf16
+/// files run in f32 and keep every token.
 #[test]
 fn quantized_ggufs_generate_close_to_the_reference() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -90,7 +89,26 @@ fn quantized_ggufs_generate_close_to_the_reference() {
             let expected = reference.expected_tokens(case);
             match dtype {
                 "q4k" => assert_eq!(tokens, generate_on_load("q4k", &case.prompt), "{:?}", case.prompt),
-                "q8_0" => assert_eq!(tokens[..4], expected[..4], "{:?}", case.prompt),
+                "q8_0" => {
+                    assert_eq!(
+                        tokens,
+                        generate_on_load("q8_0", &case.prompt),
+                        "{:?}",
+                        case.prompt
+                    );
+                    // q8_0 moves this fixture's logits by up to 0.17 (measured at every prompt
+                    // position against transformers), so where transformers' best two are closer
+                    // than twice that (its smallest margin is 0.024) either may come first.
+                    let last = case.logits.last().expect("logits");
+                    let best = last.iter().copied().fold(f32::MIN, f32::max);
+                    let margin = best - last[tokens[0] as usize];
+                    assert!(
+                        margin <= 0.34,
+                        "{:?}: first token {} is {margin} below the best",
+                        case.prompt,
+                        tokens[0]
+                    );
+                }
                 _ => assert_eq!(tokens, expected, "{dtype} {:?}", case.prompt),
             }
             same += tokens.iter().zip(&expected).take_while(|(a, b)| a == b).count();

@@ -9,21 +9,18 @@ use crate::cache::KvCache;
 use crate::config::PhiConfig;
 use crate::error::Result;
 use crate::kernels::{DecodeAttention, GeluNew};
+use crate::qmatmul::Weight;
 
 /// A linear layer with bias whose weight is dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Tensor,
 }
 
 impl Linear {
-    pub fn new(weight: QMatMul, bias: Tensor) -> Self {
-        Linear { weight, bias }
-    }
-
     fn load(in_dim: usize, out_dim: usize, vb: &Vb) -> Result<Self> {
-        let weight = vb.src.matmul_weight(&vb.name("weight"), out_dim, in_dim)?;
+        let weight = Weight::new(vb.src.matmul_weight(&vb.name("weight"), out_dim, in_dim)?)?;
         let bias = vb.get(&[out_dim], "bias")?;
         Ok(Linear { weight, bias })
     }
@@ -32,21 +29,24 @@ impl Linear {
         let mut outs = linear(&[(&self.weight, &self.bias)], xs)?;
         Ok(outs.remove(0))
     }
-
-    pub fn weight(&self) -> &QMatMul {
-        &self.weight
-    }
 }
 
-/// `xs · wᵀ + bias` for each `(w, bias)` on one input: q4k weights and a few rows on the CPU in one
-/// pass over their stored blocks ([`crate::qmatmul`]), the rest through candle.
-pub(crate) fn linear(layers: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Result<Vec<Tensor>> {
+/// `xs · wᵀ + bias` for each `(w, bias)` on one input: quantized weights on the CPU through
+/// [`crate::qmatmul`] (several sharing the input in one pass), the rest through candle.
+pub(crate) fn linear(layers: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Vec<Tensor>> {
     if let Some(outs) = crate::qmatmul::linear_rows(layers, xs)? {
         return Ok(outs);
     }
     layers
         .iter()
-        .map(|(weight, bias)| Ok(weight.forward(xs)?.broadcast_add(bias)?))
+        .map(|(weight, bias)| match weight {
+            Weight::Candle(weight) => Ok(weight.forward(xs)?.broadcast_add(bias)?),
+            Weight::Q8_0(_) => Err(crate::EngineError::Request(format!(
+                "repacked q8_0 weights need f32 activations on the CPU, got {:?} on {:?}",
+                xs.dtype(),
+                xs.device()
+            ))),
+        })
         .collect()
 }
 
@@ -319,10 +319,8 @@ impl PhiModel {
             .collect::<Result<Vec<_>>>()?;
         let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb_m.pp("final_layernorm"))?;
         let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, &vb.pp("lm_head"))?;
-        let quantized = matches!(lm_head.weight, QMatMul::QTensor(_))
-            || layers
-                .iter()
-                .any(|l| matches!(l.mlp.fc1.weight, QMatMul::QTensor(_)));
+        let quantized =
+            lm_head.weight.is_quantized() || layers.iter().any(|l| l.mlp.fc1.weight.is_quantized());
         Ok(PhiModel {
             embed_tokens,
             layers,
@@ -359,9 +357,9 @@ impl PhiModel {
     }
 
     /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of
-    /// a first forward happens before the user's first keystroke: candle lays quantized weights
-    /// out again for its kernels on first use (q8_0; q4k only for 32 rows or more on CPUs without
-    /// AMX — the rest reads the stored blocks, [`crate::qmatmul`]), which takes seconds for Phi-1.
+    /// a first forward happens before the user's first keystroke: where [`crate::qmatmul`]'s
+    /// kernels do not run (q8_0 without AVX-512 VNNI, q4k prefill without AMX) candle lays
+    /// quantized weights out again for its kernels on first use, which takes seconds for Phi-1.
     pub fn warm_up(&self) -> Result<()> {
         let n = 32.min(self.cfg.max_position_embeddings.saturating_sub(1));
         if n == 0 {

@@ -1,13 +1,16 @@
-//! q4k matmuls read straight from the stored GGUF blocks. For a few activation rows (a decode
-//! step, a keystroke's new tokens) candle 0.11 lays every q4k weight out again (16-row tiles with
-//! the scales widened to f32: 1.33× the bytes, read on every token, and a second copy of the model
-//! in memory); decoding is bound by the bytes read per token, so reading the stored 144-byte blocks
-//! is leaner, and with the next point faster. Several weights that share one input (a layer's q, k,
-//! v and fc1) run in one pass over one quantized input, and the bias is added on the way out. CPU,
-//! f32 activations; AVX-512 VNNI or AVX2+FMA by runtime detection, with a portable fallback; many
-//! rows (prefill) on AMX tiles where the CPU has them ([`amx`]).
+//! Quantized matmuls on the CPU without candle's copies of the weights. q4k is read straight from
+//! the stored GGUF blocks: for a few activation rows (a decode step, a keystroke's new tokens)
+//! candle 0.11 lays every q4k weight out again (16-row tiles with the scales widened to f32: 1.33×
+//! the bytes, read on every token, and a second copy of the model in memory); decoding is bound by
+//! the bytes read per token, so reading the stored 144-byte blocks is leaner, and with the next
+//! point faster. Several weights that share one input (a layer's q, k, v and fc1) run in one pass
+//! over one quantized input, and the bias is added on the way out. CPU, f32 activations; AVX-512
+//! VNNI or AVX2+FMA by runtime detection, with a portable fallback; many rows (prefill) on AMX
+//! tiles where the CPU has them ([`amx`]). q8_0 is repacked at load into tiles of the same size
+//! that replace the stored blocks ([`q8_0`]).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Storage, Tensor};
@@ -16,6 +19,33 @@ type Result<T> = candle_core::Result<T>;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
+mod q8_0;
+
+/// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
+/// or q8_0 repacked into [`q8_0::Packed`] tiles where this CPU runs their kernels.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    Candle(QMatMul),
+    Q8_0(Arc<q8_0::Packed>),
+}
+
+impl Weight {
+    pub(crate) fn new(weight: QMatMul) -> Result<Weight> {
+        if let QMatMul::QTensor(w) = &weight {
+            let (n, k) = w.shape().dims2()?;
+            if w.dtype() == GgmlDType::Q8_0 && w.device().is_cpu() && q8_0::Packed::supported(n, k) {
+                if let Some(packed) = q8_0::Packed::new(&w.data()?, n, k) {
+                    return Ok(Weight::Q8_0(Arc::new(packed)));
+                }
+            }
+        }
+        Ok(Weight::Candle(weight))
+    }
+
+    pub(crate) fn is_quantized(&self) -> bool {
+        !matches!(self, Weight::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_)))
+    }
+}
 
 /// Most activation rows the row kernels take. Per row they do more work than candle's tiles (they
 /// match them at 1–3 rows, take ~1.3× the time at 8 and ~2× at 31), but below 32 rows candle would
@@ -315,7 +345,7 @@ struct Part<'a> {
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
 /// tensor each. `None` where this path does not apply (another device or dtype, a weight that is
 /// not q4k, more than [`MAX_ROWS`] rows without AMX): the caller uses candle's ops.
-pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
+pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((&k, batch)) = dims.split_last() else {
         return Ok(None);
@@ -324,10 +354,15 @@ pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Resul
     if m == 0 || k % QK_K != 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
         return Ok(None);
     }
+    if let Some((Weight::Q8_0(_), _)) = linears.first() {
+        return linear_q8_0(linears, xs, &dims).map(Some);
+    }
     let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
     for &(weight, bias) in linears {
         match weight {
-            QMatMul::QTensor(w) if w.dtype() == GgmlDType::Q4K && w.shape().dims2()?.1 == k => {
+            Weight::Candle(QMatMul::QTensor(w))
+                if w.dtype() == GgmlDType::Q4K && w.shape().dims2()?.1 == k =>
+            {
                 if bias.dtype() != DType::F32 || bias.dims1()? != w.shape().dims2()?.0 {
                     return Ok(None);
                 }
@@ -382,17 +417,53 @@ pub(crate) fn linear_rows(linears: &[(&QMatMul, &Tensor)], xs: &Tensor) -> Resul
     }
     drop(guard);
 
+    outputs(outs, parts.iter().map(|p| p.n), &dims).map(Some)
+}
+
+/// [`linear_rows`] for weights that are all [`Weight::Q8_0`]: any number of rows.
+fn linear_q8_0(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
+    let k = dims[dims.len() - 1];
+    let m = xs.elem_count() / k;
+    let biases = linears
+        .iter()
+        .map(|(_, b)| b.contiguous())
+        .collect::<Result<Vec<Tensor>>>()?;
+    let bias_data = biases
+        .iter()
+        .map(|b| b.to_vec1::<f32>())
+        .collect::<Result<Vec<_>>>()?;
+    let mut parts = Vec::with_capacity(linears.len());
+    for ((weight, _), bias) in linears.iter().zip(&bias_data) {
+        match weight {
+            Weight::Q8_0(w) if w.k == k && bias.len() == w.n => parts.push((&**w, &bias[..])),
+            _ => candle_core::bail!("q8_0 tiles and other weights on one input, or shapes that differ"),
+        }
+    }
+    let input = xs.flatten_all()?.to_vec1::<f32>()?;
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|(w, _)| vec![0f32; m * w.n]).collect();
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if m >= amx::MIN_ROWS && amx::available() {
+        let x = q8_0::Input::quantize(&input, m.next_multiple_of(q8_0::TILE), k);
+        amx::run_q8_0(&parts, &x, m, &mut outs);
+        return outputs(outs, parts.iter().map(|(w, _)| w.n), dims);
+    }
+    let x = q8_0::Input::quantize(&input, m, k);
+    q8_0::run(&parts, &x, m, &mut outs);
+    outputs(outs, parts.iter().map(|(w, _)| w.n), dims)
+}
+
+/// Each `[m·n]` output as a tensor of `dims` with its last dimension `n`.
+fn outputs(outs: Vec<Vec<f32>>, ns: impl Iterator<Item = usize>, dims: &[usize]) -> Result<Vec<Tensor>> {
     outs.into_iter()
-        .zip(&parts)
-        .map(|(out, part)| {
-            let mut shape = dims.clone();
+        .zip(ns)
+        .map(|(out, n)| {
+            let mut shape = dims.to_vec();
             if let Some(last) = shape.last_mut() {
-                *last = part.n;
+                *last = n;
             }
             Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
         })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+        .collect()
 }
 
 /// Every weight row of every part against the `m` rows of `x`, the rows split evenly over
@@ -461,7 +532,8 @@ mod tests {
         let b2 = Tensor::from_vec(random(n2, 4), n2, &dev)?;
         for m in [1, 3, 16, MAX_ROWS, 40, 128] {
             let xs = Tensor::from_vec(random(m * k, 5 + m as u64), (1, m, k), &dev)?;
-            let outs = linear_rows(&[(&w1, &b1), (&w2, &b2)], &xs)?;
+            let (c1, c2) = (Weight::Candle(w1.clone()), Weight::Candle(w2.clone()));
+            let outs = linear_rows(&[(&c1, &b1), (&c2, &b2)], &xs)?;
             let Some(outs) = outs else {
                 assert!(
                     m > MAX_ROWS && !amx_available(),
@@ -527,22 +599,99 @@ mod tests {
         let w = QMatMul::from_qtensor(w)?;
         let b = Tensor::zeros(16, DType::F32, &dev)?;
         let xs = Tensor::zeros((1, 1, 256), DType::F32, &dev)?;
-        assert!(linear_rows(&[(&w, &b)], &xs)?.is_none());
+        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_none());
         let w = QMatMul::from_qtensor(QTensor::quantize(
             &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
             GgmlDType::Q4K,
         )?)?;
         let long = Tensor::zeros((1, MAX_ROWS + 1, 256), DType::F32, &dev)?;
-        assert_eq!(linear_rows(&[(&w, &b)], &long)?.is_some(), amx_available());
-        assert!(linear_rows(&[(&w, &b)], &xs)?.is_some());
+        assert_eq!(
+            linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_some(),
+            amx_available()
+        );
+        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
         // AMX takes weights in whole tiles of 16 rows.
         let w = QMatMul::from_qtensor(QTensor::quantize(
             &Tensor::from_vec(random(24 * 256, 1), (24, 256), &dev)?,
             GgmlDType::Q4K,
         )?)?;
         let b = Tensor::zeros(24, DType::F32, &dev)?;
-        assert!(linear_rows(&[(&w, &b)], &long)?.is_none());
-        assert!(linear_rows(&[(&w, &b)], &xs)?.is_some());
+        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_none());
+        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
+        Ok(())
+    }
+
+    /// q8_0 weights repacked into tiles against ggml's q8_0·q8_0 dot product as candle implements
+    /// it (`k_quants::BlockQ8_0::vec_dot`, the input quantized by its `from_float`): through
+    /// `linear_rows` (AMX from 12 rows where the CPU has it) and through the row kernel for every
+    /// row count, two weights sharing the input.
+    #[test]
+    fn q8_0_tiles_match_candles_dot_product() -> Result<()> {
+        use candle_core::quantized::k_quants::{self, GgmlType};
+        let (k, n1, n2) = (512, 48, 80);
+        let dev = Device::Cpu;
+        let quantized = |n: usize, seed: u64| -> Result<QTensor> {
+            QTensor::quantize(
+                &Tensor::from_vec(random(n * k, seed), (n, k), &dev)?,
+                GgmlDType::Q8_0,
+            )
+        };
+        let (q1, q2) = (quantized(n1, 1)?, quantized(n2, 2)?);
+        let (w1, w2) = (
+            Weight::new(QMatMul::from_qtensor(quantized(n1, 1)?)?)?,
+            Weight::new(QMatMul::from_qtensor(quantized(n2, 2)?)?)?,
+        );
+        let (Weight::Q8_0(p1), Weight::Q8_0(p2)) = (&w1, &w2) else {
+            assert!(
+                !q8_0::Packed::supported(n1, k),
+                "q8_0 weights are packed where the kernel runs"
+            );
+            eprintln!("this CPU has no AVX-512 VNNI: q8_0 weights stay with candle");
+            return Ok(());
+        };
+        let b1 = random(n1, 3);
+        let b2 = random(n2, 4);
+        let (t1, t2) = (
+            Tensor::from_vec(b1.clone(), n1, &dev)?,
+            Tensor::from_vec(b2.clone(), n2, &dev)?,
+        );
+        for m in [1, 3, 4, 5, 16, 28, MAX_ROWS, 40, 128] {
+            let input = random(m * k, 5 + m as u64);
+            let mut acts = vec![k_quants::BlockQ8_0::zeros(); m * k / 32];
+            k_quants::BlockQ8_0::from_float(&input, &mut acts);
+            let expected = |q: &QTensor, bias: &[f32], n: usize| -> Result<Vec<f32>> {
+                let data = q.data()?;
+                // SAFETY: k_quants::BlockQ8_0 is repr(C) plain data; the length is checked.
+                let (_, blocks, _) = unsafe { data.align_to::<k_quants::BlockQ8_0>() };
+                assert_eq!(blocks.len(), n * k / 32);
+                Ok((0..m * n)
+                    .map(|i| {
+                        let (r, row) = (i / n, i % n);
+                        let w = &blocks[row * k / 32..][..k / 32];
+                        k_quants::BlockQ8_0::vec_dot(k, w, &acts[r * k / 32..][..k / 32]) + bias[row]
+                    })
+                    .collect())
+            };
+            let expected = [expected(&q1, &b1, n1)?, expected(&q2, &b2, n2)?];
+            let check = |got: &[f32], expected: &[f32], path: &str| {
+                let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (g, e) in got.iter().zip(expected) {
+                    assert!((g - e).abs() <= 1e-5 * scale, "{path}, m={m}: {g} vs {e}");
+                }
+            };
+            let xs = Tensor::from_vec(input.clone(), (1, m, k), &dev)?;
+            let outs = linear_rows(&[(&w1, &t1), (&w2, &t2)], &xs)?.expect("packed q8_0 runs here");
+            for (out, expected) in outs.iter().zip(&expected) {
+                assert_eq!(out.dims(), &[1, m, expected.len() / m]);
+                check(&out.flatten_all()?.to_vec1::<f32>()?, expected, "linear_rows");
+            }
+            let mut outs = vec![vec![0f32; m * n1], vec![0f32; m * n2]];
+            let parts = [(&**p1, &b1[..]), (&**p2, &b2[..])];
+            q8_0::run(&parts, &q8_0::Input::quantize(&input, m, k), m, &mut outs);
+            for (out, expected) in outs.iter().zip(&expected) {
+                check(out, expected, "row kernel");
+            }
+        }
         Ok(())
     }
 

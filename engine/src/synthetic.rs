@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+
+use crate::qmatmul::Weight;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::PhiConfig;
@@ -228,8 +230,8 @@ pub fn matmul_timings(
 ) -> Result<Vec<StageTiming>> {
     let src = SyntheticSource::new(dtype, device, seed);
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let linear = |name: String, out_dim: usize, in_dim: usize| -> Result<(QMatMul, Tensor)> {
-        let weight = src.matmul_weight(&format!("{name}.weight"), out_dim, in_dim)?;
+    let linear = |name: String, out_dim: usize, in_dim: usize| -> Result<(Weight, Tensor)> {
+        let weight = Weight::new(src.matmul_weight(&format!("{name}.weight"), out_dim, in_dim)?)?;
         let bias = src.tensor(&format!("{name}.bias"), &[out_dim])?;
         Ok((weight, bias))
     };
@@ -249,7 +251,7 @@ pub fn matmul_timings(
     let x_h = src.tensor("bench.x_h", &[1, n_tokens, h])?;
     let x_i = src.tensor("bench.x_i", &[1, n_tokens, i])?;
     let x_last = x_h.narrow(1, n_tokens - 1, 1)?;
-    let run = |(w, b): &(QMatMul, Tensor), x: &Tensor| -> Result<Tensor> {
+    let run = |(w, b): &(Weight, Tensor), x: &Tensor| -> Result<Tensor> {
         Ok(crate::model::linear(&[(w, b)], x)?.remove(0))
     };
     const NAMES: [&str; 5] = ["qkv", "dense", "fc1", "fc2", "lm_head"];

@@ -111,6 +111,8 @@ pub struct Case {
     pub prompt: String,
     pub input_ids: Vec<u32>,
     pub greedy_tokens: Vec<u32>,
+    /// transformers' logits at every prompt position.
+    pub logits: Vec<Vec<f32>>,
 }
 
 impl Reference {
