@@ -344,18 +344,22 @@ struct Part<'a> {
 
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
 /// tensor each. `None` where this path does not apply (another device or dtype, a weight that is
-/// not q4k, more than [`MAX_ROWS`] rows without AMX): the caller uses candle's ops.
+/// neither q4k nor repacked q8_0, more than [`MAX_ROWS`] q4k rows without AMX): the caller uses
+/// candle's ops.
 pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((&k, batch)) = dims.split_last() else {
         return Ok(None);
     };
     let m: usize = batch.iter().product();
-    if m == 0 || k % QK_K != 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+    if m == 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
         return Ok(None);
     }
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
         return linear_q8_0(linears, xs, &dims).map(Some);
+    }
+    if k % QK_K != 0 {
+        return Ok(None);
     }
     let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
     for &(weight, bias) in linears {
@@ -409,7 +413,7 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     let amx = false;
     if amx {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        amx::run(&parts, &quantized, m, &mut outs);
+        amx::run_q4k(&parts, &quantized, m, &mut outs);
     } else if m <= MAX_ROWS {
         run(&parts, &quantized, m, &mut outs);
     } else {
@@ -628,7 +632,8 @@ mod tests {
     #[test]
     fn q8_0_tiles_match_candles_dot_product() -> Result<()> {
         use candle_core::quantized::k_quants::{self, GgmlType};
-        let (k, n1, n2) = (512, 48, 80);
+        // k = 384: whole q8_0 tiles of four blocks, not whole q4k blocks.
+        let (k, n1, n2) = (384, 48, 80);
         let dev = Device::Cpu;
         let quantized = |n: usize, seed: u64| -> Result<QTensor> {
             QTensor::quantize(

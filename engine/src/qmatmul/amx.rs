@@ -1,11 +1,13 @@
-//! q4k matmuls for many activation rows (prefill chunks, a pasted line) on Intel AMX, still read
-//! from the stored blocks. candle 0.11 has an AMX kernel too, but it first lays every q4k weight
+//! Matmuls for many activation rows (prefill chunks, a pasted line) on Intel AMX tiles, without
+//! copies of the weights. candle 0.11 has a q4k AMX kernel too, but it first lays every q4k weight
 //! out again (scales widened to f32, nibbles spread to bytes: 2.2× the stored size, 1.6 GB more for
 //! Phi-1); this one unpacks 16 weight rows of one block at a time into a small buffer as it goes.
 //!
-//! One tile product `tdpbusd` takes 16 weight rows × 32 values (one q4k sub-block, unsigned
+//! q4k: one tile product `tdpbusd` takes 16 weight rows × 32 values (one q4k sub-block, unsigned
 //! nibbles) against 16 activation rows × 32 values (signed q8), so every sub-block's integer sums
-//! come out separately and are scaled in f32 with their 6-bit scale and min on the way.
+//! come out separately and are scaled in f32 with their 6-bit scale and min on the way. q8_0: the
+//! repacked tiles ([`q8_0::Tile`]) are B operands as they lie, against the activation rows as A
+//! (`tdpbsud`).
 
 use std::sync::OnceLock;
 
@@ -118,7 +120,7 @@ unsafe fn load_tile_config() {
 /// Integer sums of four sub-blocks: `c[j] = a[j] · b[j]` for 16 × 16 tiles, `a`, `b` and `c` each
 /// four operands in a row (512, 512 and 1024 bytes apart).
 #[inline(always)]
-unsafe fn four_products(a: *const u8, b: *const i8, c: *mut i32) {
+unsafe fn four_q4k_products(a: *const u8, b: *const i8, c: *mut i32) {
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -155,7 +157,7 @@ struct Aligned<T>(T);
 /// The weight tiles `[start, end)` (16 rows each, counted across `parts`) against every row of
 /// `acts`, written with their bias into `outs` (`[m, n]` each).
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn tiles(parts: &[Part], acts: &Activations, m: usize, outs: &[usize], start: usize, end: usize) {
+unsafe fn tiles_q4k(parts: &[Part], acts: &Activations, m: usize, outs: &[usize], start: usize, end: usize) {
     use std::arch::x86_64::*;
     load_tile_config();
     let kb = acts.kb;
@@ -200,8 +202,8 @@ unsafe fn tiles(parts: &[Part], acts: &Activations, m: usize, outs: &[usize], st
                         .as_ptr()
                         .add((group * kb + b) * SUB_BLOCKS * OPERAND_BYTES);
                     let c = c.add(group % 2 * SUB_BLOCKS * TILE * TILE);
-                    four_products(a.0.as_ptr(), operands, c);
-                    four_products(
+                    four_q4k_products(a.0.as_ptr(), operands, c);
+                    four_q4k_products(
                         a.0.as_ptr().add(4 * OPERAND_BYTES),
                         operands.add(4 * OPERAND_BYTES),
                         c.add(4 * TILE * TILE),
@@ -254,7 +256,7 @@ unsafe fn tiles(parts: &[Part], acts: &Activations, m: usize, outs: &[usize], st
 
 /// [`super::run`] on AMX tiles: every weight row of every part (each a multiple of 16 rows)
 /// against the `m` rows of `x`, the 16-row weight tiles split evenly over candle's thread pool.
-pub(super) fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
+pub(super) fn run_q4k(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
     let acts = Activations::new(x, m);
     let total: usize = parts.iter().map(|p| p.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
@@ -263,7 +265,7 @@ pub(super) fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]
     pool.execute(|tid| {
         let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
         // SAFETY: `available` checked the CPU and the tile permission.
-        unsafe { tiles(parts, &acts, m, &out_ptrs, start.min(end), end) };
+        unsafe { tiles_q4k(parts, &acts, m, &out_ptrs, start.min(end), end) };
     });
 }
 
@@ -378,7 +380,7 @@ unsafe fn tiles_q8_0(
     }
 }
 
-/// [`run`] for q8_0 tiles; `x` holds `m` rows padded with zeros to whole groups of 16.
+/// [`run_q4k`] for q8_0 tiles; `x` holds `m` rows padded with zeros to whole groups of 16.
 pub(super) fn run_q8_0(parts: &[(&Packed, &[f32])], x: &q8_0::Input, m: usize, outs: &mut [Vec<f32>]) {
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
