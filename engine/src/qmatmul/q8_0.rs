@@ -4,7 +4,8 @@
 //! 32-value block of 16 weight rows: the values offset by 128 as bytes, four of a row together
 //! (`qs[(16·kk + r)·4 + t] = w[r][4·kk + t] + 128`, the layout both `vpdpbusd` and AMX's B operand
 //! take), then the 16 f16 scales. The activations are quantized as ggml's `quantize_row_q8_0` does
-//! (what candle's q8_0 matmul does to its input), so the sums equal ggml's `q8_0·q8_0`.
+//! (blocks of 32, as llama.cpp and candle's `vec_dot` do; candle's tiled kernel uses blocks of 256),
+//! so the sums equal ggml's `q8_0·q8_0`.
 
 pub(super) const QK8_0: usize = 32;
 pub(super) const TILE: usize = 16;
