@@ -470,6 +470,17 @@ fn outputs(outs: Vec<Vec<f32>>, ns: impl Iterator<Item = usize>, dims: &[usize])
         .collect()
 }
 
+/// `work(start, end)` on every thread of candle's pool, in one parallel region, `[0, total)`
+/// split evenly into one contiguous range per thread.
+fn on_every_thread(total: usize, work: impl Fn(usize, usize) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let per_thread = total.div_ceil(pool.n_workers() + 1);
+    pool.execute(|tid| {
+        let end = total.min((tid + 1) * per_thread);
+        work((tid * per_thread).min(end), end)
+    });
+}
+
 /// Every weight row of every part against the `m` rows of `x`, the rows split evenly over
 /// candle's thread pool in one parallel region.
 fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
@@ -477,11 +488,7 @@ fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
     let kernel = *KERNEL.get_or_init(|| row_kernels()[0]);
     let total: usize = parts.iter().map(|p| p.n).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
-    let per_thread = total.div_ceil(threads);
-    pool.execute(|tid| {
-        let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
+    on_every_thread(total, |start, end| {
         let mut row_out = [0f32; MAX_ROWS];
         let mut first = 0;
         for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {

@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 
 use super::q8_0::{self, Packed};
-use super::{f16_to_f32, unpacked_scales, Part, Q8Block, QK_K};
+use super::{f16_to_f32, on_every_thread, unpacked_scales, Part, Q8Block, QK_K};
 
 /// Fewest activation rows worth a tile product (whose 16 columns are activation rows).
 pub(super) const MIN_ROWS: usize = 12;
@@ -260,16 +260,13 @@ pub(super) fn run_q4k(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f
     let acts = Activations::new(x, m);
     let total: usize = parts.iter().map(|p| p.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    let pool = candle_core::utils::barrier_pool();
-    let per_thread = total.div_ceil(pool.n_workers() + 1);
-    pool.execute(|tid| {
-        let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
-        // SAFETY: `available` checked the CPU and the tile permission.
-        unsafe { tiles_q4k(parts, &acts, m, &out_ptrs, start.min(end), end) };
+    // SAFETY: `available` checked the CPU and the tile permission.
+    on_every_thread(total, |start, end| unsafe {
+        tiles_q4k(parts, &acts, m, &out_ptrs, start, end)
     });
 }
 
-/// Whether [`run`] takes these weights: every part a whole number of tiles.
+/// Whether [`run_q4k`] takes these weights: every part a whole number of tiles.
 pub(super) fn fits(parts: &[Part]) -> bool {
     parts.iter().all(|p| p.n % TILE == 0)
 }
@@ -384,11 +381,8 @@ unsafe fn tiles_q8_0(
 pub(super) fn run_q8_0(parts: &[(&Packed, &[f32])], x: &q8_0::Input, m: usize, outs: &mut [Vec<f32>]) {
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    let pool = candle_core::utils::barrier_pool();
-    let per_thread = total.div_ceil(pool.n_workers() + 1);
-    pool.execute(|tid| {
-        let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
-        // SAFETY: `available` checked the CPU and the tile permission.
-        unsafe { tiles_q8_0(parts, x, m, &out_ptrs, start.min(end), end) };
+    // SAFETY: `available` checked the CPU and the tile permission.
+    on_every_thread(total, |start, end| unsafe {
+        tiles_q8_0(parts, x, m, &out_ptrs, start, end)
     });
 }

@@ -110,10 +110,7 @@ impl Input {
 pub(super) fn run(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [Vec<f32>]) {
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    let pool = candle_core::utils::barrier_pool();
-    let per_thread = total.div_ceil(pool.n_workers() + 1);
-    pool.execute(|tid| {
-        let (start, end) = (tid * per_thread, total.min((tid + 1) * per_thread));
+    super::on_every_thread(total, |start, end| {
         let mut first = 0;
         for (part, &out) in parts.iter().zip(&out_ptrs) {
             let count = part.0.n / TILE;
