@@ -155,7 +155,9 @@ unsafe fn tile_rows<const M: usize>(
     assert!(x.d.len() >= (first + M) * kb);
     let mut acc = [_mm512_setzero_ps(); M];
     for (b, block) in tiles.iter().enumerate() {
-        let ahead = (block as *const Tile as *const i8).wrapping_add(2 * std::mem::size_of::<Tile>());
+        // Ask for the tile 8 ahead (measured on an fc1 at one row: 1.0 ms 2 ahead, 0.85–0.9 ms at
+        // 4–12, about the bench's read bandwidth).
+        let ahead = (block as *const Tile as *const i8).wrapping_add(8 * std::mem::size_of::<Tile>());
         for line in 0..9 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
         }
