@@ -393,19 +393,17 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
         if !head.is_empty() || !tail.is_empty() || blocks.len() != n * k / QK_K {
             return Ok(None);
         }
-        let Storage::Cpu(cpu) = &**guard else {
+        let Some(bias) = cpu_f32(guard, layout, n)? else {
             return Ok(None);
         };
-        let bias = &cpu.as_slice::<f32>()?[layout.start_offset()..][..n];
         parts.push(Part { blocks, bias, n });
     }
 
     let xs = xs.contiguous()?;
     let (guard, layout) = xs.storage_and_layout();
-    let Storage::Cpu(cpu) = &*guard else {
+    let Some(input) = cpu_f32(&guard, layout, m * k)? else {
         return Ok(None);
     };
-    let input = &cpu.as_slice::<f32>()?[layout.start_offset()..][..m * k];
     let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -433,28 +431,46 @@ fn linear_q8_0(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]) -> R
         .iter()
         .map(|(_, b)| b.contiguous())
         .collect::<Result<Vec<Tensor>>>()?;
-    let bias_data = biases
-        .iter()
-        .map(|b| b.to_vec1::<f32>())
-        .collect::<Result<Vec<_>>>()?;
+    let bias_guards: Vec<_> = biases.iter().map(|b| b.storage_and_layout()).collect();
     let mut parts = Vec::with_capacity(linears.len());
-    for ((weight, _), bias) in linears.iter().zip(&bias_data) {
-        match weight {
-            Weight::Q8_0(w) if w.k == k && bias.len() == w.n => parts.push((&**w, &bias[..])),
-            _ => candle_core::bail!("q8_0 tiles and other weights on one input, or shapes that differ"),
-        }
+    for (((weight, _), bias), (guard, layout)) in linears.iter().zip(&biases).zip(&bias_guards) {
+        let bias = match weight {
+            Weight::Q8_0(w) if w.k == k && bias.dims1()? == w.n => {
+                cpu_f32(guard, layout, w.n)?.map(|b| (&**w, b))
+            }
+            _ => None,
+        };
+        let Some(part) = bias else {
+            candle_core::bail!("q8_0 tiles beside other weights or biases, or shapes that differ")
+        };
+        parts.push(part);
     }
-    let input = xs.flatten_all()?.to_vec1::<f32>()?;
+    let xs = xs.contiguous()?;
+    let (guard, layout) = xs.storage_and_layout();
+    let Some(input) = cpu_f32(&guard, layout, m * k)? else {
+        candle_core::bail!("q8_0 tiles need the input on the CPU")
+    };
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|(w, _)| vec![0f32; m * w.n]).collect();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if m >= amx::MIN_ROWS && amx::available() {
-        let x = q8_0::Input::quantize(&input, m.next_multiple_of(q8_0::TILE), k);
+        let x = q8_0::Input::quantize(input, m.next_multiple_of(q8_0::TILE), k);
         amx::run_q8_0(&parts, &x, m, &mut outs);
         return outputs(outs, parts.iter().map(|(w, _)| w.n), dims);
     }
-    let x = q8_0::Input::quantize(&input, m, k);
+    let x = q8_0::Input::quantize(input, m, k);
     q8_0::run(&parts, &x, m, &mut outs);
     outputs(outs, parts.iter().map(|(w, _)| w.n), dims)
+}
+
+/// The first `len` values of a CPU f32 tensor's storage, borrowed; `None` on other devices.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &candle_core::Layout, len: usize) -> Result<Option<&'a [f32]>> {
+    let Storage::Cpu(cpu) = storage else {
+        return Ok(None);
+    };
+    Ok(cpu
+        .as_slice::<f32>()?
+        .get(layout.start_offset()..)
+        .and_then(|s| s.get(..len)))
 }
 
 /// Each `[m·n]` output as a tensor of `dims` with its last dimension `n`.
