@@ -688,6 +688,17 @@ impl WeightSource for GgufSource<'_> {
         self.check_shape(&mapped, &[out_dim, in_dim])?;
         let rows = mapped.part.map(|(first, _)| (first, out_dim));
         let qtensor = self.file.read(&mapped.name, rows, &self.device)?;
+        // candle widens 16-bit weights to f32 (twice the memory); the CPU reads them as stored.
+        let sixteen_bit = match qtensor.dtype() {
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if let (Some(dtype), true) = (sixteen_bit, self.device.is_cpu()) {
+            let data = qtensor.data()?;
+            let weight = Tensor::from_raw_buffer(&data, dtype, &[out_dim, in_dim], &self.device)?;
+            return Ok(QMatMul::Tensor(weight));
+        }
         Ok(QMatMul::from_arc(Arc::new(qtensor))?)
     }
 

@@ -301,7 +301,8 @@ pub struct PhiModel {
     rotary: Rotary,
     cfg: PhiConfig,
     dtype: DType,
-    /// f16 where the matmul weights are quantized ([`crate::WeightDType::kv_dtype`]).
+    /// f16 where narrower matmul weights (quantized, or 16-bit on the CPU) run with f32
+    /// activations ([`crate::WeightDType::kv_dtype`]).
     kv_dtype: DType,
     device: Device,
 }
@@ -319,8 +320,7 @@ impl PhiModel {
             .collect::<Result<Vec<_>>>()?;
         let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb_m.pp("final_layernorm"))?;
         let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, &vb.pp("lm_head"))?;
-        let quantized =
-            lm_head.weight.is_quantized() || layers.iter().any(|l| l.mlp.fc1.weight.is_quantized());
+        let narrow = !lm_head.weight.is_f32() || layers.iter().any(|l| !l.mlp.fc1.weight.is_f32());
         Ok(PhiModel {
             embed_tokens,
             layers,
@@ -329,7 +329,11 @@ impl PhiModel {
             rotary: Rotary::new(cfg, src.dtype(), src.device())?,
             cfg: cfg.clone(),
             dtype: src.dtype(),
-            kv_dtype: if quantized { DType::F16 } else { src.dtype() },
+            kv_dtype: if narrow && src.dtype() == DType::F32 {
+                DType::F16
+            } else {
+                src.dtype()
+            },
             device: src.device().clone(),
         })
     }

@@ -7,7 +7,8 @@
 //! over one quantized input, and the bias is added on the way out. CPU, f32 activations; AVX-512
 //! VNNI or AVX2+FMA by runtime detection, with a portable fallback; many rows (prefill) on AMX
 //! tiles where the CPU has them ([`amx`]). q8_0 is repacked at load into tiles of the same size
-//! that replace the stored blocks ([`q8_0`]).
+//! that replace the stored blocks ([`q8_0`]). Dense f16, bf16 and f32 weights are widened to f32
+//! as they are read ([`dense`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ type Result<T> = candle_core::Result<T>;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
+mod dense;
 mod q8_0;
 
 /// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
@@ -42,8 +44,9 @@ impl Weight {
         Ok(Weight::Candle(weight))
     }
 
-    pub(crate) fn is_quantized(&self) -> bool {
-        !matches!(self, Weight::Candle(QMatMul::Tensor(_) | QMatMul::TensorF16(_)))
+    /// Whether the weight is held as f32 (not quantized, not 16-bit).
+    pub(crate) fn is_f32(&self) -> bool {
+        matches!(self, Weight::Candle(QMatMul::Tensor(w)) if w.dtype() == DType::F32)
     }
 }
 
@@ -344,9 +347,9 @@ struct Part<'a> {
 }
 
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
-/// tensor each. `None` where this path does not apply (another device or dtype, a weight that is
-/// neither q4k nor repacked q8_0, more than [`MAX_ROWS`] q4k rows without AMX): the caller uses
-/// candle's ops.
+/// tensor each. `None` where this path does not apply (another device or dtype, quantized weights
+/// that are neither q4k nor repacked q8_0, more than [`MAX_ROWS`] q4k rows without AMX, f32
+/// weights beyond [`dense::MAX_ROWS`] rows): the caller uses candle's ops.
 pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((&k, batch)) = dims.split_last() else {
@@ -355,6 +358,16 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     let m: usize = batch.iter().product();
     if m == 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
         return Ok(None);
+    }
+    let dense: Option<Vec<(&Tensor, &Tensor)>> = linears
+        .iter()
+        .map(|&(weight, bias)| match weight {
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Some((w, bias)),
+            _ => None,
+        })
+        .collect();
+    if let Some(dense) = dense {
+        return dense::linear(&dense, xs, &dims);
     }
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
         return linear_q8_0(linears, xs, &dims).map(Some);

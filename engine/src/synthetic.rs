@@ -68,7 +68,7 @@ impl SyntheticSource {
 
 impl WeightSource for SyntheticSource {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.dense_f32(name, shape)?;
+        let t = self.dense_f32(name, shape)?.to_dtype(self.dtype.stored_dtype())?;
         Ok(t.to_dtype(self.dtype())?.to_device(&self.device)?)
     }
 
@@ -92,12 +92,16 @@ impl WeightSource for SyntheticSource {
                 };
                 Ok(QMatMul::from_qtensor(qtensor)?)
             }
-            _ => Ok(QMatMul::Tensor(self.tensor(name, &[out_dim, in_dim])?)),
+            _ => Ok(QMatMul::Tensor(
+                self.dense_f32(name, &[out_dim, in_dim])?
+                    .to_dtype(self.dtype.stored_dtype())?
+                    .to_device(&self.device)?,
+            )),
         }
     }
 
     fn dtype(&self) -> DType {
-        self.dtype.activation_dtype()
+        self.dtype.activation_dtype(&self.device)
     }
 
     fn device(&self) -> &Device {

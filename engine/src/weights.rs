@@ -50,8 +50,8 @@ impl WeightDType {
         }
     }
 
-    /// The dtype of activations, the KV cache and every tensor that is not quantized.
-    pub fn activation_dtype(self) -> DType {
+    /// The dtype the weights are held in where they are not quantized.
+    pub fn stored_dtype(self) -> DType {
         match self {
             WeightDType::F16 => DType::F16,
             WeightDType::BF16 => DType::BF16,
@@ -59,21 +59,34 @@ impl WeightDType {
         }
     }
 
-    /// The dtype of the KV cache: f16 for quantized weights (as llama.cpp keeps it; a decode step
-    /// reads the whole cache, so half the bytes is speed), else the activation dtype.
-    pub fn kv_dtype(self) -> DType {
-        if self.quantized().is_some() {
-            DType::F16
+    /// The dtype of activations, norms and biases on `device`: the stored dtype on a GPU; f32 on
+    /// the CPU, which has no fast 16-bit arithmetic (16-bit matmul weights are widened as they
+    /// are read, see `qmatmul`).
+    pub fn activation_dtype(self, device: &Device) -> DType {
+        if device.is_cpu() {
+            DType::F32
         } else {
-            self.activation_dtype()
+            self.stored_dtype()
+        }
+    }
+
+    /// The dtype of the KV cache on the CPU: f32 for f32 weights, else f16 (as llama.cpp keeps it;
+    /// a decode step reads the whole cache, so half the bytes is speed). A GPU keeps a bf16
+    /// model's cache in bf16, the same size.
+    pub fn kv_dtype(self) -> DType {
+        if self == WeightDType::F32 {
+            DType::F32
+        } else {
+            DType::F16
         }
     }
 
     /// Bytes of weights a model of `cfg` holds in memory at this dtype, counting what the loader
     /// does: matmul weights and the embedding are quantized where their rows are whole blocks;
-    /// norms, biases and narrow matrices stay in the activation dtype.
+    /// norms, biases and narrow matrices stay in the stored dtype (on the CPU a 16-bit model
+    /// widens its norms and biases to f32: ~1 MB for Phi-1, not counted).
     pub fn weight_bytes(self, cfg: &PhiConfig) -> u64 {
-        let dense = self.activation_dtype().size_in_bytes() as u64;
+        let dense = self.stored_dtype().size_in_bytes() as u64;
         let (h, i, v) = (
             cfg.hidden_size as u64,
             cfg.intermediate_size as u64,
@@ -128,11 +141,13 @@ mod tests {
 pub struct SafetensorsSource<'a> {
     vb: VarBuilder<'a>,
     quantize: Option<GgmlDType>,
+    /// Of norms, biases and the embedding; matmul weights stay in the `vb`'s dtype.
+    activations: DType,
 }
 
 impl WeightSource for SafetensorsSource<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self.vb.get(shape, name)?)
+        Ok(self.vb.get(shape, name)?.to_dtype(self.activations)?)
     }
 
     fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
@@ -147,7 +162,7 @@ impl WeightSource for SafetensorsSource<'_> {
     }
 
     fn dtype(&self) -> DType {
-        self.vb.dtype()
+        self.activations
     }
 
     fn device(&self) -> &Device {
@@ -341,12 +356,12 @@ impl Engine {
         }
         // SAFETY: the files are memory-mapped read-only; they must not be modified while loaded,
         // as with every mmap-based loader.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype.activation_dtype(), device) }
-                .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype.stored_dtype(), device) }
+            .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
         let source = SafetensorsSource {
             vb,
             quantize: dtype.quantized(),
+            activations: dtype.activation_dtype(device),
         };
         let model = PhiModel::new(&cfg, &source).map_err(|e| {
             let where_ = files

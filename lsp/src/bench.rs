@@ -322,7 +322,7 @@ struct WeightBytes {
 }
 
 fn weight_bytes(cfg: &PhiConfig, dtype: WeightDType) -> WeightBytes {
-    let act = dtype.activation_dtype().size_in_bytes() as u64;
+    let act = dtype.stored_dtype().size_in_bytes() as u64;
     let (h, i, v) = (
         cfg.hidden_size as u64,
         cfg.intermediate_size as u64,
