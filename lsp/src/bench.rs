@@ -426,6 +426,12 @@ fn bench_dtype(
     let engine = loading::load(&spec, None)?;
     let build_s = start.elapsed().as_secs_f64();
     progress(&format!("{name}: built in {build_s:.1} s"));
+    // A GGUF file holds its own type (`--dtype` does not apply to it): label and count by that.
+    let dtype = match WeightDType::parse(&engine.dtype) {
+        Some(stored) if spec.model.ends_with(".gguf") => stored,
+        _ => dtype,
+    };
+    let name = dtype.name();
     let cfg = engine.model.config().clone();
     let bytes = weight_bytes(&cfg, dtype);
 
