@@ -24,7 +24,7 @@ mod dense;
 mod q8_0;
 
 /// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
-/// or q8_0 repacked into [`q8_0::Packed`] tiles where this CPU runs their kernels.
+/// or q8_0 repacked into [`q8_0::Packed`] tiles where this CPU runs their kernels (AVX-512 VNNI or AVX2).
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
     Candle(QMatMul),
@@ -465,7 +465,7 @@ fn linear_q8_0(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]) -> R
     };
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|(w, _)| vec![0f32; m * w.n]).collect();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if m >= amx::MIN_ROWS && amx::available() {
+    if m >= amx::MIN_ROWS && amx::available() && parts.iter().all(|(w, _)| w.isa == q8_0::Isa::Avx512Vnni) {
         let x = q8_0::Input::quantize(input, m.next_multiple_of(q8_0::TILE), k);
         amx::run_q8_0(&parts, &x, m, &mut outs);
         return outputs(outs, parts.iter().map(|(w, _)| w.n), dims);
@@ -683,14 +683,23 @@ mod tests {
             Weight::new(QMatMul::from_qtensor(quantized(n1, 1)?)?)?,
             Weight::new(QMatMul::from_qtensor(quantized(n2, 2)?)?)?,
         );
-        let (Weight::Q8_0(p1), Weight::Q8_0(p2)) = (&w1, &w2) else {
+        if !matches!((&w1, &w2), (Weight::Q8_0(_), Weight::Q8_0(_))) {
             assert!(
                 !q8_0::Packed::supported(n1, k),
                 "q8_0 weights are packed where the kernel runs"
             );
-            eprintln!("this CPU has no AVX-512 VNNI: q8_0 weights stay with candle");
+            eprintln!("this CPU has neither AVX-512 VNNI nor AVX2: q8_0 weights stay with candle");
             return Ok(());
-        };
+        }
+        // Every layout this CPU has kernels for, not only the one `Weight::new` picks.
+        let mut packed = Vec::new();
+        for &isa in q8_0::Isa::available() {
+            let pack = |q: &QTensor, n| -> Result<q8_0::Packed> {
+                q8_0::Packed::for_isa(&q.data()?, n, k, isa)
+                    .ok_or(candle_core::Error::Msg("not packed".into()))
+            };
+            packed.push([pack(&q1, n1)?, pack(&q2, n2)?]);
+        }
         let b1 = random(n1, 3);
         let b2 = random(n2, 4);
         let (t1, t2) = (
@@ -727,11 +736,13 @@ mod tests {
                 assert_eq!(out.dims(), &[1, m, expected.len() / m]);
                 check(&out.flatten_all()?.to_vec1::<f32>()?, expected, "linear_rows");
             }
-            let mut outs = vec![vec![0f32; m * n1], vec![0f32; m * n2]];
-            let parts = [(&**p1, &b1[..]), (&**p2, &b2[..])];
-            q8_0::run(&parts, &q8_0::Input::quantize(&input, m, k), m, &mut outs);
-            for (out, expected) in outs.iter().zip(&expected) {
-                check(out, expected, "row kernel");
+            for [p1, p2] in &packed {
+                let mut outs = vec![vec![0f32; m * n1], vec![0f32; m * n2]];
+                let parts = [(p1, &b1[..]), (p2, &b2[..])];
+                q8_0::run(&parts, &q8_0::Input::quantize(&input, m, k), m, &mut outs);
+                for (out, expected) in outs.iter().zip(&expected) {
+                    check(out, expected, &format!("{:?} row kernel", p1.isa));
+                }
             }
         }
         Ok(())

@@ -1,11 +1,12 @@
 //! q8_0 weights (the CPU default dtype) repacked once, at load, into 16-row tiles of the same
 //! size as the stored blocks, which are then dropped. candle 0.11 makes such tiles too, but keeps
 //! them beside the stored blocks (twice the memory); here they replace them. A tile holds one
-//! 32-value block of 16 weight rows: the values offset by 128 as bytes, four of a row together
-//! (`qs[(16·kk + r)·4 + t] = w[r][4·kk + t] + 128`, the layout both `vpdpbusd` and AMX's B operand
-//! take), then the 16 f16 scales. The activations are quantized as ggml's `quantize_row_q8_0` does
-//! (blocks of 32, as llama.cpp and candle's `vec_dot` do; candle's tiled kernel uses blocks of 256),
-//! so the sums equal ggml's `q8_0·q8_0`.
+//! 32-value block of 16 weight rows, four values of a row together
+//! (`qs[(16·kk + r)·4 + t] = w[r][4·kk + t]`, the layout both `vpdpbusd` and AMX's B operand
+//! take), then the 16 f16 scales. For AVX-512 VNNI and AMX the values are offset by 128 as
+//! unsigned bytes; for AVX2 they stay signed ([`Isa`]). The activations are quantized as ggml's
+//! `quantize_row_q8_0` does (blocks of 32, as llama.cpp and candle's `vec_dot` do; candle's tiled
+//! kernel uses blocks of 256), so the sums equal ggml's `q8_0·q8_0`.
 
 pub(super) const QK8_0: usize = 32;
 pub(super) const TILE: usize = 16;
@@ -18,43 +19,74 @@ pub(super) struct Tile {
 }
 const _: () = assert!(std::mem::size_of::<Tile>() == TILE * 34);
 
-/// A q8_0 weight `[n, k]` as tiles, tile `t` (rows `16t..16t+16`) block `b` at `t·(k/32) + b`.
+/// The instructions a weight's tiles are laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isa {
+    /// AVX-512 VNNI (and AMX for many rows): values `+ 128` as unsigned bytes, the form
+    /// `vpdpbusd` and `tdpbsud` multiply with signed activations.
+    Avx512Vnni,
+    /// AVX2: values as stored; `vpmaddubsw` multiplies the activations' magnitudes by the values
+    /// with the activations' signs moved onto them (ggml's trick, which cannot saturate).
+    Avx2,
+}
+
+impl Isa {
+    /// The layouts whose kernels this CPU runs, the fastest first.
+    pub(super) fn available() -> &'static [Isa] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            let mut isas = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
+                    if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") {
+                        isas.push(Isa::Avx512Vnni);
+                    }
+                    if is_x86_feature_detected!("avx2") {
+                        isas.push(Isa::Avx2);
+                    }
+                }
+            }
+            isas
+        })
+    }
+}
+
+/// A q8_0 weight `[n, k]` as tiles for `isa`, tile `t` (rows `16t..16t+16`) block `b` at
+/// `t·(k/32) + b`.
 pub struct Packed {
     pub(super) tiles: Vec<Tile>,
     pub(super) n: usize,
     pub(super) k: usize,
+    pub(super) isa: Isa,
 }
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "q8_0 tiles [{}, {}]", self.n, self.k)
+        write!(f, "q8_0 tiles [{}, {}] for {:?}", self.n, self.k, self.isa)
     }
 }
 
 impl Packed {
-    /// Whether this CPU runs the kernels for packed weights (else candle keeps the weight).
+    /// Whether this CPU runs the kernels for packed weights of this shape (else candle keeps the
+    /// weight).
     pub(super) fn supported(n: usize, k: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            n.is_multiple_of(TILE)
-                && k.is_multiple_of(4 * QK8_0)
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (n, k);
-            false
-        }
+        n.is_multiple_of(TILE) && k.is_multiple_of(4 * QK8_0) && !Isa::available().is_empty()
     }
 
-    /// The tiles of the stored `block_q8_0`s (`d: f16, qs: [i8; 32]`, 34 bytes each) of `[n, k]`.
+    /// The tiles of the stored `block_q8_0`s (`d: f16, qs: [i8; 32]`, 34 bytes each) of `[n, k]`
+    /// for the fastest layout this CPU runs.
     pub(super) fn new(data: &[u8], n: usize, k: usize) -> Option<Packed> {
+        Packed::for_isa(data, n, k, *Isa::available().first()?)
+    }
+
+    /// [`Packed::new`] for the kernels of `isa`.
+    pub(super) fn for_isa(data: &[u8], n: usize, k: usize, isa: Isa) -> Option<Packed> {
         let kb = k / QK8_0;
         if !n.is_multiple_of(TILE) || !k.is_multiple_of(QK8_0) || data.len() != n * kb * 34 {
             return None;
         }
+        let offset = if isa == Isa::Avx512Vnni { 0x80 } else { 0 };
         let mut tiles = Vec::with_capacity(n / TILE * kb);
         for t in 0..n / TILE {
             for b in 0..kb {
@@ -66,13 +98,13 @@ impl Packed {
                     let block = &data[((t * TILE + r) * kb + b) * 34..][..34];
                     tile.d[r] = u16::from_le_bytes([block[0], block[1]]);
                     for (i, &q) in block[2..].iter().enumerate() {
-                        tile.qs[(i / 4 * TILE + r) * 4 + i % 4] = q ^ 0x80;
+                        tile.qs[(i / 4 * TILE + r) * 4 + i % 4] = q ^ offset;
                     }
                 }
                 tiles.push(tile);
             }
         }
-        Some(Packed { tiles, n, k })
+        Some(Packed { tiles, n, k, isa })
     }
 }
 
@@ -106,7 +138,8 @@ impl Input {
 }
 
 /// Every tile of every part against the `m` rows of `x`, the tiles split evenly over candle's
-/// thread pool: rows in groups of four through [`tile_rows`].
+/// thread pool: rows in groups of four through [`tile_rows`] (AVX-512 VNNI) or two through
+/// [`tile_rows_avx2`].
 pub(super) fn run(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [Vec<f32>]) {
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
@@ -114,20 +147,23 @@ pub(super) fn run(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [
         let mut first = 0;
         for (part, &out) in parts.iter().zip(&out_ptrs) {
             let count = part.0.n / TILE;
+            let out = out as *mut f32;
             for tile in start.max(first) - first..end.min(first + count).saturating_sub(first) {
                 let mut r = 0;
                 while r < m {
-                    // SAFETY: `Packed::supported` checked the CPU features before packing, and
-                    // every (row, column) of a part is written by exactly one thread.
-                    unsafe {
-                        match m - r {
-                            1 => tile_rows::<1>(part, tile, x, r, out as *mut f32),
-                            2 => tile_rows::<2>(part, tile, x, r, out as *mut f32),
-                            3 => tile_rows::<3>(part, tile, x, r, out as *mut f32),
-                            _ => tile_rows::<4>(part, tile, x, r, out as *mut f32),
+                    // SAFETY: `Isa::available` checked the CPU features of the tiles' kernels
+                    // before packing, and every (row, column) of a part is written by exactly one
+                    // thread.
+                    r += unsafe {
+                        match (part.0.isa, m - r) {
+                            (Isa::Avx512Vnni, 1) => tile_rows::<1>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, 2) => tile_rows::<2>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, 3) => tile_rows::<3>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, _) => tile_rows::<4>(part, tile, x, r, out),
+                            (Isa::Avx2, 1) => tile_rows_avx2::<1>(part, tile, x, r, out),
+                            (Isa::Avx2, _) => tile_rows_avx2::<2>(part, tile, x, r, out),
                         }
-                    }
-                    r += 4;
+                    };
                 }
             }
             first += count;
@@ -148,7 +184,7 @@ unsafe fn tile_rows<const M: usize>(
     x: &Input,
     first: usize,
     out: *mut f32,
-) {
+) -> usize {
     use std::arch::x86_64::*;
     let kb = packed.k / QK8_0;
     let tiles = &packed.tiles[tile * kb..][..kb];
@@ -184,9 +220,91 @@ unsafe fn tile_rows<const M: usize>(
             _mm512_add_ps(*acc, bias),
         );
     }
+    M
+}
+
+/// [`tile_rows`] on AVX2 for tiles of signed values: each 256-bit load holds four values of 8
+/// weight rows; `vpmaddubsw` multiplies them by the broadcast activations' magnitudes with the
+/// activations' signs applied to the weights (`|x|·sign(w, x) = x·w`, at most 2·127·128 per pair,
+/// so the 16-bit sums cannot saturate), `vpmaddwd` widens to one sum per row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_rows_avx2<const M: usize>(
+    (packed, bias): &(&Packed, &[f32]),
+    tile: usize,
+    x: &Input,
+    first: usize,
+    out: *mut f32,
+) -> usize {
+    use std::arch::x86_64::*;
+    let kb = packed.k / QK8_0;
+    let tiles = &packed.tiles[tile * kb..][..kb];
+    assert!(x.d.len() >= (first + M) * kb);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    for (b, block) in tiles.iter().enumerate() {
+        let ahead = (block as *const Tile as *const i8).wrapping_add(8 * std::mem::size_of::<Tile>());
+        for line in 0..9 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+        let d = [
+            _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr() as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr().add(8) as *const __m128i)),
+        ];
+        let mut sums = [[_mm256_setzero_si256(); 2]; M];
+        for kk in 0..QK8_0 / 4 {
+            let weights = [
+                _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk) as *const __m256i),
+                _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk + 32) as *const __m256i),
+            ];
+            for (r, sums) in sums.iter_mut().enumerate() {
+                let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                let four = _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned());
+                let magnitude = _mm256_sign_epi8(four, four);
+                for (sum, &weights) in sums.iter_mut().zip(&weights) {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(weights, four));
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xd = _mm256_set1_ps(*x.d.get_unchecked((first + r) * kb + b));
+            for ((acc, sum), d) in acc.iter_mut().zip(&sums[r]).zip(&d) {
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(*d, xd), *acc);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, acc) in acc.iter().enumerate() {
+            let bias = _mm256_loadu_ps(bias.as_ptr().add(tile * TILE + 8 * h));
+            _mm256_storeu_ps(
+                out.add((first + r) * packed.n + tile * TILE + 8 * h),
+                _mm256_add_ps(*acc, bias),
+            );
+        }
+    }
+    M
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_rows<const M: usize>(_: &(&Packed, &[f32]), _: usize, _: &Input, _: usize, _: *mut f32) {
+unsafe fn tile_rows<const M: usize>(
+    _: &(&Packed, &[f32]),
+    _: usize,
+    _: &Input,
+    _: usize,
+    _: *mut f32,
+) -> usize {
+    unreachable!("q8_0 weights are packed only where the kernel runs")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_rows_avx2<const M: usize>(
+    _: &(&Packed, &[f32]),
+    _: usize,
+    _: &Input,
+    _: usize,
+    _: *mut f32,
+) -> usize {
     unreachable!("q8_0 weights are packed only where the kernel runs")
 }
