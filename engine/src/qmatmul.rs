@@ -50,10 +50,12 @@ impl Weight {
     }
 }
 
-/// Most activation rows the row kernels take. Per row they do more work than candle's tiles (they
-/// match them at 1–3 rows, take ~1.3× the time at 8 and ~2× at 31), but below 32 rows candle would
-/// build its tiled copy of every weight (a gigabyte for Phi-1, seconds on first use). More rows go
-/// to [`amx`] where the CPU has it, else to candle's kernels.
+/// Most activation rows the row kernels take at once; more are run in chunks of this many, each
+/// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
+/// L2). Per row they do more work than candle's tiles (they match them at 1–3 rows, take ~1.3×
+/// the time at 8 and ~2× at 31), but candle would first build its tiled copy of every weight (a
+/// gigabyte for Phi-1, seconds on first use). From [`amx::MIN_ROWS`] rows AMX takes over where
+/// the CPU has it.
 pub(crate) const MAX_ROWS: usize = 31;
 
 const QK_K: usize = 256;
@@ -348,8 +350,8 @@ struct Part<'a> {
 
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
 /// tensor each. `None` where this path does not apply (another device or dtype, quantized weights
-/// that are neither q4k nor repacked q8_0, more than [`MAX_ROWS`] q4k rows without AMX, f32
-/// weights beyond [`dense::MAX_ROWS`] rows): the caller uses candle's ops.
+/// that are neither q4k nor repacked q8_0, f32 weights beyond [`dense::MAX_ROWS`] rows): the
+/// caller uses candle's ops.
 pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((&k, batch)) = dims.split_last() else {
@@ -426,10 +428,8 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     if amx {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         amx::run_q4k(&parts, &quantized, m, &mut outs);
-    } else if m <= MAX_ROWS {
-        run(&parts, &quantized, m, &mut outs);
     } else {
-        return Ok(None);
+        run(&parts, &quantized, m, &mut outs);
     }
     drop(guard);
 
@@ -511,28 +511,34 @@ fn on_every_thread(total: usize, work: impl Fn(usize, usize) + Sync) {
     });
 }
 
-/// Every weight row of every part against the `m` rows of `x`, the rows split evenly over
-/// candle's thread pool in one parallel region.
+/// Every weight row of every part against the `m` rows of `x` (chunks of [`MAX_ROWS`] rows, each
+/// against all weight rows), the weight rows split evenly over candle's thread pool in one
+/// parallel region.
 fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
     static KERNEL: std::sync::OnceLock<RowKernel> = std::sync::OnceLock::new();
     let kernel = *KERNEL.get_or_init(|| row_kernels()[0]);
     let total: usize = parts.iter().map(|p| p.n).sum();
+    let kb = x.len() / m;
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
     on_every_thread(total, |start, end| {
         let mut row_out = [0f32; MAX_ROWS];
-        let mut first = 0;
-        for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-            let (lo, hi) = (start.max(first), end.min(first + part.n));
-            let kb = part.blocks.len() / part.n;
-            for row in lo.saturating_sub(first)..hi.saturating_sub(first) {
-                // SAFETY: `row_kernels` checked the CPU features of the kernel.
-                unsafe { kernel(&part.blocks[row * kb..][..kb], x, m, &mut row_out) };
-                for (r, value) in row_out[..m].iter().enumerate() {
-                    // SAFETY: every (r, row) of a part is written by exactly one thread.
-                    unsafe { *(out_ptr as *mut f32).add(r * part.n + row) = value + part.bias[row] };
+        for r0 in (0..m).step_by(MAX_ROWS) {
+            let rows = MAX_ROWS.min(m - r0);
+            let x = &x[r0 * kb..];
+            let mut first = 0;
+            for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
+                let (lo, hi) = (start.max(first), end.min(first + part.n));
+                for row in lo.saturating_sub(first)..hi.saturating_sub(first) {
+                    // SAFETY: `row_kernels` checked the CPU features of the kernel.
+                    unsafe { kernel(&part.blocks[row * kb..][..kb], x, rows, &mut row_out) };
+                    for (r, value) in row_out[..rows].iter().enumerate() {
+                        // SAFETY: every (r, row) of a part is written by exactly one thread.
+                        let at = (r0 + r) * part.n + row;
+                        unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
+                    }
                 }
+                first += part.n;
             }
-            first += part.n;
         }
     });
 }
@@ -574,15 +580,7 @@ mod tests {
         for m in [1, 3, 16, MAX_ROWS, 40, 128] {
             let xs = Tensor::from_vec(random(m * k, 5 + m as u64), (1, m, k), &dev)?;
             let (c1, c2) = (Weight::Candle(w1.clone()), Weight::Candle(w2.clone()));
-            let outs = linear_rows(&[(&c1, &b1), (&c2, &b2)], &xs)?;
-            let Some(outs) = outs else {
-                assert!(
-                    m > MAX_ROWS && !amx_available(),
-                    "q4k on the CPU applies for m={m}"
-                );
-                eprintln!("no AMX here: {m} rows are left to candle");
-                continue;
-            };
+            let outs = linear_rows(&[(&c1, &b1), (&c2, &b2)], &xs)?.expect("q4k on the CPU is taken");
             for ((w, b), out) in [(&w1, &b1), (&w2, &b2)].into_iter().zip(&outs) {
                 let expected = w.forward(&xs)?.broadcast_add(b)?;
                 assert_eq!(out.dims(), expected.dims());
@@ -630,8 +628,33 @@ mod tests {
         Ok(())
     }
 
+    /// Row counts beyond [`MAX_ROWS`] run in chunks through the row kernels where AMX is absent or
+    /// the weight is not whole tiles of 16 rows: against candle's matmul.
     #[test]
-    fn other_dtypes_and_long_inputs_are_left_to_candle() -> Result<()> {
+    fn many_rows_run_in_chunks() -> Result<()> {
+        let (k, n) = (512, 24);
+        let dev = Device::Cpu;
+        let w = QMatMul::from_qtensor(QTensor::quantize(
+            &Tensor::from_vec(random(n * k, 7), (n, k), &dev)?,
+            GgmlDType::Q4K,
+        )?)?;
+        let b = Tensor::from_vec(random(n, 8), n, &dev)?;
+        for m in [MAX_ROWS + 1, 2 * MAX_ROWS, 2 * MAX_ROWS + 5] {
+            let xs = Tensor::from_vec(random(m * k, 9 + m as u64), (m, k), &dev)?;
+            let outs = linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.expect("q4k is taken");
+            let expected = w.forward(&xs)?.broadcast_add(&b)?;
+            let diff = (&outs[0] - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-5 * scale,
+                "m={m}: max difference {diff} (outputs up to {scale})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn other_dtypes_are_left_to_candle() -> Result<()> {
         let dev = Device::Cpu;
         let w = QTensor::quantize(
             &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
@@ -646,18 +669,7 @@ mod tests {
             GgmlDType::Q4K,
         )?)?;
         let long = Tensor::zeros((1, MAX_ROWS + 1, 256), DType::F32, &dev)?;
-        assert_eq!(
-            linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_some(),
-            amx_available()
-        );
-        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
-        // AMX takes weights in whole tiles of 16 rows.
-        let w = QMatMul::from_qtensor(QTensor::quantize(
-            &Tensor::from_vec(random(24 * 256, 1), (24, 256), &dev)?,
-            GgmlDType::Q4K,
-        )?)?;
-        let b = Tensor::zeros(24, DType::F32, &dev)?;
-        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_none());
+        assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_some());
         assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
         Ok(())
     }
@@ -746,12 +758,5 @@ mod tests {
             }
         }
         Ok(())
-    }
-
-    fn amx_available() -> bool {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        return amx::available();
-        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-        false
     }
 }
