@@ -21,6 +21,7 @@ type Result<T> = candle_core::Result<T>;
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
 mod dense;
+mod q4k_avx2;
 mod q8_0;
 
 /// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
@@ -428,6 +429,8 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     if amx {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         amx::run_q4k(&parts, &quantized, m, &mut outs);
+    } else if m >= q4k_avx2::MIN_ROWS && q4k_avx2::available() && q4k_avx2::fits(&parts) {
+        q4k_avx2::run_q4k(&parts, &quantized, m, &mut outs);
     } else {
         run(&parts, &quantized, m, &mut outs);
     }
@@ -577,7 +580,7 @@ mod tests {
         let (w1, w2) = (QMatMul::from_qtensor(w1)?, QMatMul::from_qtensor(w2)?);
         let b1 = Tensor::from_vec(random(n1, 3), n1, &dev)?;
         let b2 = Tensor::from_vec(random(n2, 4), n2, &dev)?;
-        for m in [1, 3, 16, MAX_ROWS, 40, 128] {
+        for m in [1, 3, 8, 16, MAX_ROWS, 40, 128] {
             let xs = Tensor::from_vec(random(m * k, 5 + m as u64), (1, m, k), &dev)?;
             let (c1, c2) = (Weight::Candle(w1.clone()), Weight::Candle(w2.clone()));
             let outs = linear_rows(&[(&c1, &b1), (&c2, &b2)], &xs)?.expect("q4k on the CPU is taken");
@@ -590,6 +593,43 @@ mod tests {
                     diff <= 1e-5 * scale,
                     "m={m}: max difference {diff} (outputs up to {scale})"
                 );
+            }
+            if m >= q4k_avx2::MIN_ROWS && q4k_avx2::available() {
+                // The AVX2 tiles too where AMX took the rows above.
+                let datas = [&w1, &w2].map(|w| match w {
+                    QMatMul::QTensor(w) => w.data(),
+                    _ => panic!("quantized above"),
+                });
+                let [d1, d2] = datas;
+                let (d1, d2) = (d1?, d2?);
+                fn blocks(data: &[u8]) -> &[BlockQ4K] {
+                    // SAFETY: as in `linear_rows`; the comparison fails if they did not line up.
+                    unsafe { data.align_to::<BlockQ4K>().1 }
+                }
+                let (bias1, bias2) = (b1.to_vec1::<f32>()?, b2.to_vec1::<f32>()?);
+                let parts = [
+                    Part {
+                        blocks: blocks(&d1),
+                        bias: &bias1,
+                        n: n1,
+                    },
+                    Part {
+                        blocks: blocks(&d2),
+                        bias: &bias2,
+                        n: n2,
+                    },
+                ];
+                let input = xs.flatten_all()?.to_vec1::<f32>()?;
+                let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
+                let mut got = vec![vec![0f32; m * n1], vec![0f32; m * n2]];
+                q4k_avx2::run_q4k(&parts, &quantized, m, &mut got);
+                for (got, expected) in got.iter().zip(&outs) {
+                    let expected = expected.flatten_all()?.to_vec1::<f32>()?;
+                    let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    for (g, e) in got.iter().zip(&expected) {
+                        assert!((g - e).abs() <= 1e-5 * scale, "AVX2 tiles, m={m}: {g} vs {e}");
+                    }
+                }
             }
             if m > MAX_ROWS {
                 continue;
