@@ -27,8 +27,9 @@ pub(crate) struct DecodeAttention {
 }
 
 impl DecodeAttention {
-    /// Most new positions the model sends here: each query reads its head's cache again, which
-    /// suits a few (a keystroke's tokens) and not a prefill chunk, where candle's matmuls win.
+    /// Most new positions the model sends here over an f32 cache: each query reads its head's
+    /// cache again, which suits a few (a keystroke's tokens), while candle's matmuls serve an f32
+    /// prefill chunk. An f16 cache sends any number (see `model::attention_core`).
     pub const MAX_QUERIES: usize = 31;
 }
 
@@ -373,10 +374,11 @@ mod tests {
     /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity.
     #[test]
     fn decode_attention_matches_candle_on_a_cache_view() {
-        let (heads, capacity, total) = (4, 40, 29);
+        let (heads, capacity, total) = (4, 48, 40);
         let dev = Device::Cpu;
-        // An f32 cache, and an f16 one (a quantized model's), against candle's masked attention in
-        // f32 on the same values, for one new position and for three; a head_dim that is not a
+        // An f32 cache, and an f16 one (a quantized or 16-bit model's), against candle's masked
+        // attention in f32 on the same values, for one new position and for three, and over f16
+        // for prefill chunks (more than MAX_QUERIES, and a whole prompt); a head_dim that is not a
         // multiple of 8 takes the portable f16 path.
         for (dtype, head_dim, n) in [
             (DType::F32, 16, 1),
@@ -384,6 +386,8 @@ mod tests {
             (DType::F16, 16, 1),
             (DType::F16, 16, 3),
             (DType::F16, 12, 3),
+            (DType::F16, 16, DecodeAttention::MAX_QUERIES + 4),
+            (DType::F16, 16, total),
         ] {
             let q = Tensor::randn(0f32, 1.0, (1, heads, n, head_dim), &dev).expect("q");
             let cache = || {
