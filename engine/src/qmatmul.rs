@@ -6,9 +6,10 @@
 //! point faster. Several weights that share one input (a layer's q, k, v and fc1) run in one pass
 //! over one quantized input, and the bias is added on the way out. CPU, f32 activations; AVX-512
 //! VNNI or AVX2+FMA by runtime detection, with a portable fallback; many rows (prefill) on AMX
-//! tiles where the CPU has them ([`amx`]). q8_0 is repacked at load into tiles of the same size
-//! that replace the stored blocks ([`q8_0`]). Dense f16, bf16 and f32 weights are widened to f32
-//! as they are read ([`dense`]).
+//! tiles where the CPU has them ([`amx`]), else on AVX2 tiles unpacked once per block
+//! ([`q4k_avx2`]). q8_0 is repacked at load into tiles of the same size that replace the stored
+//! blocks ([`q8_0`]). Dense f16, bf16 and f32 weights are widened to f32 as they are read
+//! ([`dense`]).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -55,8 +56,9 @@ impl Weight {
 /// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
 /// L2). Per row they do more work than candle's tiles (they match them at 1–3 rows, take ~1.3×
 /// the time at 8 and ~2× at 31), but candle would first build its tiled copy of every weight (a
-/// gigabyte for Phi-1, seconds on first use). From [`amx::MIN_ROWS`] rows AMX takes over where
-/// the CPU has it.
+/// gigabyte for Phi-1, seconds on first use). Weights of whole 16-row tiles go from 12 rows to
+/// AMX where the CPU has it, else from 8 rows to the AVX2 tiles ([`q4k_avx2`]); the chunks serve
+/// the rest.
 pub(crate) const MAX_ROWS: usize = 31;
 
 const QK_K: usize = 256;
