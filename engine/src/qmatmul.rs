@@ -505,6 +505,12 @@ fn outputs(outs: Vec<Vec<f32>>, ns: impl Iterator<Item = usize>, dims: &[usize])
         .collect()
 }
 
+/// The units of one thread's share `[start, end)` (counted across parts) that fall in the part
+/// whose units are `first..first + count`, counted from the part's own start.
+fn share(start: usize, end: usize, first: usize, count: usize) -> std::ops::Range<usize> {
+    start.max(first) - first..end.min(first + count).saturating_sub(first)
+}
+
 /// `work(start, end)` on every thread of candle's pool, in one parallel region, `[0, total)`
 /// split evenly into one contiguous range per thread.
 fn on_every_thread(total: usize, work: impl Fn(usize, usize) + Sync) {
@@ -532,8 +538,7 @@ fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
             let x = &x[r0 * kb..];
             let mut first = 0;
             for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-                let (lo, hi) = (start.max(first), end.min(first + part.n));
-                for row in lo.saturating_sub(first)..hi.saturating_sub(first) {
+                for row in share(start, end, first, part.n) {
                     // SAFETY: `row_kernels` checked the CPU features of the kernel.
                     unsafe { kernel(&part.blocks[row * kb..][..kb], x, rows, &mut row_out) };
                     for (r, value) in row_out[..rows].iter().enumerate() {

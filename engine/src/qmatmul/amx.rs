@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 
 use super::q8_0::{self, Packed};
-use super::{f16_to_f32, on_every_thread, unpacked_scales, Part, Q8Block, QK_K};
+use super::{f16_to_f32, on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
 
 /// Fewest activation rows worth a tile product (whose 16 columns are activation rows).
 pub(super) const MIN_ROWS: usize = 12;
@@ -172,7 +172,7 @@ unsafe fn tiles_q4k(parts: &[Part], acts: &Activations, m: usize, outs: &[usize]
     let mut first = 0;
     for (part, &out) in parts.iter().zip(outs) {
         let count = part.n / TILE;
-        for tile in start.max(first) - first..end.min(first + count).saturating_sub(first) {
+        for tile in share(start, end, first, count) {
             acc.fill(0.0);
             let rows = &part.blocks[tile * TILE * kb..][..TILE * kb];
             for b in 0..kb {
@@ -329,7 +329,7 @@ unsafe fn tiles_q8_0(
         let (n, k) = (packed.n, packed.k);
         let kb = k / q8_0::QK8_0;
         let count = n / TILE;
-        for tile in start.max(first) - first..end.min(first + count).saturating_sub(first) {
+        for tile in share(start, end, first, count) {
             let tiles = &packed.tiles[tile * kb..][..kb];
             let bias = _mm512_loadu_ps(bias.as_ptr().add(tile * TILE));
             for group in 0..m.div_ceil(TILE) {

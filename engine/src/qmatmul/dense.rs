@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{cpu_f32, on_every_thread, outputs, Result};
+use super::{cpu_f32, on_every_thread, outputs, share, Result};
 
 /// Most activation rows the row kernels take; more go through [`panels`] or [`widened_matmul`].
 pub(crate) const MAX_ROWS: usize = 31;
@@ -224,11 +224,8 @@ fn run(parts: &[Part], x: &[f32], m: usize, k: usize, outs: &mut [Vec<f32>]) {
         let mut block = [0f32; 4 * MAX_ROWS];
         let mut first = 0;
         for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-            let (lo, hi) = (
-                start.max(first) - first,
-                end.min(first + part.n).saturating_sub(first),
-            );
-            let mut row = lo;
+            let rows_here = share(start, end, first, part.n);
+            let (mut row, hi) = (rows_here.start, rows_here.end);
             while row < hi {
                 let rows = if hi - row >= 4 { 4 } else { 1 };
                 kernel(part.values, row, rows, k, x, m, &mut block);

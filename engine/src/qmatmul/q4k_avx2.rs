@@ -6,7 +6,7 @@
 //! then 32 products for 8 weight rows, nothing is reduced across lanes, and the 16-bit sums of a
 //! 32-value sub-block (at most 8 · 2 · 15 · 128 = 30,720) are widened once with their 6-bit scale.
 
-use super::{f16_to_f32, on_every_thread, unpacked_scales, Part, Q8Block, QK_K};
+use super::{f16_to_f32, on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
 
 /// Fewest activation rows worth unpacking a tile for; fewer go to the row kernels.
 pub(super) const MIN_ROWS: usize = 8;
@@ -79,7 +79,7 @@ unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: 
     let mut first = 0;
     for (part, &out) in parts.iter().zip(outs) {
         let count = part.n / TILE;
-        for tile in start.max(first) - first..end.min(first + count).saturating_sub(first) {
+        for tile in share(start, end, first, count) {
             acc.fill(0.0);
             let rows = &part.blocks[tile * TILE * kb..][..TILE * kb];
             for b in 0..kb {

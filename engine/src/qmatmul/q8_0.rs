@@ -148,7 +148,7 @@ pub(super) fn run(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [
         for (part, &out) in parts.iter().zip(&out_ptrs) {
             let count = part.0.n / TILE;
             let out = out as *mut f32;
-            for tile in start.max(first) - first..end.min(first + count).saturating_sub(first) {
+            for tile in super::share(start, end, first, count) {
                 let mut r = 0;
                 while r < m {
                     // SAFETY: `Isa::available` checked the CPU features of the tiles' kernels
