@@ -397,13 +397,19 @@ unsafe fn block_avx2<const E: u8, const R: usize, const M: usize>(
 /// [`KC`] inputs, `nr` weight rows at a time are widened to f32 (a copy, no transpose), and an
 /// `nr × mr` tile of `wᵀx` accumulates in registers: per input, two activation loads, `nr` weight
 /// broadcasts and `2·nr` FMAs. The widening is paid once per weight and block, not once per
-/// activation row.
+/// activation row. A thread takes its weight rows in blocks whose tile sums stay in L2, and writes
+/// each block's outputs row by row of activations: sums kept for all its rows (megabytes) and
+/// outputs written a column at a time had held the kernel to ~60% of the FMA peak on a Zen 3,
+/// ~77% now (fc1 at 128 rows, 2 threads: 66 → 78 G multiply-adds/s).
 #[cfg(target_arch = "x86_64")]
 mod panels {
-    use super::{on_every_thread, Part};
+    use super::{on_every_thread, Part, Values};
 
     /// Inputs per block: the weight panel (≤ 12 KiB) and the activation panel (≤ 32 KiB) stay in L1.
     const KC: usize = 256;
+
+    /// Tile sums held per block of weight rows: 128 KiB.
+    const ACC_FLOATS: usize = 32 << 10;
 
     /// The tile kernel this CPU runs.
     #[derive(Clone, Copy, PartialEq, Debug)]
@@ -485,43 +491,75 @@ mod panels {
             if first >= last {
                 return;
             }
-            // Tile sums for this thread's rows: `[row][group][mr]`.
-            let mut acc = vec![0f32; (last - first) * groups * mr];
+            // Tile sums for a block of this thread's rows, `[row][group][mr]`, small enough to stay
+            // in L2 while every block of inputs passes (the tile kernels load and store them).
+            let block_rows = (ACC_FLOATS / (groups * mr)).max(nr) / nr * nr;
+            let mut acc = vec![0f32; block_rows.min(last - first) * groups * mr];
             let mut panel = vec![0f32; nr * KC];
-            for t0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - t0);
-                let mut row = first;
-                while row < last {
-                    let rows = if last - row >= nr { nr } else { 1 };
-                    for j in 0..rows {
-                        part.values.widen((row + j) * k + t0, &mut panel[j * kc..][..kc]);
-                    }
-                    for g in 0..groups {
-                        let xs = &x.packed[(g * k + t0) * mr..][..kc * mr];
-                        let tile = &mut acc[((row - first) * groups + g) * mr..];
-                        let stride = groups * mr;
-                        // SAFETY: the features were detected (`Isa::detect`); the kernels assert
-                        // the extents they read and write.
-                        unsafe {
-                            match (isa, rows == nr) {
-                                (Isa::Avx512, true) => tile_avx512::<12>(&panel, kc, xs, tile, stride),
-                                (Isa::Avx512, false) => tile_avx512::<1>(&panel, kc, xs, tile, stride),
-                                (Isa::Avx2, true) => tile_avx2::<6>(&panel, kc, xs, tile, stride),
-                                (Isa::Avx2, false) => tile_avx2::<1>(&panel, kc, xs, tile, stride),
+            for b0 in (first..last).step_by(block_rows) {
+                let b1 = (b0 + block_rows).min(last);
+                acc.fill(0.0);
+                for t0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - t0);
+                    let mut row = b0;
+                    while row < b1 {
+                        let rows = if b1 - row >= nr { nr } else { 1 };
+                        // The panel after this one, asked for now so that widening it does not
+                        // wait on memory (its rows are k apart: no hardware prefetcher follows).
+                        let (next, next_t0) = if row + rows < b1 {
+                            (row + rows, t0)
+                        } else {
+                            (b0, t0 + KC)
+                        };
+                        if next_t0 < k {
+                            let rows = next..(next + nr).min(b1);
+                            prefetch_panel(part.values, k, rows, next_t0, KC.min(k - next_t0));
+                        }
+                        for j in 0..rows {
+                            part.values.widen((row + j) * k + t0, &mut panel[j * kc..][..kc]);
+                        }
+                        for g in 0..groups {
+                            let xs = &x.packed[(g * k + t0) * mr..][..kc * mr];
+                            let tile = &mut acc[((row - b0) * groups + g) * mr..];
+                            let stride = groups * mr;
+                            // SAFETY: the features were detected (`Isa::detect`); the kernels
+                            // assert the extents they read and write.
+                            unsafe {
+                                match (isa, rows == nr) {
+                                    (Isa::Avx512, true) => tile_avx512::<12>(&panel, kc, xs, tile, stride),
+                                    (Isa::Avx512, false) => tile_avx512::<1>(&panel, kc, xs, tile, stride),
+                                    (Isa::Avx2, true) => tile_avx2::<6>(&panel, kc, xs, tile, stride),
+                                    (Isa::Avx2, false) => tile_avx2::<1>(&panel, kc, xs, tile, stride),
+                                }
                             }
                         }
+                        row += rows;
                     }
-                    row += rows;
                 }
-            }
-            for row in first..last {
                 for i in 0..m {
-                    let value = acc[((row - first) * groups + i / mr) * mr + i % mr] + part.bias[row];
+                    let sums = acc[i..].iter().step_by(groups * mr);
                     // SAFETY: every (i, row) is written by exactly one thread.
-                    unsafe { *(out_ptr as *mut f32).add(i * n + row) = value };
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(i * n + b0), b1 - b0)
+                    };
+                    for ((o, &sum), &bias) in out.iter_mut().zip(sums).zip(&part.bias[b0..b1]) {
+                        *o = sum + bias;
+                    }
                 }
             }
         });
+    }
+
+    /// Asks for `kc` values from `t0` of weight `rows`, a cache line at a time.
+    fn prefetch_panel(values: Values, k: usize, rows: std::ops::Range<usize>, t0: usize, kc: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for j in rows {
+            let (ptr, size) = values.at(j * k + t0);
+            for offset in (0..kc * size).step_by(64) {
+                // SAFETY: a prefetch does not fault; the addresses lie within row j.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.wrapping_add(offset) as *const i8) };
+            }
+        }
     }
 
     /// `tile[j·stride + i] += Σ_t panel[j·kc + t]·xs[t·32 + i]` for `R` weight rows and 32
