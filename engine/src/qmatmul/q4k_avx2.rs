@@ -6,7 +6,9 @@
 //! then 32 products for 8 weight rows, nothing is reduced across lanes, and the 16-bit sums of a
 //! 32-value sub-block (at most 8 · 2 · 15 · 128 = 30,720) are widened once with their 6-bit scale.
 
-use super::{f16_to_f32, on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
+use super::{on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
+#[cfg(target_arch = "x86_64")]
+use super::d_and_dmin;
 
 /// Fewest activation rows worth unpacking a tile for; fewer go to the row kernels.
 pub(super) const MIN_ROWS: usize = 8;
@@ -21,7 +23,11 @@ pub(super) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -64,7 +70,7 @@ struct Unpacked {
 /// The weight tiles `[start, end)` (counted across `parts`) against every row of `x`, written
 /// with their bias into `outs` (`[m, n]` each).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
     use std::arch::x86_64::*;
     let kb = x.len() / m;
@@ -101,8 +107,8 @@ unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: 
                         }
                     }
                     let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
-                    let dmin = f16_to_f32(block.dmin);
-                    w.d[r] = f16_to_f32(block.d);
+                    let (d, dmin) = d_and_dmin(block);
+                    w.d[r] = d;
                     for j in 0..SUB_BLOCKS {
                         let lanes = &mut w.scales[j][r / 8][2 * (r % 8)..][..2];
                         lanes.fill(sc[j] as i16);
