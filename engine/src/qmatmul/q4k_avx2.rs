@@ -6,9 +6,9 @@
 //! then 32 products for 8 weight rows, nothing is reduced across lanes, and the 16-bit sums of a
 //! 32-value sub-block (at most 8 · 2 · 15 · 128 = 30,720) are widened once with their 6-bit scale.
 
-use super::{on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::d_and_dmin;
+use super::{on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
 
 /// Fewest activation rows worth unpacking a tile for; fewer go to the row kernels.
 pub(super) const MIN_ROWS: usize = 8;
@@ -55,6 +55,36 @@ pub(super) fn run_q4k(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f
     }
 }
 
+/// The 8×8 transpose of 32-bit lanes: lane `i` of output `j` is lane `j` of input `i`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose8(v: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
+    use std::arch::x86_64::*;
+    let lo = |a, b| _mm256_unpacklo_epi32(a, b);
+    let hi = |a, b| _mm256_unpackhi_epi32(a, b);
+    // Pairs of rows interleaved: t[2p] holds lanes 0, 1 (and 4, 5) of rows 2p, 2p+1; t[2p+1] 2, 3.
+    let t = [lo(v[0], v[1]), hi(v[0], v[1]), lo(v[2], v[3]), hi(v[2], v[3])];
+    let t2 = [lo(v[4], v[5]), hi(v[4], v[5]), lo(v[6], v[7]), hi(v[6], v[7])];
+    // Four rows: u[c] holds lane c (and c + 4) of rows 0–3, w[c] of rows 4–7.
+    let quads = |t: [__m256i; 4]| {
+        [
+            _mm256_unpacklo_epi64(t[0], t[2]),
+            _mm256_unpackhi_epi64(t[0], t[2]),
+            _mm256_unpacklo_epi64(t[1], t[3]),
+            _mm256_unpackhi_epi64(t[1], t[3]),
+        ]
+    };
+    let (u, w) = (quads(t), quads(t2));
+    std::array::from_fn(|j| {
+        if j < 4 {
+            _mm256_permute2x128_si256::<0x20>(u[j], w[j])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(u[j - 4], w[j - 4])
+        }
+    })
+}
+
 #[repr(C, align(32))]
 struct Unpacked {
     /// Sub-block `j`, group `kk` of four values, row `r`: `qs[j][(kk·16 + r)·4 + t]`.
@@ -89,23 +119,28 @@ unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: 
             acc.fill(0.0);
             let rows = &part.blocks[tile * TILE * kb..][..TILE * kb];
             for b in 0..kb {
-                for r in 0..TILE {
-                    let block = &rows[r * kb + b];
+                // Eight rows at a time: each row's four-value groups (32-bit lanes) transposed so
+                // that a group's lanes of eight rows are stored together.
+                for r0 in (0..TILE).step_by(8) {
                     for g in 0..4 {
-                        let bytes = _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i);
-                        let halves = [
-                            _mm256_and_si256(bytes, low),
-                            _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low),
-                        ];
-                        for (h, values) in halves.into_iter().enumerate() {
-                            let mut four = [0u32; 8];
-                            _mm256_storeu_si256(four.as_mut_ptr() as *mut __m256i, values);
+                        let bytes: [__m256i; 8] = std::array::from_fn(|i| {
+                            let block = &rows[(r0 + i) * kb + b];
+                            _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i)
+                        });
+                        for h in 0..2 {
+                            let values = bytes.map(|v| {
+                                let v = if h == 0 { v } else { _mm256_srli_epi16(v, 4) };
+                                _mm256_and_si256(v, low)
+                            });
                             let qs = w.qs[2 * g + h].as_mut_ptr() as *mut u32;
-                            for (kk, &four) in four.iter().enumerate() {
-                                *qs.add(kk * TILE + r) = four;
+                            for (kk, lanes) in transpose8(values).into_iter().enumerate() {
+                                _mm256_storeu_si256(qs.add(kk * TILE + r0) as *mut __m256i, lanes);
                             }
                         }
                     }
+                }
+                for r in 0..TILE {
+                    let block = &rows[r * kb + b];
                     let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
                     let (d, dmin) = d_and_dmin(block);
                     w.d[r] = d;
