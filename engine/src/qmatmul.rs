@@ -147,11 +147,17 @@ fn f16_to_f32(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
 }
 
-/// `out[r] = Σ_k w[k]·x[r][k]` for one weight row and `m` activation rows (`x` row-major, `kb`
-/// blocks per row).
-type RowKernel = unsafe fn(&[BlockQ4K], &[Q8Block], usize, &mut [f32]);
+/// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one
+/// call takes many, so what a call sets up is shared) and `m` activation rows (`x` row-major).
+type RowKernel = unsafe fn(&[BlockQ4K], usize, &[Q8Block], usize, &mut [f32]);
 
-fn row_generic(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
+fn row_generic(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+        row_generic_one(w, x, m, out);
+    }
+}
+
+fn row_generic_one(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
     let kb = w.len();
     out[..m].fill(0.0);
     for (b, block) in w.iter().enumerate() {
@@ -175,23 +181,25 @@ fn row_generic(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
     }
 }
 
-/// A [`RowKernel`] body: the `m` activation rows in groups of up to four, each group through
-/// `$rows::<M>` (which unpacks the weights once for its `M` rows).
+/// A [`RowKernel`] body: for each weight row, the `m` activation rows in groups of up to four,
+/// each group through `$rows::<M>(w, x, out, $extra)` (which unpacks the weights once for its `M`
+/// rows).
 #[cfg(target_arch = "x86_64")]
 macro_rules! in_groups_of_four {
-    ($rows:ident, $w:expr, $x:expr, $m:expr, $out:expr) => {{
-        let (w, x, m, out) = ($w, $x, $m, $out);
-        let kb = w.len();
-        let mut r = 0;
-        while r < m {
-            let (x, out) = (&x[r * kb..], &mut out[r..]);
-            match m - r {
-                1 => $rows::<1>(w, x, out),
-                2 => $rows::<2>(w, x, out),
-                3 => $rows::<3>(w, x, out),
-                _ => $rows::<4>(w, x, out),
+    ($rows:ident, $w:expr, $kb:expr, $x:expr, $m:expr, $out:expr, $extra:expr) => {{
+        let (kb, x, m, extra) = ($kb, $x, $m, $extra);
+        for (w, out) in $w.chunks_exact(kb).zip($out.chunks_exact_mut(m)) {
+            let mut r = 0;
+            while r < m {
+                let (x, out) = (&x[r * kb..], &mut out[r..]);
+                match m - r {
+                    1 => $rows::<1>(w, x, out, extra),
+                    2 => $rows::<2>(w, x, out, extra),
+                    3 => $rows::<3>(w, x, out, extra),
+                    _ => $rows::<4>(w, x, out, extra),
+                }
+                r += 4;
             }
-            r += 4;
         }
     }};
 }
@@ -209,10 +217,29 @@ unsafe fn d_and_dmin(block: &BlockQ4K) -> (f32, f32) {
     (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
 }
 
+/// `vpshufb` masks that spread byte `j` of a 64-bit lane to every 16-bit lane, zero-extended.
+#[cfg(target_arch = "x86_64")]
+static SCALE_PICKS: [[u8; 32]; 8] = {
+    let mut masks = [[0x80u8; 32]; 8];
+    let mut j = 0;
+    while j < 8 {
+        let mut l = 0;
+        while l < 16 {
+            masks[j][2 * l] = j as u8;
+            l += 1;
+        }
+        j += 1;
+    }
+    masks
+};
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
-    in_groups_of_four!(rows_avx2, w, x, m, out)
+unsafe fn row_avx2(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    // Opaque to the compiler, which otherwise turns the eight `vpshufb`s of a block into more
+    // (and slower) broadcasts and shifts.
+    let picks = std::hint::black_box(SCALE_PICKS.as_ptr() as *const std::arch::x86_64::__m256i);
+    in_groups_of_four!(rows_avx2, w, kb, x, m, out, picks)
 }
 
 /// [`row_avx2`] for `M` activation rows, ggml's `q4_K·q8_K` AVX2 dot product widened to `M` rows
@@ -220,7 +247,12 @@ unsafe fn row_avx2(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32]) {
+unsafe fn rows_avx2<const M: usize>(
+    w: &[BlockQ4K],
+    x: &[Q8Block],
+    out: &mut [f32],
+    picks: *const std::arch::x86_64::__m256i,
+) {
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
@@ -229,8 +261,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f3
     let low = _mm256_set1_epi8(0xF);
     for (b, block) in w.iter().enumerate() {
         let [sc, mn] = unpacked_scales(&block.scales);
-        let scales = _mm256_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64));
-        let scales = _mm256_permute2x128_si256(scales, scales, 0);
+        let scales = _mm256_set1_epi64x(sc as i64);
         let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
         let (d, dmin) = d_and_dmin(block);
         let ahead = (block as *const BlockQ4K as *const i8).wrapping_add(PREFETCH_BYTES);
@@ -246,7 +277,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f3
             let a = x.get_unchecked(r * kb + b);
             let mut sumi = _mm256_setzero_si256();
             for (j, q) in q.iter().enumerate() {
-                let scale = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((0x100 + 0x202 * j) as i16));
+                let scale = _mm256_shuffle_epi8(scales, _mm256_loadu_si256(picks.add(j)));
                 let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
                 let pairs = _mm256_maddubs_epi16(*q, act);
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, scale));
@@ -270,8 +301,8 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f3
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
-unsafe fn row_avx512(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
-    in_groups_of_four!(rows_avx512, w, x, m, out)
+unsafe fn row_avx512(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    in_groups_of_four!(rows_avx512, w, kb, x, m, out, ())
 }
 
 /// [`rows_avx2`] on 512-bit registers: each holds two sub-blocks (64 stored bytes, one nibble
@@ -280,7 +311,7 @@ unsafe fn row_avx512(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 #[inline]
-unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32]) {
+unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32], _: ()) {
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
@@ -535,6 +566,9 @@ fn on_every_thread(total: usize, work: impl Fn(usize, usize) + Sync) {
     });
 }
 
+/// How many weight rows [`run`] hands a row kernel at once.
+const SLAB: usize = 64;
+
 /// Every weight row of every part against the `m` rows of `x` (chunks of [`MAX_ROWS`] rows, each
 /// against all weight rows), the weight rows split evenly over candle's thread pool in one
 /// parallel region.
@@ -545,19 +579,25 @@ fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
     let kb = x.len() / m;
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
     on_every_thread(total, |start, end| {
-        let mut row_out = [0f32; MAX_ROWS];
+        let mut slab_out = [0f32; SLAB * MAX_ROWS];
         for r0 in (0..m).step_by(MAX_ROWS) {
             let rows = MAX_ROWS.min(m - r0);
             let x = &x[r0 * kb..];
             let mut first = 0;
             for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-                for row in share(start, end, first, part.n) {
+                let mine = share(start, end, first, part.n);
+                for slab in (mine.start..mine.end).step_by(SLAB) {
+                    let count = SLAB.min(mine.end - slab);
+                    let w = &part.blocks[slab * kb..][..count * kb];
                     // SAFETY: `row_kernels` checked the CPU features of the kernel.
-                    unsafe { kernel(&part.blocks[row * kb..][..kb], x, rows, &mut row_out) };
-                    for (r, value) in row_out[..rows].iter().enumerate() {
-                        // SAFETY: every (r, row) of a part is written by exactly one thread.
-                        let at = (r0 + r) * part.n + row;
-                        unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
+                    unsafe { kernel(w, kb, x, rows, &mut slab_out[..count * rows]) };
+                    for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
+                        let row = slab + i;
+                        for (r, value) in values.iter().enumerate() {
+                            // SAFETY: every (r, row) of a part is written by exactly one thread.
+                            let at = (r0 + r) * part.n + row;
+                            unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
+                        }
                     }
                 }
                 first += part.n;
@@ -587,7 +627,7 @@ mod tests {
     /// quantizes the input the same way), for one to many rows and two weights sharing the input.
     #[test]
     fn matches_candles_q4k_matmul() -> Result<()> {
-        let (k, n1, n2) = (512, 48, 80);
+        let (k, n1, n2) = (512, 48, 208);
         let dev = Device::Cpu;
         let w1 = QTensor::quantize(
             &Tensor::from_vec(random(n1 * k, 1), (n1, k), &dev)?,
@@ -670,17 +710,16 @@ mod tests {
             let expected = w1.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
             let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
             for (index, kernel) in row_kernels().into_iter().enumerate() {
-                let mut row = [0f32; MAX_ROWS];
-                for i in 0..n1 {
+                // All rows in one call, and the first three in a call of their own.
+                for n in [n1, 3] {
+                    let mut got = vec![f32::NAN; n * m];
                     // SAFETY: `row_kernels` checked the CPU features of the kernel.
-                    unsafe { kernel(&blocks[i * k / QK_K..][..k / QK_K], &quantized, m, &mut row) };
-                    for r in 0..m {
-                        let e = expected[r * n1 + i];
-                        assert!(
-                            (row[r] - e).abs() <= 1e-5 * scale,
-                            "kernel {index}, m={m}: {} vs {e}",
-                            row[r]
-                        );
+                    unsafe { kernel(&blocks[..n * k / QK_K], k / QK_K, &quantized, m, &mut got) };
+                    for i in 0..n {
+                        for r in 0..m {
+                            let (g, e) = (got[i * m + r], expected[r * n1 + i]);
+                            assert!((g - e).abs() <= 1e-5 * scale, "kernel {index}, m={m}: {g} vs {e}");
+                        }
                     }
                 }
             }
