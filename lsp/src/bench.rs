@@ -78,29 +78,20 @@ pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
         machine.cpu, machine.features, target.description
     ));
 
-    progress(&format!(
-        "measuring read bandwidth over {} MiB",
-        args.bandwidth_mib
-    ));
-    let bandwidth = read_bandwidth(args.bandwidth_mib << 20, threads, BANDWIDTH_PASSES);
-    progress(&format!("read bandwidth {:.1} GB/s", bandwidth.median));
     if !args.json {
         print_line(&format!(
-            "phi-lsp bench: {}, {threads} threads ({}); {}; read bandwidth {:.1} GB/s (median of {}, {:.1}..{:.1}, {} MiB)",
-            machine.cpu,
-            machine.features,
-            target.description,
-            bandwidth.median,
-            bandwidth.n,
-            bandwidth.min,
-            bandwidth.max,
-            args.bandwidth_mib
+            "phi-lsp bench: {}, {threads} threads ({}); {}; read bandwidth over {} MiB, measured before and after each dtype's runs",
+            machine.cpu, machine.features, target.description, args.bandwidth_mib
         ));
     }
 
     for dtype in dtypes {
+        // The machine's bandwidth moves by a quarter over minutes here (shared hosts): each
+        // dtype's ceiling uses what was measured around its own runs. Before the peak-memory
+        // reset, so the buffer does not count in the dtype's peak.
+        let before = measure_bandwidth(&args, threads);
         reset_peak_rss();
-        let report = bench_dtype(&target, dtype, &args, threads, &machine, &bandwidth)?;
+        let report = bench_dtype(&target, dtype, &args, threads, &machine, before)?;
         if args.json {
             print_line(&report.to_string());
         } else {
@@ -248,9 +239,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// [`read_bandwidth`] with the bench's buffer size and passes, with progress.
+fn measure_bandwidth(args: &BenchArgs, threads: usize) -> Vec<f64> {
+    progress(&format!(
+        "measuring read bandwidth over {} MiB",
+        args.bandwidth_mib
+    ));
+    let rates = read_bandwidth(args.bandwidth_mib << 20, threads, BANDWIDTH_PASSES);
+    progress(&format!("read bandwidth {:.1} GB/s", Spread::of(&rates).median));
+    rates
+}
+
 /// Streams a buffer of `bytes` on `threads` threads, `passes` times; GB/s (10^9 bytes) per pass.
 /// The buffer is written first so its pages are real (not the shared zero page).
-fn read_bandwidth(bytes: usize, threads: usize, passes: usize) -> Spread {
+fn read_bandwidth(bytes: usize, threads: usize, passes: usize) -> Vec<f64> {
     let words = (bytes / 8).max(1 << 16);
     let mut buffer = vec![0u64; words];
     let per_thread = words.div_ceil(threads.max(1));
@@ -279,7 +281,7 @@ fn read_bandwidth(bytes: usize, threads: usize, passes: usize) -> Spread {
         std::hint::black_box(total);
         rates.push((words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
-    Spread::of(&rates)
+    rates
 }
 
 /// Eight independent sums, so the loop vectorizes and no add chain limits it; with AVX2 where the
@@ -414,7 +416,7 @@ fn bench_dtype(
     args: &BenchArgs,
     threads: usize,
     machine: &Machine,
-    bandwidth: &Spread,
+    bandwidth_before: Vec<f64>,
 ) -> Result<Value> {
     let name = dtype.name();
     let spec = ModelSpec {
@@ -438,6 +440,8 @@ fn bench_dtype(
     let runs = in_process(&engine, dtype, args)?;
     let peak_rss = peak_rss_bytes(None);
     drop(engine);
+    let bandwidth_after = measure_bandwidth(args, threads);
+    let bandwidth = Spread::of(&[bandwidth_before.as_slice(), &bandwidth_after].concat());
 
     let profile = if args.profile {
         Some(profile(&cfg, dtype, &spec.device, args, &runs)?)
@@ -471,6 +475,8 @@ fn bench_dtype(
         "decode_tok_s_spread": runs.decode.json(),
         "bandwidth_gb_s": round(bandwidth.median),
         "bandwidth_gb_s_spread": bandwidth.json(),
+        "bandwidth_gb_s_before": round(Spread::of(&bandwidth_before).median),
+        "bandwidth_gb_s_after": round(Spread::of(&bandwidth_after).median),
         "weight_bytes_per_token": bytes.stored,
         "kv_bytes_read_per_token_at_512": kv_read,
         "decode_ceiling_tok_s": round(ceiling),
@@ -1137,11 +1143,13 @@ fn human(r: &Value) -> String {
             spread_text(&r["first_token_ms_16_spread"])
         ),
         format!(
-            "  decode at context 512    {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s: ratio {:.2}",
+            "  decode at context 512    {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s ({:.1} before the runs, {:.1} after): ratio {:.2}",
             num("decode_tok_s"),
             spread_text(&r["decode_tok_s_spread"]),
             num("decode_ceiling_tok_s"),
             num("bandwidth_gb_s"),
+            num("bandwidth_gb_s_before"),
+            num("bandwidth_gb_s_after"),
             num("decode_ceiling_ratio"),
         ),
         format!(
