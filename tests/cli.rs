@@ -261,3 +261,63 @@ fn memory_table_matches_the_published_figures() {
         768 << 20
     );
 }
+
+/// `phi-lsp bench --json` on the fixture, through the real server too: one object per dtype with
+/// every key issue #6 names, and keystrokes that run only their new tokens against the cache (the
+/// fixture's 512 positions take prompts of 256 tokens instead of 512).
+#[test]
+fn bench_reports_every_measurement_and_keystrokes_reuse_the_cache() {
+    let output = phi_lsp()
+        .args(["bench", "--model"])
+        .arg(fixture_dir())
+        .args(["--dtype", "f32,q8_0", "--repeats", "2", "--keystrokes", "3"])
+        .args(["--decode-tokens", "4", "--bandwidth-mib", "64", "--json"])
+        .output()
+        .expect("phi-lsp runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let stdout = String::from_utf8(output.stdout).expect("UTF-8");
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(reports.len(), 2, "{stdout}");
+    let numbers = |value: &serde_json::Value| -> Vec<u64> {
+        serde_json::from_value(value.clone()).expect("a list of counts")
+    };
+    for (report, dtype) in reports.iter().zip(["f32", "q8_0"]) {
+        assert_eq!(report["dtype"], dtype);
+        assert_eq!(report["threads"], 1, "phi_lsp() runs on one thread");
+        assert!(report["cpu"].as_str().is_some_and(|cpu| !cpu.is_empty()));
+        for key in [
+            "prefill_tok_s",
+            "first_token_ms_16",
+            "decode_tok_s",
+            "bandwidth_gb_s",
+            "decode_ceiling_ratio",
+            "keystroke_ms_cached",
+            "keystroke_ms_uncached",
+            "server_keystroke_ms_p50",
+            "peak_rss_bytes",
+        ] {
+            let value = report[key].as_f64();
+            assert!(
+                value.is_some_and(|v| v.is_finite() && v > 0.0),
+                "{dtype}: {key} = {}",
+                report[key]
+            );
+        }
+        assert_eq!(report["prefill_tokens"], 256);
+        // In process and through the server, each keystroke (one character) prefills one token
+        // and reuses the rest of the document's cache.
+        assert_eq!(numbers(&report["keystroke_prefilled_tokens_cached"]), [1, 1]);
+        let server = &report["server"];
+        let reused = numbers(&server["last_reused_tokens"]);
+        assert!(!reused.is_empty() && reused.iter().all(|&n| n >= 256), "{server}");
+        assert!(
+            numbers(&server["last_prefilled_tokens"]).iter().all(|&n| n <= 2),
+            "{server}"
+        );
+        assert_eq!(server["accept_speculated"], true, "{server}");
+    }
+}

@@ -48,7 +48,8 @@ pub struct BenchArgs {
     pub profile: bool,
 }
 
-/// Prompt length for prefill, decode context and the keystroke document.
+/// Prompt length for prefill, decode context and the keystroke document (shorter for models whose
+/// context could not hold it and what follows: [`prompt_tokens`]).
 const PROMPT_TOKENS: usize = 512;
 /// First-token latency prompt.
 const SHORT_PROMPT_TOKENS: usize = 16;
@@ -376,16 +377,22 @@ struct KeystrokeText {
     typed: Vec<char>,
 }
 
+/// [`PROMPT_TOKENS`], or half the model's context where that is less (a small test model), so the
+/// decode runs and the keystrokes after the prompt fit.
+fn prompt_tokens(cfg: &PhiConfig) -> usize {
+    PROMPT_TOKENS.min(cfg.max_position_embeddings / 2)
+}
+
 impl KeystrokeText {
-    fn new(tokenizer: &phi_engine::PhiTokenizer, n_typed: usize) -> Result<Self> {
+    fn new(tokenizer: &phi_engine::PhiTokenizer, n_typed: usize, prompt_tokens: usize) -> Result<Self> {
         let ids = tokenizer.encode(PYTHON_SOURCE)?;
-        if ids.len() < PROMPT_TOKENS + 8 {
+        if ids.len() < prompt_tokens + 8 {
             bail!(
                 "the built-in Python source has only {} tokens with this tokenizer",
                 ids.len()
             );
         }
-        let prefix = tokenizer.decode(&ids[..PROMPT_TOKENS])?;
+        let prefix = tokenizer.decode(&ids[..prompt_tokens])?;
         let Some(rest) = PYTHON_SOURCE.strip_prefix(prefix.as_str()) else {
             bail!("this tokenizer does not round-trip the built-in Python source");
         };
@@ -436,8 +443,20 @@ fn bench_dtype(
     let name = dtype.name();
     let cfg = engine.model.config().clone();
     let bytes = weight_bytes(&cfg, dtype);
+    let prompt_tokens = prompt_tokens(&cfg);
+    if prompt_tokens < PROMPT_TOKENS {
+        progress(&format!(
+            "{name}: the model's context is {} positions: prompts of {prompt_tokens} tokens instead of {PROMPT_TOKENS}",
+            cfg.max_position_embeddings
+        ));
+    }
 
-    let runs = in_process(&engine, dtype, args)?;
+    let text = KeystrokeText::new(
+        engine.tokenizer.as_ref(),
+        args.repeats.max(args.keystrokes),
+        prompt_tokens,
+    )?;
+    let runs = in_process(&engine, dtype, args, &text)?;
     let peak_rss = peak_rss_bytes(None);
     drop(engine);
     let bandwidth_after = measure_bandwidth(args, threads);
@@ -452,7 +471,7 @@ fn bench_dtype(
     let server = if args.skip_server {
         None
     } else {
-        Some(server_keystrokes(&spec, threads, args)?)
+        Some(server_keystrokes(&spec, threads, args, &text)?)
     };
 
     let ceiling = bandwidth.median * 1e9 / bytes.stored as f64;
@@ -523,11 +542,10 @@ struct Runs {
     keystroke_generated: Vec<usize>,
 }
 
-fn in_process(engine: &Engine, dtype: WeightDType, args: &BenchArgs) -> Result<Runs> {
+fn in_process(engine: &Engine, dtype: WeightDType, args: &BenchArgs, text: &KeystrokeText) -> Result<Runs> {
     let name = dtype.name();
     let model = &engine.model;
     let tokenizer = engine.tokenizer.as_ref();
-    let text = KeystrokeText::new(tokenizer, args.repeats.max(args.keystrokes))?;
     let prompt = &text.prefix_ids;
     let params = |max_new_tokens: usize| GenerateParams {
         max_new_tokens,
@@ -697,7 +715,7 @@ fn profile(
 ) -> Result<Value> {
     use phi_engine::synthetic::{attention_timings, elementwise_timings, matmul_timings};
     let device = loading::parse_device(device)?;
-    let chunk = phi_engine::generate::PREFILL_CHUNK.min(PROMPT_TOKENS);
+    let chunk = phi_engine::generate::PREFILL_CHUNK.min(runs.prompt_tokens);
     let mut out = serde_json::Map::new();
     for (label, n_tokens, measured_ms) in [
         ("decode_step", 1usize, runs.decode_ms_per_token),
@@ -714,7 +732,7 @@ fn profile(
             dtype,
             &device,
             n_tokens,
-            PROMPT_TOKENS,
+            runs.prompt_tokens,
             args.repeats,
         )?);
         stages.extend(elementwise_timings(cfg, dtype, &device, n_tokens, args.repeats)?);
@@ -772,14 +790,16 @@ impl ServerRuns {
     }
 }
 
-fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Result<ServerRuns> {
+/// `text` is the in-process keystrokes' document (made with the model's own tokenizer); the
+/// first `args.keystrokes` of its typed characters are typed.
+fn server_keystrokes(
+    spec: &ModelSpec,
+    threads: usize,
+    args: &BenchArgs,
+    text: &KeystrokeText,
+) -> Result<ServerRuns> {
     let name = &spec.dtype;
-    let tokenizer_path = spec
-        .tokenizer
-        .clone()
-        .context("the server keystroke needs a tokenizer")?;
-    let tokenizer = phi_engine::PhiTokenizer::from_file(Path::new(&tokenizer_path))?;
-    let text = KeystrokeText::new(&tokenizer, args.keystrokes)?;
+    let typed = &text.typed[..args.keystrokes.min(text.typed.len())];
 
     let exe = std::env::current_exe().context("cannot find the phi-lsp executable to start the server")?;
     let mut command = Command::new(exe);
@@ -793,7 +813,7 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
             "--device",
             &spec.device,
         ])
-        .args(["--tokenizer", &tokenizer_path])
+        .args(spec.tokenizer.iter().flat_map(|path| ["--tokenizer", path]))
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .env("PHI_LSP_LOG", "warn");
@@ -837,7 +857,7 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
 
         let (mut rtt, mut lasts, mut typed_through) = (Vec::new(), Vec::new(), 0);
         let mut shown = None;
-        for (keystroke, &c) in text.typed.iter().enumerate() {
+        for (keystroke, &c) in typed.iter().enumerate() {
             let end = end_position(&document);
             document.push(c);
             let start = Instant::now();
@@ -877,7 +897,7 @@ fn server_keystrokes(spec: &ModelSpec, threads: usize, args: &BenchArgs) -> Resu
                 uri,
                 &mut document,
                 &suggestion,
-                text.typed.len() + 2,
+                typed.len() + 2,
             )?),
             None => None,
         };
@@ -1143,7 +1163,8 @@ fn human(r: &Value) -> String {
             spread_text(&r["first_token_ms_16_spread"])
         ),
         format!(
-            "  decode at context 512    {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s ({:.1} before the runs, {:.1} after): ratio {:.2}",
+            "  decode at context {:<4}   {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s ({:.1} before the runs, {:.1} after): ratio {:.2}",
+            r["prefill_tokens"],
             num("decode_tok_s"),
             spread_text(&r["decode_tok_s_spread"]),
             num("decode_ceiling_tok_s"),
