@@ -180,6 +180,7 @@ unsafe fn attend_f16_avx2(
     }
     let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
     let mut max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
+    // The last `seen % 4` keys, one at a time.
     for (t, score) in scores.iter_mut().enumerate().skip(t) {
         let mut acc = _mm256_setzero_ps();
         for c in 0..lanes {
@@ -257,7 +258,7 @@ unsafe fn widen8(xs: &[half::f16], at: usize) -> std::arch::x86_64::__m256 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 #[inline]
-unsafe fn sum8(v: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn sum8(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));

@@ -385,9 +385,7 @@ unsafe fn block_avx2<const E: u8, const R: usize, const M: usize>(
         t += 8;
     }
     for (o, &v) in out.iter_mut().zip(acc.iter().flatten()) {
-        let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        *o = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)));
+        *o = crate::kernels::sum8(v);
     }
 }
 
