@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 root=$PWD
 work=${1:-/tmp/phi-lsp-llama}
 threads=${THREADS:-2}
-tokenizer=${TOKENIZER:-$root/../shared/phi-1-tokenizer/tokenizer.json}
-config=${CONFIG:-$root/../shared/phi-1-config.json}
+tokenizer=${TOKENIZER:-$root/assets/phi-1/tokenizer.json}
+config=${CONFIG:-$root/assets/phi-1/config.json}
 mkdir -p "$work"
 for f in "$tokenizer" "$config"; do
     [ -f "$f" ] || { echo "missing $f (set TOKENIZER / CONFIG)" >&2; exit 2; }

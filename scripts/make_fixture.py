@@ -50,7 +50,7 @@ Run (from the repository root, with a venv that has torch, transformers, tokeniz
   python scripts/make_fixture.py                       # tests/fixtures/tiny-phi, the defaults
   python scripts/make_fixture.py --out /tmp/phi-h128 --hidden 128 --layers 3 --heads 8 --seed 7
   python scripts/make_fixture.py --out /tmp/phi-realtok \\
-      --tokenizer ../shared/phi-1-tokenizer/tokenizer.json   # real Phi-1 vocabulary, eos 50256
+      --tokenizer assets/phi-1/tokenizer.json   # real Phi-1 vocabulary, eos 50256
 """
 
 import argparse
