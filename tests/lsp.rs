@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
 use common::{complete_fresh, fixture_dir, inline_text, json_output, phi_lsp, DEFAULT_CONTEXT_TOKENS};
-use phi_lsp::postprocess::{self, Context};
-use phi_lsp::prompt;
+use phi_lsp::completion::postprocess::{self, Context};
+use phi_lsp::completion::prompt;
 use ropey::Rope;
 use serde_json::{json, Value};
 

@@ -283,7 +283,15 @@ impl WorkerState {
             Prompt::Text(text) => self.engine.tokenizer.encode(&text)?,
             Prompt::Ids(ids) => ids,
         };
-        let ids = fit_to_context(&ids, self.options.slot_capacity, params.max_new_tokens)?;
+        // Fitting the prompt is the caller's policy (phi-lsp's `completion::prompt`); a prompt that
+        // leaves no room is refused rather than cut here.
+        if ids.len() >= self.options.slot_capacity {
+            return Err(EngineError::Request(format!(
+                "the prompt has {} tokens; a slot holds {} positions",
+                ids.len(),
+                self.options.slot_capacity
+            )));
+        }
         let slot = take_slot(&mut self.slots, self.options, &self.engine.model, &key)?;
         let mut stop = stop;
         let mut never = |_: &str| false;
@@ -295,7 +303,7 @@ impl WorkerState {
             &self.engine.model,
             &self.engine.tokenizer,
             slot,
-            ids,
+            &ids,
             &params,
             stop,
             cancelled,
@@ -324,39 +332,4 @@ fn take_slot<'a>(
     slots.push(entry);
     let last = slots.len() - 1;
     Ok(&mut slots[last].1)
-}
-
-/// Keeps the end of a prompt that does not fit `capacity - max_new_tokens`, cutting from the left
-/// in quarters of the capacity so the next keystrokes keep the same start (and the cached prefix).
-fn fit_to_context(ids: &[u32], capacity: usize, max_new_tokens: usize) -> Result<&[u32]> {
-    let room = capacity.saturating_sub(max_new_tokens.min(capacity / 2)).max(1);
-    if ids.is_empty() {
-        return Err(EngineError::Request("the prompt is empty".into()));
-    }
-    if ids.len() <= room {
-        return Ok(ids);
-    }
-    let step = (capacity / 4).max(1);
-    let excess = ids.len() - room;
-    let cut = excess.div_ceil(step) * step;
-    Ok(&ids[cut.min(ids.len() - 1)..])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fitting_cuts_the_left_in_large_steps() {
-        let ids: Vec<u32> = (0..1000).collect();
-        assert_eq!(fit_to_context(&ids, 2048, 64).expect("fits").len(), 1000);
-        // 1000 + 64 > 512: cut in steps of 128 until 1000 - cut <= 448.
-        let kept = fit_to_context(&ids, 512, 64).expect("fits");
-        assert_eq!(kept.len(), 360);
-        assert_eq!(kept[0], 640);
-        // One more token does not move the start.
-        let ids: Vec<u32> = (0..1001).collect();
-        assert_eq!(fit_to_context(&ids, 512, 64).expect("fits")[0], 640);
-        assert!(fit_to_context(&[], 512, 64).is_err());
-    }
 }

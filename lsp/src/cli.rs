@@ -7,10 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use phi_engine::{Engine, GenerateParams, Job, JobOutcome, Prompt, Worker, WorkerOptions};
 use ropey::Rope;
 
+use crate::completion::{backend, prepared};
 use crate::convert::{self, PositionEncoding};
 use crate::remote::Remote;
 use crate::settings::{ModelSpec, Settings};
-use crate::{complete, loading, server};
+use crate::{loading, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -200,15 +201,17 @@ fn one_slot_worker(engine: Engine, capacity: usize) -> Result<Worker> {
 }
 
 /// One completion by the model in this process.
-fn generate_local(settings: &Settings, prepared: &complete::Prepared) -> Result<phi_engine::Generation> {
+fn generate_local(settings: &Settings, prepared: &prepared::Prepared) -> Result<backend::Generated> {
     let engine = loading::load(&settings.model, None)?;
     let capacity = settings
         .context_tokens
         .min(engine.model.config().max_position_embeddings);
     let worker = one_slot_worker(engine, capacity)?;
-    match worker.run(prepared.job("cli", settings))? {
-        JobOutcome::Finished(generation) => Ok(generation),
-        JobOutcome::Dropped => bail!("the completion was dropped"),
+    let job = backend::job(&worker, capacity, prepared.request("cli", settings))?;
+    match backend::answer(worker.run(job)) {
+        Ok(Some(generated)) => Ok(generated),
+        Ok(None) => bail!("the completion was dropped"),
+        Err(e) => bail!("the completion failed: {e:?}"),
     }
 }
 
@@ -236,16 +239,16 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
         "contextTokens": options.context_tokens,
     });
     settings.apply(&update).map_err(anyhow::Error::msg)?;
-    let prepared = complete::prepare(&rope, cursor, &settings);
+    let prepared = prepared::prepare(&rope, cursor, &settings);
     let generation = if prepared.window.text.is_empty() {
         None
     } else if settings.model.is_local() {
         Some(generate_local(&settings, &prepared)?)
     } else {
         let remote = Remote::new(&settings.model.backend, &settings.model.model)?;
-        Some(remote.run(prepared.job("cli", &settings), &|| false)?)
+        Some(remote.generate(prepared.request("cli", &settings), &|| false)?)
     };
-    let suggestion = generation.as_ref().and_then(|g| prepared.suggestion(g));
+    let suggestion = generation.as_ref().and_then(|g| prepared.suggestion(&g.text));
     let text = suggestion.unwrap_or_default();
     if args.json {
         let out = serde_json::json!({

@@ -5,16 +5,18 @@
 
 pub mod bench;
 pub mod cli;
-pub mod complete;
+pub mod completion;
 pub mod convert;
 pub mod documents;
+pub mod faults;
 pub mod framing;
+pub mod host;
 pub mod hub;
 pub mod loading;
 pub mod memory;
-pub mod postprocess;
-pub mod prompt;
+pub mod proto;
 pub mod quantize;
 pub mod remote;
 pub mod server;
 pub mod settings;
+pub mod status;

@@ -4,10 +4,16 @@
 //! connection is dropped as soon as they say stop, the request is cancelled or the deadline passes.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use phi_engine::{GenerateParams, Generation, GenerationStats, Job, Prompt, StopReason};
+use phi_engine::{GenerationStats, StopReason};
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::completion::backend::{Backend, BackendError, Generated, GenerationRequest, Pending};
+use crate::completion::lock;
 
 /// The environment variable holding the API key sent as `Authorization: Bearer` (optional).
 pub const API_KEY_ENV: &str = "PHI_LSP_API_KEY";
@@ -30,11 +36,15 @@ impl std::fmt::Display for RemoteError {
 
 impl std::error::Error for RemoteError {}
 
+/// Cheap to clone: clones share the connection pool and the last error.
+#[derive(Clone)]
 pub struct Remote {
     endpoint: String,
     model: String,
     api_key: Option<String>,
     agent: ureq::Agent,
+    /// The last failure, until a request succeeds again (for `phi-lsp/status`).
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl Remote {
@@ -46,6 +56,7 @@ impl Remote {
             model: model.to_string(),
             api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.trim().is_empty()),
             agent: ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).build(),
+            last_error: Arc::default(),
         })
     }
 
@@ -53,31 +64,26 @@ impl Remote {
         &self.endpoint
     }
 
-    /// [`Self::generate`] for the job the local model would run: its text prompt, parameters and
-    /// stop rules.
-    pub fn run(&self, job: Job, cancelled: &dyn Fn() -> bool) -> Result<Generation, RemoteError> {
-        let Prompt::Text(prompt) = job.prompt else {
-            return Err(self.error("a remote backend takes text prompts, not token ids".into()));
-        };
-        let mut stop = job.stop.unwrap_or_else(|| Box::new(|_: &str| false));
-        self.generate(&prompt, &job.params, &mut *stop, cancelled)
-    }
-
-    /// Greedy completion of `prompt`, read chunk by chunk. Ends early (and closes the connection)
-    /// when `stop` says so for the text so far, when `cancelled` turns true or at the deadline,
-    /// keeping what arrived, as the local model does.
+    /// Greedy completion of the request's prompt, read chunk by chunk. Ends early (and closes the
+    /// connection) when its stop rule says so for the text so far, when `cancelled` turns true or at
+    /// the deadline, keeping what arrived, as the local model does.
     pub fn generate(
         &self,
-        prompt: &str,
-        params: &GenerateParams,
-        stop: &mut dyn FnMut(&str) -> bool,
+        request: GenerationRequest,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<Generation, RemoteError> {
+    ) -> Result<Generated, RemoteError> {
+        let GenerationRequest {
+            prompt,
+            max_new_tokens,
+            deadline,
+            mut stop,
+            ..
+        } = request;
         let started = Instant::now();
         let body = json!({
             "model": self.model,
             "prompt": prompt,
-            "max_tokens": params.max_new_tokens,
+            "max_tokens": max_new_tokens,
             "temperature": 0.0,
             // Greedy everywhere: the llama-cpp-python server applies a repetition penalty of 1.1
             // unless told otherwise (vLLM and TGI ignore the field, llama.cpp's own server
@@ -94,7 +100,7 @@ impl Remote {
         if let Some(key) = &self.api_key {
             request = request.set("Authorization", &format!("Bearer {key}"));
         }
-        if let Some(deadline) = params.deadline {
+        if let Some(deadline) = deadline {
             // The whole exchange, body included; what arrived by then is kept.
             request = request.timeout(
                 deadline
@@ -177,9 +183,7 @@ impl Remote {
             Some("length") => StopReason::MaxTokens,
             _ => StopReason::EndOfText,
         });
-        Ok(Generation {
-            prompt_tokens: Vec::new(),
-            tokens: Vec::new(),
+        Ok(Generated {
             stats: GenerationStats {
                 prompt_tokens: out.prompt_tokens,
                 generated_tokens: out.completion_tokens.unwrap_or(out.chunks),
@@ -193,6 +197,55 @@ impl Remote {
 
     fn error(&self, what: String) -> RemoteError {
         RemoteError(format!("remote backend {}: {what}", self.endpoint))
+    }
+
+    /// Keeps `result`'s failure for the status (logged; `new` when it differs from the last one) or
+    /// clears it on success.
+    fn record(&self, result: Result<Generated, RemoteError>) -> Result<Option<Generated>, BackendError> {
+        match result {
+            Ok(generated) if generated.stop == StopReason::Cancelled => Ok(None),
+            Ok(generated) => {
+                *lock(&self.last_error) = None;
+                Ok(Some(generated))
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::warn!("{message}");
+                let new = lock(&self.last_error).replace(message.clone()).as_ref() != Some(&message);
+                Err(BackendError::Remote { message, new })
+            }
+        }
+    }
+}
+
+/// Sets its flag when dropped: the request of a generation whose [`Pending`] was dropped
+/// (cancelled) stops at its next chunk.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Backend for Remote {
+    /// Runs the request on a blocking thread (ureq reads the stream synchronously).
+    fn start(&self, request: GenerationRequest) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (remote, flag) = (self.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || {
+            let run =
+                std::panic::AssertUnwindSafe(|| remote.generate(request, &|| flag.load(Ordering::Relaxed)));
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| Err(RemoteError("the request thread failed".into())));
+            let _ = tx.send(remote.record(result));
+        });
+        Pending::new(rx, CancelOnDrop(cancel))
+    }
+
+    fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
     }
 }
 

@@ -15,6 +15,29 @@ pub enum CompletionMode {
     Both,
 }
 
+impl CompletionMode {
+    /// Whether the server offers (inline completion, the completion menu) to a client that does or
+    /// does not declare inline completion.
+    pub fn providers(self, client_inline: bool) -> (bool, bool) {
+        match self {
+            CompletionMode::Auto => (client_inline, !client_inline),
+            CompletionMode::Inline => (true, false),
+            CompletionMode::Menu => (false, true),
+            CompletionMode::Both => (true, true),
+        }
+    }
+
+    /// Whether an inline (`inline`) or menu request is answered.
+    pub fn allows(self, inline: bool, client_inline: bool) -> bool {
+        let (inline_on, menu_on) = self.providers(client_inline);
+        if inline {
+            inline_on
+        } else {
+            menu_on
+        }
+    }
+}
+
 /// Which model to load; changing any of these reloads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ModelSpec {
@@ -62,12 +85,6 @@ impl Settings {
             completion_mode: CompletionMode::Auto,
             speculate: true,
         }
-    }
-
-    /// Characters of text before the cursor to send: Python runs about 3–4 characters a token, and
-    /// the worker trims any excess in large steps.
-    pub fn window_chars(&self) -> usize {
-        self.context_tokens.saturating_sub(self.max_new_tokens).max(64) * 3
     }
 
     /// Applies a settings object from the client: either the options themselves or wrapped as

@@ -1,13 +1,25 @@
-//! The prompt window: the text before the cursor that Phi-1 (left-to-right, no fill-in-the-middle)
-//! sees, plus the text around the cursor that post-processing needs.
+//! The prompt, fitted in one place: the text before the cursor that Phi-1 (left-to-right, no
+//! fill-in-the-middle) sees, plus the text around the cursor that post-processing needs.
 //!
-//! The window's start moves in large steps only. The engine keeps the KV cache of the longest common
-//! token prefix between consecutive prompts, so a start that moved on every keystroke would make every
+//! Two steps, each here: [`window`] bounds how much of the document is read (in characters, so the
+//! work is proportional to the window, not the document), and [`fit_tokens`] decides what of it the
+//! model gets (in tokens: `contextTokens` less the room for the answer).
+//!
+//! Both starts move in large steps only. The engine keeps the KV cache of the longest common token
+//! prefix between consecutive prompts, so a start that moved on every keystroke would make every
 //! keystroke pay for the whole prompt again.
 
+use phi_engine::{EngineError, Result};
 use ropey::Rope;
 
 use crate::convert::line_content;
+
+/// Characters of text before the cursor to read for a context of `context_tokens`, `max_new_tokens`
+/// of which are the answer's: Python runs about 3–4 characters a token, and [`fit_tokens`] trims any
+/// excess in large steps.
+pub fn window_chars(context_tokens: usize, max_new_tokens: usize) -> usize {
+    context_tokens.saturating_sub(max_new_tokens).max(64) * 3
+}
 
 /// How much of the cursor line after the cursor `line_suffix` keeps.
 pub const LINE_SUFFIX_MAX_CHARS: usize = 1_000;
@@ -78,9 +90,39 @@ fn window_start(rope: &Rope, cursor_char: usize, line_start_char: usize, max_cha
     }
 }
 
+/// Keeps the end of a prompt that does not fit `capacity - max_new_tokens`, cutting from the left
+/// in quarters of the capacity so the next keystrokes keep the same start (and the cached prefix).
+pub fn fit_tokens(ids: &[u32], capacity: usize, max_new_tokens: usize) -> Result<&[u32]> {
+    let room = capacity.saturating_sub(max_new_tokens.min(capacity / 2)).max(1);
+    if ids.is_empty() {
+        return Err(EngineError::Request("the prompt is empty".into()));
+    }
+    if ids.len() <= room {
+        return Ok(ids);
+    }
+    let step = (capacity / 4).max(1);
+    let excess = ids.len() - room;
+    let cut = excess.div_ceil(step) * step;
+    Ok(&ids[cut.min(ids.len() - 1)..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fitting_cuts_the_left_in_large_steps() {
+        let ids: Vec<u32> = (0..1000).collect();
+        assert_eq!(fit_tokens(&ids, 2048, 64).expect("fits").len(), 1000);
+        // 1000 + 64 > 512: cut in steps of 128 until 1000 - cut <= 448.
+        let kept = fit_tokens(&ids, 512, 64).expect("fits");
+        assert_eq!(kept.len(), 360);
+        assert_eq!(kept[0], 640);
+        // One more token does not move the start.
+        let ids: Vec<u32> = (0..1001).collect();
+        assert_eq!(fit_tokens(&ids, 512, 64).expect("fits")[0], 640);
+        assert!(fit_tokens(&[], 512, 64).is_err());
+    }
 
     /// Splits a fixture at its `$0` cursor marker into the text and the cursor's char index.
     fn fixture(text_with_cursor: &str) -> (Rope, usize) {

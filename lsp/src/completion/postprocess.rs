@@ -5,7 +5,7 @@
 //! are judged by a small lexer that knows brackets, strings and comments, so a bracket or a
 //! multi-line string's content never looks like a dedent or a new statement.
 
-use crate::prompt::PromptWindow;
+use super::prompt::PromptWindow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndentStyle {
@@ -452,7 +452,7 @@ mod tests {
     use ropey::Rope;
 
     use super::*;
-    use crate::prompt::window;
+    use crate::completion::prompt::window;
 
     const MAX_CHARS: usize = 6_000;
 

@@ -1,0 +1,203 @@
+//! What generates a suggestion, behind one trait: the model thread in this process
+//! ([`LocalBackend`]) or a remote OpenAI-compatible server (`crate::remote::Remote`). Both take the
+//! same [`GenerationRequest`] and answer with the same [`Generated`]; the policy in
+//! [`super::Completions`] does not know which one it talks to.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use phi_engine::{GenerateParams, GenerationStats, Job, JobOutcome, Prompt, StopReason, Worker, WorkerStats};
+use tokio::sync::oneshot;
+
+use super::prompt::fit_tokens;
+use crate::faults::TestPanic;
+
+/// Says, after each token, whether the text generated so far is a whole suggestion.
+pub type StopRule = Box<dyn FnMut(&str) -> bool + Send>;
+
+/// One generation to run: the prompt text and when to stop.
+pub struct GenerationRequest {
+    /// Which KV-cache slot (the document URI); a newer request with the same key supersedes this one.
+    pub key: String,
+    /// The text before the cursor that the model continues.
+    pub prompt: String,
+    pub max_new_tokens: usize,
+    /// The generation stops here with what it has; `None` runs until a stop rule or the cap.
+    pub deadline: Option<Instant>,
+    pub stop: StopRule,
+}
+
+/// What a backend generated: the raw continuation, why it ended, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub text: String,
+    /// Never `Cancelled`: a cancelled generation is no answer (`Ok(None)`).
+    pub stop: StopReason,
+    pub stats: GenerationStats,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendError {
+    /// The model thread is gone (a panic outside its per-job guard): the model must be loaded again.
+    Stopped,
+    /// The model failed on this request; the next one may work.
+    Failed(String),
+    /// The remote server failed or could not be reached; `new` when this is not the failure the
+    /// last request had (it is worth telling the user).
+    Remote { message: String, new: bool },
+}
+
+pub type Outcome = Result<Option<Generated>, BackendError>;
+
+/// A generation in progress. Dropping it cancels the work (the model thread stops within a token,
+/// the remote request at its next chunk).
+pub struct Pending {
+    result: oneshot::Receiver<Outcome>,
+    _cancel: Box<dyn Send + Sync>,
+}
+
+impl Pending {
+    pub fn new(result: oneshot::Receiver<Outcome>, cancel: impl Send + Sync + 'static) -> Self {
+        Pending {
+            result,
+            _cancel: Box::new(cancel),
+        }
+    }
+
+    /// The answer is there (nothing has waited for it yet).
+    pub fn is_done(&self) -> bool {
+        !self.result.is_empty()
+    }
+
+    /// The answer: `Ok(None)` when the generation was dropped or cut short by a newer request.
+    pub async fn wait(self) -> Outcome {
+        let Pending { result, _cancel } = self;
+        result.await.unwrap_or(Err(BackendError::Stopped))
+    }
+}
+
+pub trait Backend: Send + Sync {
+    /// Starts `request` at once (from within the async runtime); its answer comes through the
+    /// returned [`Pending`].
+    fn start(&self, request: GenerationRequest) -> Pending;
+
+    /// Whether a suggestion may be computed ahead of time while the user is idle: cheap to start
+    /// and to cancel, and it does not leave a network request behind.
+    fn speculates(&self) -> bool {
+        false
+    }
+
+    /// The document `key` is closed: its cache may go.
+    fn forget(&self, _key: &str) {}
+
+    /// The last failure, until a request succeeds again (remote backends only), for `phi-lsp/status`.
+    fn last_error(&self) -> Option<String> {
+        None
+    }
+
+    /// The model thread's counts, for `phi-lsp/status` (local backends only).
+    fn worker_stats(&self) -> Option<WorkerStats> {
+        None
+    }
+}
+
+/// The model thread in this process. Prompts are tokenized here and fitted to the slot's capacity
+/// by [`fit_tokens`], the one place that fits a prompt.
+pub struct LocalBackend {
+    worker: Arc<Worker>,
+    slot_capacity: usize,
+    test_panic: Option<TestPanic>,
+}
+
+impl LocalBackend {
+    pub fn new(worker: Worker, slot_capacity: usize, test_panic: Option<TestPanic>) -> Self {
+        LocalBackend {
+            worker: Arc::new(worker),
+            slot_capacity,
+            test_panic,
+        }
+    }
+
+    /// The engine job for `request`: the fitted token ids of its prompt.
+    pub fn job(&self, request: GenerationRequest) -> phi_engine::Result<Job> {
+        job(&self.worker, self.slot_capacity, request)
+    }
+}
+
+/// The engine job for `request` on `worker`, whose slots hold `slot_capacity` positions (also used by
+/// the one-shot `phi-lsp complete`).
+pub fn job(worker: &Worker, slot_capacity: usize, request: GenerationRequest) -> phi_engine::Result<Job> {
+    let ids = worker.tokenizer().encode(&request.prompt)?;
+    let ids = fit_tokens(&ids, slot_capacity, request.max_new_tokens)?.to_vec();
+    let stop = request.stop;
+    Ok(Job {
+        key: request.key,
+        prompt: Prompt::Ids(ids),
+        params: GenerateParams {
+            max_new_tokens: request.max_new_tokens,
+            deadline: request.deadline,
+            ..Default::default()
+        },
+        stop: Some(stop),
+    })
+}
+
+/// An engine outcome as an answer: a cancelled (superseded) generation is cut short, not the
+/// suggestion, and must not be shown or typed through.
+pub fn answer(outcome: phi_engine::Result<JobOutcome>) -> Outcome {
+    match outcome {
+        Ok(JobOutcome::Finished(generation)) if generation.stop == StopReason::Cancelled => Ok(None),
+        Ok(JobOutcome::Finished(generation)) => Ok(Some(Generated {
+            text: generation.text,
+            stop: generation.stop,
+            stats: generation.stats,
+        })),
+        Ok(JobOutcome::Dropped) => Ok(None),
+        Err(e) => Err(BackendError::Failed(e.to_string())),
+    }
+}
+
+impl Backend for LocalBackend {
+    fn start(&self, request: GenerationRequest) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        let test_panic = self
+            .test_panic
+            .filter(|_| request.prompt.contains(crate::faults::TEST_PANIC_MARKER));
+        if test_panic == Some(TestPanic::Request) {
+            TestPanic::Request.fire();
+        }
+        let mut job = match self.job(request) {
+            Ok(job) => job,
+            Err(e) => {
+                let _ = tx.send(Err(BackendError::Failed(e.to_string())));
+                return Pending::new(rx, ());
+            }
+        };
+        if test_panic == Some(TestPanic::Worker) {
+            job.stop = Some(Box::new(|_: &str| TestPanic::Worker.fire()));
+        }
+        let exit_worker = test_panic == Some(TestPanic::WorkerExit);
+        let reply = Box::new(move |outcome| {
+            if exit_worker {
+                TestPanic::WorkerExit.fire();
+            }
+            let _ = tx.send(answer(outcome));
+        });
+        // Every job's reply is called unless the model thread dies with the job queued or in hand;
+        // then the sender is dropped and `wait` says `Stopped`.
+        let ticket = self.worker.submit(job, reply);
+        Pending::new(rx, ticket)
+    }
+
+    fn speculates(&self) -> bool {
+        true
+    }
+
+    fn forget(&self, key: &str) {
+        self.worker.forget(key);
+    }
+
+    fn worker_stats(&self) -> Option<WorkerStats> {
+        Some(self.worker.stats())
+    }
+}

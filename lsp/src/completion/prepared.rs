@@ -1,0 +1,45 @@
+//! One completion, the same for the server and `phi-lsp complete`: the prompt window at the cursor,
+//! the generation request with the Python stop rules plugged in, and the post-processed suggestion.
+
+use std::time::{Duration, Instant};
+
+use ropey::Rope;
+
+use super::backend::GenerationRequest;
+use super::postprocess::{self, Context};
+use super::prompt::{self, PromptWindow};
+use crate::settings::Settings;
+
+/// Everything needed to ask the model and to post-process its answer.
+pub struct Prepared {
+    pub window: PromptWindow,
+    pub context: Context,
+}
+
+pub fn prepare(rope: &Rope, cursor_char: usize, settings: &Settings) -> Prepared {
+    let max_chars = prompt::window_chars(settings.context_tokens, settings.max_new_tokens);
+    let window = prompt::window(rope, cursor_char, max_chars);
+    let indent = postprocess::detect_indent(&window.text);
+    let context = Context::new(&window, indent);
+    Prepared { window, context }
+}
+
+impl Prepared {
+    /// The generation to run; `key` picks the KV-cache slot (the document URI in the server).
+    pub fn request(&self, key: &str, settings: &Settings) -> GenerationRequest {
+        let context = self.context.clone();
+        GenerationRequest {
+            key: key.to_string(),
+            prompt: self.window.text.clone(),
+            max_new_tokens: settings.max_new_tokens,
+            deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),
+            stop: Box::new(move |text: &str| postprocess::should_stop(&context, text)),
+        }
+    }
+
+    /// What of `generated` goes in at the cursor. A character whose bytes were cut off by the token
+    /// limit decodes as U+FFFD: it is dropped.
+    pub fn suggestion(&self, generated: &str) -> Option<String> {
+        postprocess::finish(&self.context, generated.trim_end_matches('\u{FFFD}'))
+    }
+}

@@ -1,0 +1,253 @@
+//! Every conversion between LSP types and the plain ones below the server: what the client declared
+//! (encoding, inline completion, progress), the capabilities offered, positions and edits in, and
+//! the inline item and the menu item out.
+
+use ropey::Rope;
+use tower_lsp_server::ls_types::*;
+
+use crate::convert::{self, PositionEncoding};
+use crate::documents::Edit;
+use crate::settings::CompletionMode;
+
+/// What the client declared at `initialize` that the server acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientFacts {
+    pub encoding: PositionEncoding,
+    /// It declares `textDocument/inlineCompletion`.
+    pub inline: bool,
+    /// It takes `window/workDoneProgress`.
+    pub work_done_progress: bool,
+}
+
+impl ClientFacts {
+    pub fn of(capabilities: &ClientCapabilities) -> Self {
+        ClientFacts {
+            encoding: negotiate_encoding(capabilities),
+            inline: capabilities
+                .text_document
+                .as_ref()
+                .and_then(|t| t.inline_completion.as_ref())
+                .is_some(),
+            work_done_progress: capabilities
+                .window
+                .as_ref()
+                .and_then(|w| w.work_done_progress)
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// Incremental sync, and inline completion and/or the menu as `mode` says for this client.
+pub fn capabilities(facts: ClientFacts, mode: CompletionMode) -> ServerCapabilities {
+    let (inline, menu) = mode.providers(facts.inline);
+    ServerCapabilities {
+        position_encoding: Some(lsp_encoding(facts.encoding)),
+        text_document_sync: Some(TextDocumentSyncCapability::Options(TextDocumentSyncOptions {
+            open_close: Some(true),
+            change: Some(TextDocumentSyncKind::INCREMENTAL),
+            ..Default::default()
+        })),
+        inline_completion_provider: inline.then_some(OneOf::Left(true)),
+        completion_provider: menu.then(|| CompletionOptions {
+            trigger_characters: Some([".", "(", "[", ",", ":", "="].map(String::from).to_vec()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn lsp_encoding(encoding: PositionEncoding) -> PositionEncodingKind {
+    match encoding {
+        PositionEncoding::Utf8 => PositionEncodingKind::UTF8,
+        PositionEncoding::Utf16 => PositionEncodingKind::UTF16,
+        PositionEncoding::Utf32 => PositionEncodingKind::UTF32,
+    }
+}
+
+/// utf-8 where the client offers it (no conversion cost), else utf-16, which every client supports.
+fn negotiate_encoding(capabilities: &ClientCapabilities) -> PositionEncoding {
+    let offered = capabilities
+        .general
+        .as_ref()
+        .and_then(|g| g.position_encodings.clone())
+        .unwrap_or_default();
+    if offered.contains(&PositionEncodingKind::UTF8) {
+        PositionEncoding::Utf8
+    } else if offered.is_empty() || offered.contains(&PositionEncodingKind::UTF16) {
+        PositionEncoding::Utf16
+    } else if offered.contains(&PositionEncodingKind::UTF32) {
+        PositionEncoding::Utf32
+    } else {
+        PositionEncoding::Utf16
+    }
+}
+
+pub fn pos(position: Position) -> convert::Pos {
+    convert::Pos::new(position.line, position.character)
+}
+
+pub fn edits(changes: Vec<TextDocumentContentChangeEvent>) -> Vec<Edit> {
+    changes
+        .into_iter()
+        .map(|change| Edit {
+            range: change.range.map(|r| (pos(r.start), pos(r.end))),
+            text: change.text,
+        })
+        .collect()
+}
+
+/// A suggestion and where it goes: `text` is inserted at char `cursor` of `rope`, the document as
+/// the request saw it.
+pub struct Suggestion {
+    pub rope: Rope,
+    pub cursor: usize,
+    pub text: String,
+}
+
+/// The suggestion as ghost text at `position`.
+pub fn inline_response(suggestion: Option<Suggestion>, position: Position) -> InlineCompletionResponse {
+    let items = suggestion.map(|suggestion| InlineCompletionItem {
+        insert_text: suggestion.text,
+        filter_text: None,
+        range: Some(Range::new(position, position)),
+        command: None,
+        insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+    });
+    InlineCompletionResponse::Array(items.into_iter().collect())
+}
+
+/// The suggestion as one menu item at the client's `position`. It replaces from the start of the
+/// word being typed, so the client's filter keeps the item.
+pub fn completion_response(
+    suggestion: Option<Suggestion>,
+    position: Position,
+    encoding: PositionEncoding,
+) -> CompletionResponse {
+    let items = suggestion.map(|s| menu_item(&s.rope, s.cursor, &s.text, position, encoding));
+    CompletionResponse::List(CompletionList {
+        is_incomplete: true,
+        items: items.into_iter().collect(),
+    })
+}
+
+fn menu_item(
+    rope: &Rope,
+    cursor: usize,
+    text: &str,
+    position: Position,
+    encoding: PositionEncoding,
+) -> CompletionItem {
+    let line_start = rope.line_to_char(rope.char_to_line(cursor));
+    let prefix: String = rope.slice(line_start..cursor).chars().collect();
+    let range_start = line_start + word_start(&prefix);
+    let word = rope.slice(range_start..cursor).to_string();
+    let start = convert::char_to_pos(rope, range_start, encoding);
+    let new_text = format!("{word}{text}");
+    let first_line = new_text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    CompletionItem {
+        label: format!("{first_line} (phi-1)"),
+        kind: Some(CompletionItemKind::TEXT),
+        detail: Some("Phi-1 suggestion".into()),
+        documentation: Some(Documentation::MarkupContent(MarkupContent {
+            kind: MarkupKind::Markdown,
+            value: format!("```python\n{new_text}\n```"),
+        })),
+        filter_text: Some(new_text.clone()),
+        sort_text: Some("0".into()),
+        preselect: Some(true),
+        insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
+        text_edit: Some(CompletionTextEdit::Edit(TextEdit {
+            range: Range::new(Position::new(start.line, start.character), position),
+            new_text,
+        })),
+        ..Default::default()
+    }
+}
+
+/// The identifier characters just before the cursor: a completion item's range starts there so that
+/// menu clients (which filter by the word being typed) keep the item.
+fn word_start(line_prefix: &str) -> usize {
+    let word_chars = line_prefix
+        .chars()
+        .rev()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .count();
+    line_prefix.chars().count() - word_chars
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_start_finds_the_identifier_being_typed() {
+        assert_eq!(word_start("    return fo"), 11);
+        assert_eq!(word_start("x = "), 4);
+        assert_eq!(word_start(""), 0);
+        assert_eq!(word_start("é_1"), 0);
+    }
+
+    #[test]
+    fn encoding_prefers_utf8_then_utf16() {
+        let offer = |kinds: Vec<PositionEncodingKind>| ClientCapabilities {
+            general: Some(GeneralClientCapabilities {
+                position_encodings: Some(kinds),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use PositionEncodingKind as K;
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF16, K::UTF8])),
+            PositionEncoding::Utf8
+        );
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF32, K::UTF16])),
+            PositionEncoding::Utf16
+        );
+        assert_eq!(
+            negotiate_encoding(&offer(vec![K::UTF32])),
+            PositionEncoding::Utf32
+        );
+        assert_eq!(
+            negotiate_encoding(&ClientCapabilities::default()),
+            PositionEncoding::Utf16
+        );
+    }
+
+    #[test]
+    fn capabilities_follow_the_mode_and_the_client() {
+        let facts = |inline| ClientFacts {
+            encoding: PositionEncoding::Utf8,
+            inline,
+            work_done_progress: false,
+        };
+        let offered = |caps: ServerCapabilities| {
+            (
+                caps.inline_completion_provider.is_some(),
+                caps.completion_provider.is_some(),
+            )
+        };
+        assert_eq!(
+            offered(capabilities(facts(true), CompletionMode::Auto)),
+            (true, false)
+        );
+        assert_eq!(
+            offered(capabilities(facts(false), CompletionMode::Auto)),
+            (false, true)
+        );
+        assert_eq!(
+            offered(capabilities(facts(false), CompletionMode::Both)),
+            (true, true)
+        );
+        assert_eq!(
+            offered(capabilities(facts(true), CompletionMode::Menu)),
+            (false, true)
+        );
+    }
+}
