@@ -14,10 +14,10 @@ f32 must match transformers' tokens exactly and its logits to 1e-2 (ggml's GELU 
 f16 table); quantized files are reported.
 Not part of the test suite: llama-cpp-python builds llama.cpp from source (many minutes). Setup:
 
-  python3 -m venv /work/venv-llama
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" /work/venv-llama/bin/pip install llama-cpp-python
+  python3 -m venv ~/.cache/phi-lsp-llama/venv         # the venv .ci/run makes, if it has run
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" ~/.cache/phi-lsp-llama/venv/bin/pip install llama-cpp-python
   cargo build --release -p phi-lsp
-  /work/venv-llama/bin/python scripts/check_llama_cpp.py            # the committed fixture
+  ~/.cache/phi-lsp-llama/venv/bin/python scripts/check_llama_cpp.py   # the committed fixture
 
 Exit code 0 when every check that must hold held, 1 otherwise.
 """

@@ -248,7 +248,8 @@ fn memory_table_matches_the_published_figures() {
             .expect("row")
     };
     let gib = |v: &serde_json::Value| v.as_u64().expect("bytes") as f64 / (1u64 << 30) as f64;
-    // DESIGN.md: f32 5.28 GiB, f16 2.64 GiB; KV 384 KiB per token in f32, 768 MiB at 2,048.
+    // Phi-1's 1,418,270,720 parameters at 4 and 2 bytes: 5.28 and 2.64 GiB. K and V of 24
+    // layers × 2,048 values per token: 384 KiB in f32, 768 MiB at 2,048 positions.
     assert!((gib(&row("f32")["weights_bytes"]) - 5.28).abs() < 0.01);
     assert!((gib(&row("f16")["weights_bytes"]) - 2.64).abs() < 0.01);
     assert_eq!(row("f32")["kv_bytes_per_token"], 384 * 1024);
@@ -263,8 +264,8 @@ fn memory_table_matches_the_published_figures() {
 }
 
 /// `phi-lsp bench --json` on the fixture, through the real server too: one object per dtype with
-/// every key issue #6 names, and keystrokes that run only their new tokens against the cache (the
-/// fixture's 512 positions take prompts of 256 tokens instead of 512).
+/// every key the benchmark tables report, and keystrokes that run only their new tokens against
+/// the cache (the fixture's 512 positions take prompts of 256 tokens instead of 512).
 #[test]
 fn bench_reports_every_measurement_and_keystrokes_reuse_the_cache() {
     let output = phi_lsp()

@@ -145,9 +145,9 @@ fn a_model_thread_that_dies_is_restarted() {
 
 /// A model folder with the fixture's tokenizer and a larger Phi shape (16 layers of width 512)
 /// whose weights are all zero, in a sparse file: every position predicts token 0 (`!`), so a
-/// completion at the end of a line runs to its token limit at a few milliseconds a token (500
-/// tokens still running after 1.5 s on a 2-core Zen 3; 4 layers finished them in 280 ms since
-/// the faster attention, before the 300 ms check below).
+/// completion at the end of a line runs to its token limit at a few milliseconds a token. The
+/// 16 layers are sized so that a 500-token generation is still running at the 300 ms check below
+/// even on a fast 2-core machine (with 4 layers it could finish first).
 fn slow_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let fixture = fixture_dir();

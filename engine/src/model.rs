@@ -189,9 +189,9 @@ impl Attention {
 /// head_dim]`) after `start` cached ones, over `k`/`v` (`[1, heads, start + n, head_dim]`);
 /// returns `[1, n, heads·head_dim]` in the dtype of `q`. On the CPU in f32, [`DecodeAttention`]
 /// runs up to [`DecodeAttention::MAX_QUERIES`] new positions over an f32 cache (a decode step, a
-/// keystroke) and any number over an f16 cache, which candle would first widen to f32 whole in
-/// every layer (a 128-token prefill chunk of Phi-1-shape q4k on a Zen 3: 1919 → 1795 ms); the
-/// rest (f32 prefill chunks, the exact-reference path, and other devices) candle's ops.
+/// keystroke) and any number over an f16 cache, which candle's ops would first widen to f32
+/// whole in every layer, reading and writing the entire cache for each chunk; the rest (f32
+/// prefill chunks, the exact-reference path, and other devices) runs candle's ops.
 pub(crate) fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
     let (b, heads, n_tokens, head_dim) = q.dims4()?;
     let hidden = heads * head_dim;
@@ -364,9 +364,9 @@ impl PhiModel {
     }
 
     /// One prefill of 32 positions and one decode step on a scratch cache, so the one-time work of
-    /// a first forward happens before the user's first keystroke: where [`crate::qmatmul`]'s
-    /// kernels do not run (q8_0 without AVX-512 VNNI, q4k prefill without AMX) candle lays
-    /// quantized weights out again for its kernels on first use, which takes seconds for Phi-1.
+    /// a first forward happens before the user's first keystroke: where [`crate::qmatmul`] does
+    /// not take a quantized weight (q8_0 on a CPU without AVX2, FMA and F16C), candle lays it out
+    /// again for its kernels on first use, which takes seconds for Phi-1.
     pub fn warm_up(&self) -> Result<()> {
         let n = 32.min(self.cfg.max_position_embeddings.saturating_sub(1));
         if n == 0 {

@@ -1,4 +1,4 @@
-//! Command-line parsing and the one-shot commands. The contract is DESIGN.md's CLI section.
+//! Command-line parsing and the one-shot commands `complete` and `generate`.
 
 use std::path::PathBuf;
 
