@@ -10,43 +10,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use phi_engine::{generate, Engine, GenerateParams, PhiConfig, Slot, SyncOutcome, WeightDType};
 use serde_json::{json, Value};
 
-use crate::cli::ModelArgs;
+use crate::args::{BenchArgs, ModelArgs};
 use crate::loading;
 use crate::settings::ModelSpec;
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// Random weights of this model's exact shape (only `phi-1`) instead of --model; the global
-    /// --dtype takes a comma-separated list here (f32,q8_0,q4k).
-    #[arg(long, value_name = "SHAPE")]
-    pub synthetic: Option<String>,
-    /// Runs of each measurement; the median and the spread (min..max) are reported.
-    #[arg(long, default_value_t = 3)]
-    pub repeats: usize,
-    /// One JSON object per dtype per line.
-    #[arg(long)]
-    pub json: bool,
-    /// Skip the keystroke through the real server.
-    #[arg(long)]
-    pub skip_server: bool,
-    /// Keystrokes sent to the server (each a didChange and an inlineCompletion).
-    #[arg(long, default_value_t = 8)]
-    pub keystrokes: usize,
-    /// Tokens generated per decode run.
-    #[arg(long, default_value_t = 32)]
-    pub decode_tokens: usize,
-    /// Size of the buffer the read-bandwidth loop streams (must be far larger than the caches).
-    #[arg(long, default_value_t = 1024)]
-    pub bandwidth_mib: usize,
-    /// Also time the pieces of a forward pass (matmuls by kind, attention, RoPE, cache append)
-    /// on a separate synthetic weight set, against the measured decode and prefill.
-    #[arg(long)]
-    pub profile: bool,
-}
+use crate::stdout::print_line;
 
 /// Prompt length for prefill, decode context and the keystroke document (shorter for models whose
 /// context could not hold it and what follows: [`prompt_tokens`]).
@@ -60,8 +30,9 @@ const SLOT_CAPACITY: usize = 1024;
 /// Bandwidth passes over the buffer.
 const BANDWIDTH_PASSES: usize = 8;
 
-pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
-    // The global --threads has been applied (cli::run) before any candle work.
+/// Benchmarks the model `--model` (or `--synthetic`) names at each `--dtype` of the list.
+pub fn benchmark(model: &ModelArgs, args: BenchArgs) -> Result<()> {
+    // The global --threads has been applied (cli::dispatch) before any candle work.
     let threads = phi_engine::synthetic::candle_threads();
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
@@ -1243,12 +1214,6 @@ fn human(r: &Value) -> String {
 
 fn progress(message: &str) {
     eprintln!("phi-lsp bench: {message}");
-}
-
-/// Results go to stdout (bench is a one-shot command, not the server).
-#[allow(clippy::print_stdout)]
-fn print_line(text: &str) {
-    println!("{text}");
 }
 
 /// About 4 KB of ordinary Python (HumanEval-style functions with docstrings): its first 512 Phi-1

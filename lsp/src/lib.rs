@@ -3,6 +3,7 @@
 
 #![deny(clippy::print_stdout)]
 
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod complete;
@@ -18,3 +19,4 @@ pub mod quantize;
 pub mod remote;
 pub mod server;
 pub mod settings;
+pub mod stdout;
