@@ -12,6 +12,7 @@ pub mod documents;
 pub mod framing;
 pub mod hub;
 pub mod loading;
+pub mod lsp_client;
 pub mod memory;
 pub mod postprocess;
 pub mod prompt;
