@@ -49,9 +49,9 @@ impl Measured<'_> {
             server,
         } = self;
         let name = dtype.name();
-        let bytes = weight_bytes(&cfg, dtype);
+        let (per_token, resident) = (dtype.weight_bytes_per_token(&cfg), dtype.weight_bytes(&cfg));
         let bandwidth = Spread::of(&[bandwidth_before.as_slice(), &bandwidth_after].concat());
-        let ceiling = bandwidth.median * 1e9 / bytes.stored as f64;
+        let ceiling = bandwidth.median * 1e9 / per_token as f64;
         let kv_read = cfg.kv_bytes_per_token(dtype.kv_dtype().size_in_bytes()) * PROMPT_TOKENS as u64;
         let mut report = json!({
             "dtype": name,
@@ -73,7 +73,7 @@ impl Measured<'_> {
             "bandwidth_gb_s_spread": bandwidth.json(),
             "bandwidth_gb_s_before": round(Spread::of(&bandwidth_before).median),
             "bandwidth_gb_s_after": round(Spread::of(&bandwidth_after).median),
-            "weight_bytes_per_token": bytes.stored,
+            "weight_bytes_per_token": per_token,
             "kv_bytes_read_per_token_at_512": kv_read,
             "decode_ceiling_tok_s": round(ceiling),
             "decode_ceiling_ratio": round(runs.decode.median / ceiling),
@@ -90,7 +90,7 @@ impl Measured<'_> {
             "server_keystroke_ms_p50": server.as_ref().map(|s| round(s.p50)).unwrap_or(Value::Null),
             "server_keystroke_ms_p90": server.as_ref().map(|s| round(s.p90)).unwrap_or(Value::Null),
             "server_accept_ms": server.as_ref().and_then(|s| s.accept).map(|(ms, _)| round(ms)),
-            "weights_bytes_resident_nominal": bytes.resident,
+            "weights_bytes_resident_nominal": resident,
             "peak_rss_bytes": peak_rss,
         });
         if let (Some(server), Value::Object(map)) = (&server, &mut report) {
@@ -213,60 +213,4 @@ pub fn table(r: &Value) -> String {
         }
     }
     lines.join("\n")
-}
-
-/// Bytes of weights one decode step reads: every matmul weight as stored (the quantized kernels
-/// of a decode step read q4k and q8_0 blocks of the stored size), biases, norms and one embedding
-/// row.
-struct WeightBytes {
-    stored: u64,
-    /// Everything the model holds, as stored (before candle's repacked copies).
-    resident: u64,
-}
-
-fn weight_bytes(cfg: &PhiConfig, dtype: WeightDType) -> WeightBytes {
-    let act = dtype.stored_dtype().size_in_bytes() as u64;
-    let (h, i, v) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
-    );
-    let layers = cfg.num_hidden_layers as u64;
-    let matmul = |out_dim: u64, in_dim: u64| -> u64 {
-        match dtype.quantized() {
-            Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
-                out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
-            }
-            _ => out_dim * in_dim * act,
-        }
-    };
-    let stored: u64 = [(h, h, 4 * layers), (i, h, layers), (h, i, layers), (v, h, 1)]
-        .into_iter()
-        .map(|(out_dim, in_dim, count)| count * matmul(out_dim, in_dim))
-        .sum();
-    // The embedding table is stored like the matmul weights (model.rs quantizes it too) but a
-    // token reads one row of it.
-    let embedding = matmul(v, h);
-    let small = act * (layers * (4 * h + i + h + 2 * h) + 2 * h + v);
-    WeightBytes {
-        stored: stored + small + embedding / v,
-        resident: stored + small + embedding,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn phi_1_weight_bytes_match_the_published_sizes() {
-        let cfg = PhiConfig::phi_1();
-        // f32: 1.313e9 weights read per token (all but the embedding table), 4 bytes each.
-        let f32 = weight_bytes(&cfg, WeightDType::F32);
-        assert!((f32.stored as f64 / 1e9 - 5.25).abs() < 0.02, "{}", f32.stored);
-        let q8 = weight_bytes(&cfg, WeightDType::Q8_0);
-        assert!((q8.stored as f64 / 1e9 - 1.40).abs() < 0.02, "{}", q8.stored);
-        let q4k = weight_bytes(&cfg, WeightDType::Q4K);
-        assert!((q4k.stored as f64 / 1e9 - 0.74).abs() < 0.02, "{}", q4k.stored);
-    }
 }

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ropey::Rope;
 use serde_json::{json, Value};
 
 use super::keystroke::KeystrokeText;
@@ -12,7 +13,7 @@ use super::rss::peak_rss_bytes;
 use super::stats::{ms, round, Spread};
 use super::{progress, LINE_TOKENS, SLOT_CAPACITY};
 use crate::args::BenchArgs;
-use crate::convert::Pos;
+use crate::convert::{self, Pos, PositionEncoding};
 use crate::lsp_client::LspClient;
 use crate::settings::ModelSpec;
 
@@ -123,8 +124,8 @@ fn type_into(
     progress(&format!("{name}: server ready in {load_s:.1} s"));
 
     let uri = "file:///phi-lsp-bench/keystroke.py";
-    let mut document = prefix.to_string();
-    client.open(uri, &document)?;
+    client.open(uri, prefix)?;
+    let mut document = Rope::from_str(prefix);
     let start = Instant::now();
     client.inline(uri, end_position(&document))?;
     let first_ms = ms(start.elapsed());
@@ -136,7 +137,7 @@ fn type_into(
     let mut shown = None;
     for (keystroke, &c) in typed.iter().enumerate() {
         let end = end_position(&document);
-        document.push(c);
+        document.insert_char(document.len_chars(), c);
         let after = end_position(&document);
         let start = Instant::now();
         client.insert(uri, version(keystroke + 2), end, &c.to_string())?;
@@ -200,7 +201,7 @@ fn type_into(
 fn accept_suggestion(
     client: &mut LspClient,
     uri: &str,
-    document: &mut String,
+    document: &mut Rope,
     suggestion: &str,
     version: i32,
 ) -> Result<(f64, bool)> {
@@ -209,7 +210,7 @@ fn accept_suggestion(
         std::thread::sleep(Duration::from_millis(50));
     }
     let end = end_position(document);
-    document.push_str(suggestion);
+    document.insert(document.len_chars(), suggestion);
     let after = end_position(document);
     let start = Instant::now();
     client.insert(uri, version, end, suggestion)?;
@@ -230,21 +231,7 @@ fn first_insert_text(answer: &Value) -> Option<String> {
     Some(items.first()?["insertText"].as_str()?.to_string()).filter(|t| !t.is_empty())
 }
 
-/// The LSP position (utf-16) of the end of `text`.
-fn end_position(text: &str) -> Pos {
-    let line = text.matches('\n').count();
-    let last_line = text.rsplit('\n').next().unwrap_or("");
-    Pos::new(line as u32, last_line.encode_utf16().count() as u32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn end_position_counts_utf16() {
-        assert_eq!(end_position("ab\ncd"), Pos::new(1, 2));
-        assert_eq!(end_position("x\n"), Pos::new(1, 0));
-        assert_eq!(end_position("é😀"), Pos::new(0, 3));
-    }
+/// Where an append to `document` goes, as the server negotiated it (utf-16).
+fn end_position(document: &Rope) -> Pos {
+    convert::end_pos(document, PositionEncoding::Utf16)
 }
