@@ -93,14 +93,7 @@ impl WeightDType {
             cfg.vocab_size as u64,
         );
         let kv = (cfg.num_kv_heads() * cfg.head_dim()) as u64;
-        let matmul = |out_dim: u64, in_dim: u64| -> u64 {
-            match self.quantized() {
-                Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
-                    out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
-                }
-                _ => out_dim * in_dim * dense,
-            }
-        };
+        let matmul = |out_dim: u64, in_dim: u64| self.matrix_bytes(out_dim, in_dim);
         let layer = matmul(h, h)
             + 2 * matmul(kv, h)
             + matmul(h, h)
@@ -108,6 +101,26 @@ impl WeightDType {
             + matmul(h, i)
             + (h + 2 * kv + h + i + h + 2 * h) * dense;
         matmul(v, h) + cfg.num_hidden_layers as u64 * layer + 2 * h * dense + matmul(v, h) + v * dense
+    }
+
+    /// Bytes of weights one decode step reads: all of [`WeightDType::weight_bytes`] (the quantized
+    /// kernels read q4k and q8_0 blocks of the stored size) but the embedding table, of which a
+    /// token reads one row.
+    pub fn weight_bytes_per_token(self, cfg: &PhiConfig) -> u64 {
+        let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+        let embedding = self.matrix_bytes(v, h);
+        self.weight_bytes(cfg) - embedding + embedding / v
+    }
+
+    /// Bytes of an `out_dim` x `in_dim` matrix as the loader holds it: quantized where its rows
+    /// are whole blocks, else in the stored dtype.
+    fn matrix_bytes(self, out_dim: u64, in_dim: u64) -> u64 {
+        match self.quantized() {
+            Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
+                out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
+            }
+            _ => out_dim * in_dim * self.stored_dtype().size_in_bytes() as u64,
+        }
     }
 
     pub fn quantized(self) -> Option<GgmlDType> {
@@ -135,6 +148,18 @@ mod tests {
         let q4 = gib(WeightDType::Q4K.weight_bytes(&cfg));
         assert!((1.40..1.42).contains(&q8), "{q8}");
         assert!((0.74..0.76).contains(&q4), "{q4}");
+    }
+
+    #[test]
+    fn weight_bytes_per_token_of_phi_1() {
+        let cfg = PhiConfig::phi_1();
+        // f32: 1.313e9 weights read per token (all but the embedding table), 4 bytes each.
+        let f32 = WeightDType::F32.weight_bytes_per_token(&cfg);
+        assert!((f32 as f64 / 1e9 - 5.25).abs() < 0.02, "{f32}");
+        let q8 = WeightDType::Q8_0.weight_bytes_per_token(&cfg);
+        assert!((q8 as f64 / 1e9 - 1.40).abs() < 0.02, "{q8}");
+        let q4k = WeightDType::Q4K.weight_bytes_per_token(&cfg);
+        assert!((q4k as f64 / 1e9 - 0.74).abs() < 0.02, "{q4k}");
     }
 }
 

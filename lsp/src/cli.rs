@@ -1,124 +1,20 @@
-//! Command-line parsing and the one-shot commands `complete` and `generate`.
-
-use std::path::PathBuf;
+//! What each command does: serve LSP on stdio (the default), or run one command (`complete` and
+//! `generate` here; `bench`, `memory` and `quantize` in their own modules). The flags are `args`.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
 use phi_engine::{Engine, GenerateParams, Job, JobOutcome, Prompt, Worker, WorkerOptions};
 use ropey::Rope;
 
+use crate::args::{Cli, Command, CompleteArgs, GenerateArgs, ModelArgs};
 use crate::completion::{backend, prepared};
 use crate::convert::{self, PositionEncoding};
 use crate::remote::Remote;
-use crate::settings::{ModelSpec, Settings};
-use crate::{loading, server};
+use crate::settings::Settings;
+use crate::stdout::print_line;
+use crate::{bench, loading, memory, quantize, server};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "phi-lsp",
-    version,
-    about = "Phi-1 code completions over the Language Server Protocol"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// Serve on stdio (the default; accepted because editors pass it).
-    #[arg(long, global = true)]
-    pub stdio: bool,
-    /// Threads for the model's CPU work (default: the physical cores). On a busy machine fewer can
-    /// be faster: candle's workers wait for each other by spinning.
-    #[arg(long, global = true, env = "PHI_LSP_THREADS")]
-    pub threads: Option<usize>,
-    #[command(flatten)]
-    pub model: ModelArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// A model folder (config.json, tokenizer.json, model.safetensors), a .gguf file, or a Hugging
-    /// Face id (owner/name[@revision]) found in the HF cache or downloaded into it.
-    #[arg(long, global = true, env = "PHI_LSP_MODEL", default_value = "microsoft/phi-1")]
-    pub model: String,
-    /// tokenizer.json to use instead of the model folder's.
-    #[arg(long, global = true)]
-    pub tokenizer: Option<PathBuf>,
-    /// auto, cpu, cuda, cuda:N or metal (GPUs need a build with the cuda or metal feature; auto
-    /// takes one when the build has it and the machine too, else the CPU).
-    #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "auto")]
-    pub device: String,
-    /// auto, f32, f16, bf16, q8_0 or q4k (q8_0/q4k quantize 2-D weights while loading; auto is
-    /// q8_0 on CPU and f16 on a GPU).
-    #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "auto")]
-    pub dtype: String,
-    /// `local`, or the URL of an OpenAI-compatible server (vLLM, TGI, llama.cpp) that generates
-    /// instead, e.g. http://127.0.0.1:8000/v1; --model is then the name it serves and the key, if
-    /// any, is read from PHI_LSP_API_KEY.
-    #[arg(long, global = true, env = "PHI_LSP_BACKEND", default_value = "local")]
-    pub backend: String,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// The suggestion the server would give at a position of a file.
-    Complete(CompleteArgs),
-    /// Raw greedy continuation of a prompt, no post-processing.
-    Generate(GenerateArgs),
-    /// Prefill, decode, keystroke and memory figures for a model or synthetic Phi-1 weights.
-    Bench(crate::bench::BenchArgs),
-    /// Weights plus KV cache memory per dtype and context size.
-    Memory(MemoryArgs),
-    /// Write a quantized GGUF file that phi-lsp and llama.cpp load.
-    Quantize(crate::quantize::QuantizeArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct MemoryArgs {
-    /// Print one JSON object.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct CompleteArgs {
-    pub file: PathBuf,
-    /// 0-based line (LSP).
-    #[arg(long)]
-    pub line: u32,
-    /// 0-based character in UTF-16 code units (LSP's default encoding).
-    #[arg(long)]
-    pub character: u32,
-    #[command(flatten)]
-    pub options: CompletionOptions,
-    /// Print {"text": "...", ...} on one line.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// The server's completion settings, as flags (defaults are the server's).
-#[derive(Args, Debug, Clone)]
-pub struct CompletionOptions {
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-    #[arg(long)]
-    pub deadline_ms: Option<u64>,
-    #[arg(long)]
-    pub context_tokens: Option<usize>,
-}
-
-#[derive(Args, Debug)]
-pub struct GenerateArgs {
-    #[arg(long, conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
-    pub prompt: Option<String>,
-    #[arg(long)]
-    pub prompt_file: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Print {"prompt_tokens":[..],"tokens":[..],"text":".."} on one line.
-    #[arg(long)]
-    pub json: bool,
-}
-
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs the command `cli` names (the server when it names none).
+pub fn dispatch(cli: Cli) -> Result<()> {
     // Before any candle work: rayon's global pool and candle's own pool read these once.
     if let Some(threads) = cli.threads {
         if threads == 0 {
@@ -143,22 +39,10 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Complete(args)) => complete(&cli.model, args),
         Some(Command::Generate(args)) => generate(&cli.model, args),
-        Some(Command::Bench(args)) => crate::bench::run(&cli.model, args),
-        Some(Command::Memory(args)) => crate::memory::run(&cli.model, args),
-        Some(Command::Quantize(args)) => crate::quantize::run(&cli.model, args),
+        Some(Command::Bench(args)) => bench::benchmark(&cli.model, args),
+        Some(Command::Memory(args)) => memory::print_memory_table(&cli.model, args),
+        Some(Command::Quantize(args)) => quantize::write_gguf(&cli.model, args),
         None => serve(&cli.model),
-    }
-}
-
-impl ModelArgs {
-    pub fn spec(&self) -> ModelSpec {
-        ModelSpec {
-            model: self.model.clone(),
-            tokenizer: self.tokenizer.as_ref().map(|p| p.display().to_string()),
-            device: self.device.clone(),
-            dtype: self.dtype.clone(),
-            backend: self.backend.clone(),
-        }
     }
 }
 
@@ -311,10 +195,4 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
     };
     print_line(&out);
     Ok(())
-}
-
-/// The one-shot commands print their result on stdout (the server never does).
-#[allow(clippy::print_stdout)]
-pub fn print_line(text: &str) {
-    println!("{text}");
 }

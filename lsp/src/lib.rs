@@ -3,6 +3,7 @@
 
 #![deny(clippy::print_stdout)]
 
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod completion;
@@ -13,6 +14,7 @@ pub mod framing;
 pub mod host;
 pub mod hub;
 pub mod loading;
+pub mod lsp_client;
 pub mod memory;
 pub mod proto;
 pub mod quantize;
@@ -20,3 +22,4 @@ pub mod remote;
 pub mod server;
 pub mod settings;
 pub mod status;
+pub mod stdout;

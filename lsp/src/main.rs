@@ -6,11 +6,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use phi_lsp::cli;
+use phi_lsp::{args, cli};
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
-    match cli::run(args) {
+    let args = args::Cli::parse();
+    match cli::dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, saying what to do: the message chain joined, newlines folded.

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use phi_engine::{PhiConfig, WeightDType};
 
-use crate::cli::{MemoryArgs, ModelArgs};
+use crate::args::{MemoryArgs, ModelArgs};
 use crate::hub;
 use crate::loading::SYNTHETIC_PHI_1;
+use crate::stdout::print_line;
 
 pub const CONTEXTS: [usize; 3] = [512, 1024, 2048];
 const DTYPES: [WeightDType; 5] = [
@@ -49,7 +50,8 @@ fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-pub fn run(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
+/// Prints the table (or `--json` object) of weights plus KV cache per dtype and context size.
+pub fn print_memory_table(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
     let (cfg, source) = config(&model.model)?;
     let rows: Vec<serde_json::Value> = DTYPES
         .iter()
@@ -66,7 +68,7 @@ pub fn run(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
         .collect();
     if args.json {
         let out = serde_json::json!({"model": model.model, "config": source, "parameters": cfg.n_params(), "rows": rows});
-        crate::cli::print_line(&out.to_string());
+        print_line(&out.to_string());
         return Ok(());
     }
     let mut out = format!(
@@ -93,6 +95,6 @@ pub fn run(model: &ModelArgs, args: MemoryArgs) -> Result<()> {
             gib(num(&totals["2048"])),
         ));
     }
-    crate::cli::print_line(out.trim_end());
+    print_line(out.trim_end());
     Ok(())
 }

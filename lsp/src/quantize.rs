@@ -1,23 +1,15 @@
 //! `phi-lsp quantize`: a safetensors model folder to one GGUF file in llama.cpp's `phi2` layout
 //! (`--dtype q4k|q8_0|f16|bf16|f32`), which `--model OUT.gguf` and llama.cpp both load.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::Args;
 
-use crate::cli::ModelArgs;
+use crate::args::{ModelArgs, QuantizeArgs};
 use crate::loading;
 
-#[derive(Args, Debug)]
-pub struct QuantizeArgs {
-    /// The GGUF file to write; its type is the global --dtype (q4k, q8_0, f16, bf16 or f32).
-    #[arg(short = 'o', long = "output", value_name = "OUT.gguf")]
-    pub output: PathBuf,
-}
-
-pub fn run(model: &ModelArgs, args: QuantizeArgs) -> Result<()> {
+/// Writes the GGUF file `--output` names, of the one type `--dtype` names.
+pub fn write_gguf(model: &ModelArgs, args: QuantizeArgs) -> Result<()> {
     let Some(dtype) = loading::parse_dtype(&model.dtype)? else {
         bail!("quantize writes one type: pass --dtype q4k, q8_0, f16, bf16 or f32");
     };
