@@ -106,8 +106,12 @@ pub fn resolve(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<Mo
 }
 
 /// `synthetic:phi-1`: random weights of Phi-1's exact shape (for benchmarks), with the tokenizer
-/// given by `--tokenizer`.
+/// given by `--tokenizer`, else Phi-1's own.
 pub const SYNTHETIC_PHI_1: &str = "synthetic:phi-1";
+
+/// Phi-1's tokenizer (`assets/phi-1/`, MIT, see its README), built in so that synthetic weights
+/// tokenize real Python without a download.
+const PHI_1_TOKENIZER: &[u8] = include_bytes!("../../assets/phi-1/tokenizer.json");
 
 /// Loads what `spec` names. `progress` receives download progress (the server turns it into
 /// `$/progress`); without it a download draws a progress bar on stderr.
@@ -115,10 +119,10 @@ pub fn load(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<Engin
     let device = parse_device(&spec.device)?;
     let dtype = resolve_dtype(&spec.dtype, &device)?;
     if spec.model == SYNTHETIC_PHI_1 {
-        let Some(tokenizer) = &spec.tokenizer else {
-            bail!("{SYNTHETIC_PHI_1} needs --tokenizer (e.g. the Phi-1 tokenizer.json)");
+        let tokenizer = match &spec.tokenizer {
+            Some(path) => phi_engine::PhiTokenizer::from_file(Path::new(path))?,
+            None => phi_engine::PhiTokenizer::from_bytes(PHI_1_TOKENIZER)?,
         };
-        let tokenizer = phi_engine::PhiTokenizer::from_file(Path::new(tokenizer))?;
         let model = phi_engine::synthetic::model(&phi_engine::PhiConfig::phi_1(), dtype, &device, 0)?;
         return Ok(Engine {
             model,
@@ -137,4 +141,22 @@ pub fn load(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<Engin
     }
     let files = resolve(spec, progress)?;
     Ok(Engine::load(&files, &device, dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in tokenizer is Phi-1's: its vocabulary and the ids it gives real Python match the
+    /// tokenizer file in assets/ read the ordinary way.
+    #[test]
+    fn the_built_in_tokenizer_is_phi_1s() {
+        let built_in = phi_engine::PhiTokenizer::from_bytes(PHI_1_TOKENIZER).unwrap();
+        let from_file =
+            phi_engine::PhiTokenizer::from_file(Path::new("../assets/phi-1/tokenizer.json")).unwrap();
+        let code = "def area(r):\n    return 3.14159 * r ** 2\n";
+        assert_eq!(built_in.size(), from_file.size());
+        assert_eq!(built_in.encode(code).unwrap(), from_file.encode(code).unwrap());
+        assert_eq!(built_in.eos_id(), Some(50256));
+    }
 }

@@ -6,7 +6,6 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use phi_engine::PhiConfig;
 
-use super::progress;
 use crate::args::{BenchArgs, ModelArgs};
 use crate::loading;
 use crate::settings::ModelSpec;
@@ -36,14 +35,6 @@ impl Target {
         spec.tokenizer = spec.tokenizer.as_deref().map(absolute);
         if synthetic {
             spec.model = loading::SYNTHETIC_PHI_1.into();
-            if spec.tokenizer.is_none() {
-                let default = Path::new("../shared/phi-1-tokenizer/tokenizer.json");
-                if !default.is_file() {
-                    bail!("synthetic weights need --tokenizer (the Phi-1 tokenizer.json): the keystroke prompt is real Python");
-                }
-                progress(&format!("using the tokenizer at {}", default.display()));
-                spec.tokenizer = Some(absolute(&default.display().to_string()));
-            }
         } else if Path::new(&spec.model).exists() {
             spec.model = absolute(&spec.model);
         }
