@@ -10,7 +10,8 @@ use rand::{Rng, SeedableRng};
 use crate::cache::KvCache;
 use crate::error::Result;
 use crate::model::PhiModel;
-use crate::tokenizer::{PhiTokenizer, TextStream};
+use crate::tokenizer::TextStream;
+use crate::weights::Engine;
 
 /// Prefill runs in chunks of this many positions so a cancel is seen between them.
 pub const PREFILL_CHUNK: usize = 128;
@@ -70,9 +71,9 @@ impl Slot {
         self.ids.truncate(len);
     }
 
-    /// Runs `ids` after the cache and records them. Keeps the invariant even on error: a failed
-    /// forward leaves the cache at its old length.
-    fn run(&mut self, model: &PhiModel, ids: &[u32]) -> Result<Tensor> {
+    /// Runs `ids` through the model after the cache and records them. Keeps the invariant even on
+    /// error: a failed forward leaves the cache at its old length.
+    fn forward(&mut self, model: &PhiModel, ids: &[u32]) -> Result<Tensor> {
         let before = self.cache.len();
         match model.forward(ids, &mut self.cache, false) {
             Ok(logits) => {
@@ -110,7 +111,7 @@ impl Slot {
             if stats.prefilled > 0 && cancelled() {
                 return Ok(SyncOutcome::Cancelled(stats));
             }
-            logits = Some(self.run(model, chunk)?);
+            logits = Some(self.forward(model, chunk)?);
             stats.prefilled += chunk.len();
         }
         match logits {
@@ -262,18 +263,27 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Generates after `prompt` in `slot`. `stop` sees the complete text so far after each token;
-/// `cancelled` is polled between prefill chunks and after every token. The slot stays consistent
-/// whatever the outcome: it holds exactly the ids whose K/V it computed.
+/// What watches a generation while it runs.
+pub struct Watch<'a> {
+    /// Sees the complete text so far after each token; `true` ends the generation
+    /// ([`StopReason::Predicate`]).
+    pub stop: &'a mut dyn FnMut(&str) -> bool,
+    /// Polled between prefill chunks and after every token; `true` ends it
+    /// ([`StopReason::Cancelled`]).
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Generates after `prompt` in `slot` with `engine`'s model and tokenizer. The slot stays
+/// consistent whatever the outcome: it holds exactly the ids whose K/V it computed.
 pub fn generate(
-    model: &PhiModel,
-    tokenizer: &PhiTokenizer,
+    engine: &Engine,
     slot: &mut Slot,
     prompt: &[u32],
     params: &GenerateParams,
-    stop: &mut dyn FnMut(&str) -> bool,
-    cancelled: &dyn Fn() -> bool,
+    watch: Watch<'_>,
 ) -> Result<Generation> {
+    let Watch { stop, cancelled } = watch;
+    let (model, tokenizer) = (&engine.model, engine.tokenizer.as_ref());
     let start = Instant::now();
     let mut stats = GenerationStats {
         prompt_tokens: prompt.len(),
@@ -329,7 +339,7 @@ pub fn generate(
         if slot.ids().len() + 1 > slot.capacity() {
             break StopReason::ContextFull;
         }
-        logits = slot.run(model, &[next])?;
+        logits = slot.forward(model, &[next])?;
     };
     stats.generated_tokens = generation.tokens.len();
     stats.decode_ms = ms(decode_start.elapsed());

@@ -18,7 +18,8 @@ pub use candle_core::{DType, Device};
 pub use config::PhiConfig;
 pub use error::{EngineError, Result};
 pub use generate::{
-    generate, GenerateParams, Generation, GenerationStats, Sampling, Slot, StopReason, SyncOutcome, SyncStats,
+    generate, GenerateParams, Generation, GenerationStats, Sampling, Slot, StopReason, SyncOutcome,
+    SyncStats, Watch,
 };
 pub use model::PhiModel;
 pub use tokenizer::{PhiTokenizer, TextStream};

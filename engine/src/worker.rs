@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use crate::config::PhiConfig;
 use crate::error::{EngineError, Result};
-use crate::generate::{generate, GenerateParams, Generation, Slot};
+use crate::generate::{generate, GenerateParams, Generation, Slot, Watch};
 use crate::model::PhiModel;
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::Engine;
@@ -180,8 +180,8 @@ impl Worker {
         Ticket { cancel }
     }
 
-    /// Submits and waits on this thread (for the CLI and tests).
-    pub fn run(&self, job: Job) -> Result<JobOutcome> {
+    /// Submits `job` and waits for its outcome on this thread (for the CLI and tests).
+    pub fn submit_and_wait(&self, job: Job) -> Result<JobOutcome> {
         let (tx, rx) = mpsc::channel();
         let _ticket = self.submit(job, Box::new(move |result| drop(tx.send(result))));
         rx.recv()
@@ -236,7 +236,7 @@ impl WorkerState {
                     return;
                 }
                 let key = job.key.clone();
-                let result = catch_unwind(AssertUnwindSafe(|| self.run(job, &stale)));
+                let result = catch_unwind(AssertUnwindSafe(|| self.generate(job, &stale)));
                 let result = match result {
                     Ok(result) => result,
                     Err(panic) => {
@@ -272,7 +272,7 @@ impl WorkerState {
         }
     }
 
-    fn run(&mut self, job: Job, cancelled: &dyn Fn() -> bool) -> Result<Generation> {
+    fn generate(&mut self, job: Job, cancelled: &dyn Fn() -> bool) -> Result<Generation> {
         let Job {
             key,
             prompt,
@@ -299,15 +299,7 @@ impl WorkerState {
             Some(f) => f,
             None => &mut never,
         };
-        generate(
-            &self.engine.model,
-            &self.engine.tokenizer,
-            slot,
-            &ids,
-            &params,
-            stop,
-            cancelled,
-        )
+        generate(&self.engine, slot, &ids, &params, Watch { stop, cancelled })
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use phi_engine::{generate, gguf, Engine, EngineError, GenerateParams, ModelFiles, Slot, WeightDType};
+use phi_engine::{generate, gguf, Engine, EngineError, GenerateParams, ModelFiles, Slot, Watch, WeightDType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -183,13 +183,14 @@ fn f32_round_trip_equals_safetensors_and_transformers() {
             ..Default::default()
         };
         let generation = generate(
-            &from_gguf.model,
-            &from_gguf.tokenizer,
+            &from_gguf,
             &mut slot,
             &case.input_ids,
             &params,
-            &mut |_| false,
-            &|| false,
+            Watch {
+                stop: &mut |_| false,
+                cancelled: &|| false,
+            },
         )
         .expect("generates");
         let mut expected = case.greedy_tokens.clone();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use phi_engine::{
-    generate, Device, Engine, GenerateParams, ModelFiles, Slot, StopReason, SyncOutcome, WeightDType,
+    generate, Device, Engine, GenerateParams, ModelFiles, Slot, StopReason, SyncOutcome, Watch, WeightDType,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -127,13 +127,14 @@ fn greedy_tokens_match_transformers_generate() {
             ..Default::default()
         };
         let generation = generate(
-            &engine.model,
-            &engine.tokenizer,
+            &engine,
             &mut slot,
             &case.input_ids,
             &params,
-            &mut |_| false,
-            &never_cancelled,
+            Watch {
+                stop: &mut |_| false,
+                cancelled: &never_cancelled,
+            },
         )
         .expect("generates");
         // transformers keeps a final end-of-text token in its output; we stop before it.
@@ -256,13 +257,14 @@ fn cancelling_mid_generation_leaves_the_slot_consistent() {
     let polls = AtomicUsize::new(0);
     let cancel_soon = || polls.fetch_add(1, Ordering::Relaxed) >= 3;
     let generation = generate(
-        &engine.model,
-        &engine.tokenizer,
+        &engine,
         &mut slot,
         &case.input_ids,
         &params,
-        &mut |_| false,
-        &cancel_soon,
+        Watch {
+            stop: &mut |_| false,
+            cancelled: &cancel_soon,
+        },
     )
     .expect("generates");
     assert_eq!(generation.stop, StopReason::Cancelled);

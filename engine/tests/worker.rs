@@ -48,13 +48,13 @@ fn same_key_reuses_the_cache_and_other_keys_do_not_mix() {
     let worker = worker(2);
     let first = finished(
         worker
-            .run(job("a", "def add(a, b):\n    return a", 4))
+            .submit_and_wait(job("a", "def add(a, b):\n    return a", 4))
             .expect("runs"),
     );
     assert_eq!(first.stats.reused_tokens, 0);
     let second = finished(
         worker
-            .run(job("a", "def add(a, b):\n    return a +", 4))
+            .submit_and_wait(job("a", "def add(a, b):\n    return a +", 4))
             .expect("runs"),
     );
     assert!(second.stats.reused_tokens > 0, "{:?}", second.stats);
@@ -62,17 +62,17 @@ fn same_key_reuses_the_cache_and_other_keys_do_not_mix() {
     // Another key with the same text starts from nothing: caches are per key.
     let other = finished(
         worker
-            .run(job("b", "def add(a, b):\n    return a +", 4))
+            .submit_and_wait(job("b", "def add(a, b):\n    return a +", 4))
             .expect("runs"),
     );
     assert_eq!(other.stats.reused_tokens, 0);
     assert_eq!(other.tokens, second.tokens);
     // A third key evicts the least recently used slot ("a"), which then starts over.
-    finished(worker.run(job("c", "x = 1\n", 2)).expect("runs"));
+    finished(worker.submit_and_wait(job("c", "x = 1\n", 2)).expect("runs"));
     assert_eq!(worker.stats().slots, 2);
     let again = finished(
         worker
-            .run(job("a", "def add(a, b):\n    return a +", 4))
+            .submit_and_wait(job("a", "def add(a, b):\n    return a +", 4))
             .expect("runs"),
     );
     assert_eq!(again.stats.reused_tokens, 0);
@@ -143,9 +143,17 @@ fn dropping_the_ticket_cancels_within_a_token() {
         }
     }
     // The slot is still usable and exact afterwards.
-    let after = finished(worker.run(job("doc", "import os\n", 6)).expect("runs"));
+    let after = finished(
+        worker
+            .submit_and_wait(job("doc", "import os\n", 6))
+            .expect("runs"),
+    );
     let fresh_worker = self::worker(1);
-    let fresh = finished(fresh_worker.run(job("doc", "import os\n", 6)).expect("runs"));
+    let fresh = finished(
+        fresh_worker
+            .submit_and_wait(job("doc", "import os\n", 6))
+            .expect("runs"),
+    );
     assert_eq!(after.tokens, fresh.tokens);
 }
 
@@ -154,7 +162,7 @@ fn a_stop_predicate_ends_generation() {
     let worker = worker(1);
     let mut job = job("doc", "def add(a, b):\n", 16);
     job.stop = Some(Box::new(|text: &str| text.len() >= 5));
-    let generation = finished(worker.run(job).expect("runs"));
+    let generation = finished(worker.submit_and_wait(job).expect("runs"));
     assert_eq!(generation.stop, StopReason::Predicate);
     assert!(generation.text.len() >= 5);
     assert!(generation.tokens.len() < 16);
@@ -163,11 +171,11 @@ fn a_stop_predicate_ends_generation() {
 #[test]
 fn forget_frees_the_slot() {
     let worker = worker(3);
-    finished(worker.run(job("a", "x = 1\n", 2)).expect("runs"));
-    finished(worker.run(job("b", "y = 2\n", 2)).expect("runs"));
+    finished(worker.submit_and_wait(job("a", "x = 1\n", 2)).expect("runs"));
+    finished(worker.submit_and_wait(job("b", "y = 2\n", 2)).expect("runs"));
     assert_eq!(worker.stats().slots, 2);
     worker.forget("a");
-    finished(worker.run(job("b", "y = 2\n", 1)).expect("runs"));
+    finished(worker.submit_and_wait(job("b", "y = 2\n", 1)).expect("runs"));
     assert_eq!(worker.stats().slots, 1);
     worker.shutdown();
 }

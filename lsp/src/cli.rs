@@ -92,7 +92,7 @@ fn generate_local(settings: &Settings, prepared: &prepared::Prepared) -> Result<
         .min(engine.model.config().max_position_embeddings);
     let worker = one_slot_worker(engine, capacity)?;
     let job = backend::job(&worker, capacity, prepared.request("cli", settings))?;
-    match backend::answer(worker.run(job)) {
+    match backend::answer(worker.submit_and_wait(job)) {
         Ok(Some(generated)) => Ok(generated),
         Ok(None) => bail!("the completion was dropped"),
         Err(e) => bail!("the completion failed: {e:?}"),
@@ -173,7 +173,7 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
         params,
         stop: None,
     };
-    let generation = match worker.run(job)? {
+    let generation = match worker.submit_and_wait(job)? {
         JobOutcome::Finished(generation) => generation,
         JobOutcome::Dropped => bail!("the generation was dropped"),
     };

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use phi_engine::{generate, Engine, GenerateParams, Slot, SyncOutcome, WeightDType};
+use phi_engine::{generate, Engine, GenerateParams, Slot, SyncOutcome, Watch, WeightDType};
 
 use super::keystroke::KeystrokeText;
 use super::stats::{ms, Spread};
@@ -13,6 +13,14 @@ use crate::args::BenchArgs;
 
 fn never() -> bool {
     false
+}
+
+/// A watch that never stops or cancels: the bench's runs end at their token count.
+fn watch(no_stop: &mut dyn FnMut(&str) -> bool) -> Watch<'_> {
+    Watch {
+        stop: no_stop,
+        cancelled: &never,
+    }
 }
 
 /// The in-process measurements of one dtype.
@@ -52,15 +60,7 @@ pub fn measure_in_process(
     // Warm-up: candle repacks quantized weights on their first use, for one row and for many.
     progress(&format!("{name}: warm-up (prefill {} + 2 tokens)", prompt.len()));
     let start = Instant::now();
-    generate(
-        model,
-        tokenizer,
-        &mut slot,
-        prompt,
-        &params(2),
-        &mut no_stop,
-        &never,
-    )?;
+    generate(engine, &mut slot, prompt, &params(2), watch(&mut no_stop))?;
     let warmup_ms = ms(start.elapsed());
 
     let mut prefill = Vec::new();
@@ -85,13 +85,11 @@ pub fn measure_in_process(
         slot.clear();
         let start = Instant::now();
         generate(
-            model,
-            tokenizer,
+            engine,
             &mut slot,
             &prompt[..SHORT_PROMPT_TOKENS],
             &params(1),
-            &mut no_stop,
-            &never,
+            watch(&mut no_stop),
         )?;
         first_token.push(ms(start.elapsed()));
     }
@@ -106,13 +104,11 @@ pub fn measure_in_process(
     let mut decode_ms_per_token = Vec::new();
     for run in 0..args.repeats {
         let generation = generate(
-            model,
-            tokenizer,
+            engine,
             &mut slot,
             prompt,
             &params(args.decode_tokens + 1),
-            &mut no_stop,
-            &never,
+            watch(&mut no_stop),
         )?;
         // The first token comes from the prompt's logits; each later one is one forward.
         let steps = generation.stats.generated_tokens.saturating_sub(1);
@@ -137,13 +133,11 @@ pub fn measure_in_process(
     // the fresh one is emptied each time (a full prefill).
     let mut cached_slot = Slot::new(model, SLOT_CAPACITY)?;
     generate(
-        model,
-        tokenizer,
+        engine,
         &mut cached_slot,
         prompt,
         &params(LINE_TOKENS),
-        &mut no_stop,
-        &never,
+        watch(&mut no_stop),
     )?;
     let (mut cached, mut uncached, mut cached_prefill, mut uncached_prefill) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -161,13 +155,11 @@ pub fn measure_in_process(
             let start = Instant::now();
             let ids = tokenizer.encode(&document)?;
             let generation = generate(
-                model,
-                tokenizer,
+                engine,
                 target_slot,
                 &ids,
                 &params(LINE_TOKENS),
-                &mut no_stop,
-                &never,
+                watch(&mut no_stop),
             )?;
             times.push(ms(start.elapsed()));
             prefill_times.push(generation.stats.prefill_ms);
