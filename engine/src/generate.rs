@@ -13,7 +13,9 @@ use crate::model::PhiModel;
 use crate::tokenizer::TextStream;
 use crate::weights::Engine;
 
-/// Prefill runs in chunks of this many positions so a cancel is seen between them.
+/// Prefill runs in chunks of this many positions; a cancel is seen before each layer of a chunk
+/// (for Phi-1's 24 layers, every 128 / 24 ≈ 5 positions' worth of work), and the chunk it cuts
+/// is thrown away.
 pub const PREFILL_CHUNK: usize = 128;
 
 /// A KV cache and the token ids it holds. Invariant: `ids.len() == cache.len()`.
@@ -71,16 +73,23 @@ impl Slot {
         self.ids.truncate(len);
     }
 
-    /// Runs `ids` through the model after the cache and records them. Keeps the invariant even on
-    /// error: a failed forward leaves the cache at its old length.
-    fn forward(&mut self, model: &PhiModel, ids: &[u32]) -> Result<Tensor> {
+    /// Runs `ids` through the model after the cache and records them; `None` when `cancelled`
+    /// fired first. Keeps the invariant whatever happens: a failed or cancelled forward leaves the
+    /// cache at its old length.
+    fn forward(
+        &mut self,
+        model: &PhiModel,
+        ids: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
         let before = self.cache.len();
-        match model.forward(ids, &mut self.cache, false) {
-            Ok(logits) => {
+        match model.forward_unless_cancelled(ids, &mut self.cache, false, cancelled) {
+            Ok(Some(logits)) => {
                 self.ids.extend_from_slice(ids);
                 self.positions_run += ids.len() as u64;
-                Ok(logits.squeeze(0)?)
+                Ok(Some(logits.squeeze(0)?))
             }
+            Ok(None) => Ok(None),
             Err(e) => {
                 self.cache.truncate(before);
                 Err(e)
@@ -108,10 +117,10 @@ impl Slot {
         };
         let mut logits = None;
         for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
-            if stats.prefilled > 0 && cancelled() {
-                return Ok(SyncOutcome::Cancelled(stats));
+            match self.forward(model, chunk, cancelled)? {
+                Some(chunk_logits) => logits = Some(chunk_logits),
+                None => return Ok(SyncOutcome::Cancelled(stats)),
             }
-            logits = Some(self.forward(model, chunk)?);
             stats.prefilled += chunk.len();
         }
         match logits {
@@ -268,9 +277,11 @@ pub struct Watch<'a> {
     /// Sees the complete text so far after each token; `true` ends the generation
     /// ([`StopReason::Predicate`]).
     pub stop: &'a mut dyn FnMut(&str) -> bool,
-    /// Polled between prefill chunks and after every token; `true` ends it
+    /// Polled before every layer of the prefill and after every token; `true` ends it
     /// ([`StopReason::Cancelled`]).
     pub cancelled: &'a dyn Fn() -> bool,
+    /// Sees the figures so far after the prefill and after each token, while it runs.
+    pub progress: Option<&'a mut dyn FnMut(&GenerationStats)>,
 }
 
 /// Generates after `prompt` in `slot` with `engine`'s model and tokenizer. The slot stays
@@ -282,7 +293,16 @@ pub fn generate(
     params: &GenerateParams,
     watch: Watch<'_>,
 ) -> Result<Generation> {
-    let Watch { stop, cancelled } = watch;
+    let Watch {
+        stop,
+        cancelled,
+        mut progress,
+    } = watch;
+    let mut report = |stats: &GenerationStats| {
+        if let Some(progress) = progress.as_mut() {
+            progress(stats);
+        }
+    };
     let (model, tokenizer) = (&engine.model, engine.tokenizer.as_ref());
     let start = Instant::now();
     let mut stats = GenerationStats {
@@ -311,6 +331,7 @@ pub fn generate(
         }
     };
     stats.prefill_ms = ms(start.elapsed());
+    report(&stats);
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling, tokenizer.size());
     let mut stream = TextStream::default();
@@ -324,6 +345,9 @@ pub fn generate(
         }
         generation.tokens.push(next);
         stream.push(tokenizer, next)?;
+        stats.generated_tokens = generation.tokens.len();
+        stats.decode_ms = ms(decode_start.elapsed());
+        report(&stats);
         if stop(stream.text()) {
             break StopReason::Predicate;
         }
@@ -339,7 +363,10 @@ pub fn generate(
         if slot.ids().len() + 1 > slot.capacity() {
             break StopReason::ContextFull;
         }
-        logits = slot.forward(model, &[next])?;
+        logits = match slot.forward(model, &[next], &|| false)? {
+            Some(logits) => logits,
+            None => break StopReason::Cancelled,
+        };
     };
     stats.generated_tokens = generation.tokens.len();
     stats.decode_ms = ms(decode_start.elapsed());

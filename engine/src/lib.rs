@@ -24,4 +24,4 @@ pub use generate::{
 pub use model::PhiModel;
 pub use tokenizer::{PhiTokenizer, TextStream};
 pub use weights::{Engine, ModelFiles, WeightDType};
-pub use worker::{Job, JobOutcome, Prompt, Ticket, Worker, WorkerOptions, WorkerStats};
+pub use worker::{Job, JobOutcome, ProgressFn, Prompt, Ticket, Worker, WorkerOptions, WorkerStats};

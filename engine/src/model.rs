@@ -382,6 +382,19 @@ impl PhiModel {
     /// for every new position when `all_positions`, else `[1, vocab]` for the last one (the
     /// lm_head over every position is a large part of prefill and rarely needed).
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        self.forward_unless_cancelled(ids, cache, all_positions, &|| false)?
+            .ok_or_else(|| crate::EngineError::Request("the forward was cancelled".into()))
+    }
+
+    /// [`Self::forward`], polling `cancelled` before each layer: `None` when it fired, and then the
+    /// cache keeps its old length (the layers' writes past it are never read).
+    pub fn forward_unless_cancelled(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_positions: bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
         let n_tokens = ids.len();
         if n_tokens == 0 {
             return Err(crate::EngineError::Request(
@@ -392,6 +405,9 @@ impl PhiModel {
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut xs = self.embed_tokens.embedding(&input)?.to_dtype(self.dtype)?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
+            if cancelled() {
+                return Ok(None);
+            }
             xs = layer.forward(&xs, &self.rotary, cache, layer_idx)?;
         }
         cache.advance(n_tokens);
@@ -399,6 +415,6 @@ impl PhiModel {
             xs = xs.narrow(1, n_tokens - 1, 1)?;
         }
         let xs = self.final_layernorm.forward(&xs)?;
-        Ok(self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(Some(self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)?))
     }
 }

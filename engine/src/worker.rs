@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use crate::config::PhiConfig;
 use crate::error::{EngineError, Result};
-use crate::generate::{generate, GenerateParams, Generation, Slot, Watch};
+use crate::generate::{generate, GenerateParams, Generation, GenerationStats, Slot, Watch};
 use crate::model::PhiModel;
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::Engine;
@@ -48,12 +48,16 @@ pub enum Prompt {
 
 pub type StopPredicate = Box<dyn FnMut(&str) -> bool + Send>;
 
+/// Sees a running job's figures after its prefill and after each token.
+pub type ProgressFn = Box<dyn FnMut(&GenerationStats) + Send>;
+
 pub struct Job {
     /// Which slot: the same key reuses the same cache (the server uses the document URI).
     pub key: String,
     pub prompt: Prompt,
     pub params: GenerateParams,
     pub stop: Option<StopPredicate>,
+    pub progress: Option<ProgressFn>,
 }
 
 #[derive(Debug)]
@@ -278,6 +282,7 @@ impl WorkerState {
             prompt,
             params,
             stop,
+            mut progress,
         } = job;
         let ids = match prompt {
             Prompt::Text(text) => self.engine.tokenizer.encode(&text)?,
@@ -299,7 +304,20 @@ impl WorkerState {
             Some(f) => f,
             None => &mut never,
         };
-        generate(&self.engine, slot, &ids, &params, Watch { stop, cancelled })
+        let progress = progress
+            .as_mut()
+            .map(|f| f.as_mut() as &mut dyn FnMut(&GenerationStats));
+        generate(
+            &self.engine,
+            slot,
+            &ids,
+            &params,
+            Watch {
+                stop,
+                cancelled,
+                progress,
+            },
+        )
     }
 }
 

@@ -134,6 +134,7 @@ fn greedy_tokens_match_transformers_generate() {
             Watch {
                 stop: &mut |_| false,
                 cancelled: &never_cancelled,
+                progress: None,
             },
         )
         .expect("generates");
@@ -253,17 +254,21 @@ fn cancelling_mid_generation_leaves_the_slot_consistent() {
         max_new_tokens: 16,
         ..Default::default()
     };
-    // Cancel after the prefill and three decode steps.
-    let polls = AtomicUsize::new(0);
-    let cancel_soon = || polls.fetch_add(1, Ordering::Relaxed) >= 3;
+    // Cancel once three tokens are generated.
+    let tokens = AtomicUsize::new(0);
+    let cancel_soon = || tokens.load(Ordering::Relaxed) >= 3;
     let generation = generate(
         &engine,
         &mut slot,
         &case.input_ids,
         &params,
         Watch {
-            stop: &mut |_| false,
+            stop: &mut |_| {
+                tokens.fetch_add(1, Ordering::Relaxed);
+                false
+            },
             cancelled: &cancel_soon,
+            progress: None,
         },
     )
     .expect("generates");
@@ -283,17 +288,26 @@ fn cancelling_mid_generation_leaves_the_slot_consistent() {
         &fresh_logits(&engine, &next),
     );
     assert!(diff < TOLERANCE, "after cancel: max |diff| {diff}");
-    // And a cancel during a long prefill stops between chunks with a consistent prefix.
+    // And a cancel during a long prefill, polled before every layer, stops inside the second
+    // chunk: the first is kept, the cut one thrown away, the prefix consistent.
     let long: Vec<u32> = (0..300)
         .map(|i| (i * 7 % reference.tokenizer_size) as u32)
         .collect();
     let mut slot = Slot::new(&engine.model, 512).expect("slot");
+    let n_layers = engine.model.config().num_hidden_layers;
     let polls = AtomicUsize::new(0);
-    let after_one_chunk = || polls.fetch_add(1, Ordering::Relaxed) >= 1;
-    let SyncOutcome::Cancelled(stats) = slot.sync(&engine.model, &long, &after_one_chunk).expect("sync")
+    let in_the_second_chunk = || polls.fetch_add(1, Ordering::Relaxed) > n_layers;
+    let SyncOutcome::Cancelled(stats) = slot
+        .sync(&engine.model, &long, &in_the_second_chunk)
+        .expect("sync")
     else {
-        panic!("a 300-token prefill must see the cancel between chunks");
+        panic!("a 300-token prefill must see the cancel");
     };
-    assert_eq!(stats.prefilled, phi_engine::generate::PREFILL_CHUNK * 2);
+    assert_eq!(
+        polls.load(Ordering::Relaxed),
+        n_layers + 2,
+        "one poll per layer until the cancel"
+    );
+    assert_eq!(stats.prefilled, phi_engine::generate::PREFILL_CHUNK);
     assert_eq!(slot.ids(), &long[..stats.prefilled]);
 }

@@ -33,6 +33,7 @@ fn job(key: &str, prompt: &str, max_new_tokens: usize) -> Job {
             ..Default::default()
         },
         stop: None,
+        progress: None,
     }
 }
 

@@ -172,6 +172,7 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
         prompt: Prompt::Text(prompt),
         params,
         stop: None,
+        progress: None,
     };
     let generation = match worker.submit_and_wait(job)? {
         JobOutcome::Finished(generation) => generation,

@@ -13,6 +13,25 @@ use std::task::Poll;
 pub const TEST_PANIC_ENV: &str = "PHI_LSP_TEST_PANIC";
 pub const TEST_PANIC_MARKER: &str = "PHI_LSP_TEST_PANIC";
 
+/// Tests only: sleep this many milliseconds after each generated token, so that a suggestion grows
+/// slowly enough for a test (or a real editor) to watch it grow.
+pub const TEST_TOKEN_DELAY_ENV: &str = "PHI_LSP_TEST_TOKEN_DELAY_MS";
+
+/// The delay [`TEST_TOKEN_DELAY_ENV`] asks for, if any (read when the model is loaded).
+pub fn test_token_delay() -> Option<std::time::Duration> {
+    let value = std::env::var(TEST_TOKEN_DELAY_ENV).ok()?;
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => {
+            tracing::warn!("{TEST_TOKEN_DELAY_ENV}={ms}: every token waits {ms} ms (tests only)");
+            Some(std::time::Duration::from_millis(ms))
+        }
+        _ => {
+            tracing::warn!("{TEST_TOKEN_DELAY_ENV}={value:?} ignored: use a number of milliseconds");
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestPanic {
     Request,

@@ -5,6 +5,7 @@
 use ropey::Rope;
 use tower_lsp_server::ls_types::*;
 
+use crate::completion::growth::Grew;
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Edit;
 use crate::settings::CompletionMode;
@@ -17,6 +18,8 @@ pub struct ClientFacts {
     pub inline: bool,
     /// It takes `window/workDoneProgress`.
     pub work_done_progress: bool,
+    /// It declared `experimental.phiLsp.suggestionGrowth`: it wants [`SuggestionGrew`].
+    pub growth: bool,
 }
 
 impl ClientFacts {
@@ -33,8 +36,48 @@ impl ClientFacts {
                 .as_ref()
                 .and_then(|w| w.work_done_progress)
                 .unwrap_or(false),
+            growth: capabilities
+                .experimental
+                .as_ref()
+                .and_then(|e| e.pointer("/phiLsp/suggestionGrowth"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
         }
     }
+}
+
+/// `phi-lsp/suggestionGrew`, server to client: the suggestion answered at `position` of the
+/// document at `version` grew to `text` (the whole suggestion so far, exactly what a new request
+/// there would answer now); `done`: the generation ended, no more will come for it. Sent only to
+/// clients that declared `experimental.phiLsp.suggestionGrowth`.
+pub enum SuggestionGrew {}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SuggestionGrewParams {
+    pub text_document: VersionedTextDocumentIdentifier,
+    pub position: Position,
+    pub text: String,
+    pub done: bool,
+}
+
+impl notification::Notification for SuggestionGrew {
+    type Params = SuggestionGrewParams;
+    const METHOD: &'static str = "phi-lsp/suggestionGrew";
+}
+
+/// The notification for `grew`, or `None` when its key is not a URI.
+pub fn suggestion_grew(grew: &Grew) -> Option<SuggestionGrewParams> {
+    let uri = grew.key.parse::<Uri>().ok()?;
+    Some(SuggestionGrewParams {
+        text_document: VersionedTextDocumentIdentifier {
+            uri,
+            version: grew.place.version,
+        },
+        position: Position::new(grew.place.line, grew.place.character),
+        text: grew.text.clone(),
+        done: grew.done,
+    })
 }
 
 /// Incremental sync, and inline completion and/or the menu as `mode` says for this client.
@@ -221,11 +264,31 @@ mod tests {
     }
 
     #[test]
+    fn growth_is_what_the_client_declared() {
+        let declared = |experimental: Option<serde_json::Value>| {
+            ClientFacts::of(&ClientCapabilities {
+                experimental,
+                ..Default::default()
+            })
+            .growth
+        };
+        assert!(declared(Some(
+            serde_json::json!({"phiLsp": {"suggestionGrowth": true}})
+        )));
+        assert!(!declared(Some(
+            serde_json::json!({"phiLsp": {"suggestionGrowth": false}})
+        )));
+        assert!(!declared(Some(serde_json::json!({"phiLsp": true}))));
+        assert!(!declared(None));
+    }
+
+    #[test]
     fn capabilities_follow_the_mode_and_the_client() {
         let facts = |inline| ClientFacts {
             encoding: PositionEncoding::Utf8,
             inline,
             work_done_progress: false,
+            growth: false,
         };
         let offered = |caps: ServerCapabilities| {
             (

@@ -6,11 +6,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tower_lsp_server::jsonrpc::{Error, Result};
 use tower_lsp_server::ls_types::*;
 use tower_lsp_server::{Client, LanguageServer, LspService, NotCancellable, OngoingProgress, Unbounded};
 
 use crate::completion::backend::BackendError;
+use crate::completion::growth::{Grew, Place};
 use crate::completion::{lock, Completions, Request};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Documents;
@@ -36,6 +38,8 @@ pub struct Backend {
     documents: Arc<Mutex<Documents>>,
     completions: Arc<Completions>,
     host: Arc<ModelHost>,
+    /// Growth events until `initialized` starts forwarding them.
+    grew: Arc<Mutex<Option<mpsc::UnboundedReceiver<Grew>>>>,
 }
 
 pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
@@ -90,15 +94,32 @@ impl Backend {
                 encoding: PositionEncoding::Utf16,
                 inline: false,
                 work_done_progress: false,
+                growth: false,
             },
             settings_error: None,
         };
+        let (grew_tx, grew_rx) = mpsc::unbounded_channel();
         Backend {
             client,
             session: Arc::new(Mutex::new(session)),
             documents: Arc::new(Mutex::new(Documents::new(MAX_DOCUMENT_BYTES))),
-            completions: Arc::new(Completions::new()),
+            completions: Arc::new(Completions::new(Some(grew_tx))),
             host: Arc::new(ModelHost::new(TestPanic::from_env())),
+            grew: Arc::new(Mutex::new(Some(grew_rx))),
+        }
+    }
+
+    /// Sends each growth of a suggestion as `phi-lsp/suggestionGrew`, if the client wants them.
+    async fn forward_growth(&self, mut grew: mpsc::UnboundedReceiver<Grew>) {
+        while let Some(grew) = grew.recv().await {
+            if !lock(&self.session).client.growth {
+                continue;
+            }
+            if let Some(params) = proto::suggestion_grew(&grew) {
+                self.client
+                    .send_notification::<proto::SuggestionGrew>(params)
+                    .await;
+            }
         }
     }
 
@@ -109,6 +130,7 @@ impl Backend {
             documents: self.documents.clone(),
             completions: self.completions.clone(),
             host: self.host.clone(),
+            grew: self.grew.clone(),
         }
     }
 
@@ -250,12 +272,12 @@ impl Backend {
     async fn suggest(&self, uri: &Uri, position: Position) -> Result<Option<Suggestion>> {
         let key = uri.as_str();
         let settings = self.settings();
-        let rope = {
+        let (rope, version) = {
             let documents = lock(&self.documents);
             let doc = documents.get(key).ok_or_else(|| {
                 Error::invalid_params(format!("unknown document {key}: send didOpen first"))
             })?;
-            doc.rope.clone()
+            (doc.rope.clone(), doc.version)
         };
         let cursor = convert::pos_to_char(&rope, proto::pos(position), self.encoding())
             .map_err(|e| Error::invalid_params(e.to_string()))?;
@@ -263,6 +285,11 @@ impl Backend {
             key,
             rope: &rope,
             cursor,
+            place: Place {
+                version,
+                line: position.line,
+                character: position.character,
+            },
             settings: &settings,
         };
         let backend = self.host.backend();
@@ -363,6 +390,10 @@ impl LanguageServer for Backend {
         // Loading takes seconds to minutes; the server answers (empty) meanwhile.
         let server = self.handle();
         tokio::spawn(async move { server.load_model().await });
+        if let Some(grew) = lock(&self.grew).take() {
+            let server = self.handle();
+            tokio::spawn(async move { server.forward_growth(grew).await });
+        }
     }
 
     async fn shutdown(&self) -> Result<()> {
@@ -390,7 +421,15 @@ impl LanguageServer for Backend {
             let uri = params.text_document.uri.as_str().to_string();
             let edits = proto::edits(params.content_changes);
             let encoding = self.encoding();
-            let result = lock(&self.documents).change(&uri, params.text_document.version, &edits, encoding);
+            let result = {
+                let mut documents = lock(&self.documents);
+                documents
+                    .change(&uri, params.text_document.version, &edits, encoding)
+                    .map(|()| documents.get(&uri).map(|doc| doc.rope.clone()))
+            };
+            if let Ok(Some(rope)) = &result {
+                self.completions.changed(&uri, rope);
+            }
             if let Err(e) = result {
                 tracing::warn!("didChange {uri}: {e}");
                 self.client

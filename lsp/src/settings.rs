@@ -68,7 +68,16 @@ pub struct Settings {
     /// After a suggestion is shown, compute the next one (for the text as it will be once the
     /// suggestion is accepted) while the user is idle.
     pub speculate: bool,
+    /// Answer as soon as the first line is complete and let the suggestion grow in the background
+    /// (clients that declared `experimental.phiLsp.suggestionGrowth` are told when it grows). Off:
+    /// the answer is the whole suggestion, cut at `deadlineMs`.
+    pub progressive: bool,
 }
+
+/// The default cap on a suggestion's tokens: a suggestion ends where the code says (the end of the
+/// statement or of the block), and this only bounds a runaway one. HumanEval's longest canonical
+/// body is 297 Phi-1 tokens.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 384;
 
 /// Hard bounds on what a client controls.
 pub const MAX_NEW_TOKENS_LIMIT: usize = 512;
@@ -79,11 +88,12 @@ impl Settings {
     pub fn new(model: ModelSpec) -> Self {
         Settings {
             model,
-            max_new_tokens: 64,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             deadline_ms: 4000,
-            context_tokens: 1024,
+            context_tokens: 1536,
             completion_mode: CompletionMode::Auto,
             speculate: true,
+            progressive: false,
         }
     }
 
@@ -137,6 +147,9 @@ impl Settings {
         if let Some(mode) = update.completion_mode {
             next.completion_mode = mode;
         }
+        if let Some(progressive) = update.progressive {
+            next.progressive = progressive;
+        }
         if let Some(speculate) = update.speculate {
             next.speculate = speculate;
         }
@@ -158,6 +171,7 @@ struct Update {
     context_tokens: Option<usize>,
     completion_mode: Option<CompletionMode>,
     speculate: Option<bool>,
+    progressive: Option<bool>,
 }
 
 #[cfg(test)]

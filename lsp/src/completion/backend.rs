@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use phi_engine::{GenerateParams, GenerationStats, Job, JobOutcome, Prompt, StopReason, Worker, WorkerStats};
+use phi_engine::{
+    GenerateParams, GenerationStats, Job, JobOutcome, ProgressFn, Prompt, StopReason, Worker, WorkerStats,
+};
 use tokio::sync::oneshot;
 
 use super::prompt::fit_tokens;
@@ -25,6 +27,8 @@ pub struct GenerationRequest {
     /// The generation stops here with what it has; `None` runs until a stop rule or the cap.
     pub deadline: Option<Instant>,
     pub stop: StopRule,
+    /// Sees the figures so far after the prefill and after each token (local backends only).
+    pub progress: Option<ProgressFn>,
 }
 
 /// What a backend generated: the raw continuation, why it ended, and what it cost.
@@ -74,6 +78,13 @@ impl Pending {
         let Pending { result, _cancel } = self;
         result.await.unwrap_or(Err(BackendError::Stopped))
     }
+
+    /// The answer's receiver and the guard that cancels the work when dropped, apart: the answer
+    /// can then be awaited in one place while the guard is kept (or dropped) in another. A
+    /// dropped sender means the model thread is gone ([`BackendError::Stopped`]).
+    pub fn into_parts(self) -> (oneshot::Receiver<Outcome>, Box<dyn Send + Sync>) {
+        (self.result, self._cancel)
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -107,6 +118,7 @@ pub struct LocalBackend {
     worker: Arc<Worker>,
     slot_capacity: usize,
     test_panic: Option<TestPanic>,
+    test_token_delay: Option<std::time::Duration>,
 }
 
 impl LocalBackend {
@@ -115,6 +127,7 @@ impl LocalBackend {
             worker: Arc::new(worker),
             slot_capacity,
             test_panic,
+            test_token_delay: crate::faults::test_token_delay(),
         }
     }
 
@@ -130,6 +143,7 @@ pub fn job(worker: &Worker, slot_capacity: usize, request: GenerationRequest) ->
     let ids = worker.tokenizer().encode(&request.prompt)?;
     let ids = fit_tokens(&ids, slot_capacity, request.max_new_tokens)?.to_vec();
     let stop = request.stop;
+    let progress = request.progress;
     Ok(Job {
         key: request.key,
         prompt: Prompt::Ids(ids),
@@ -139,6 +153,7 @@ pub fn job(worker: &Worker, slot_capacity: usize, request: GenerationRequest) ->
             ..Default::default()
         },
         stop: Some(stop),
+        progress,
     })
 }
 
@@ -158,13 +173,20 @@ pub fn answer(outcome: phi_engine::Result<JobOutcome>) -> Outcome {
 }
 
 impl Backend for LocalBackend {
-    fn start(&self, request: GenerationRequest) -> Pending {
+    fn start(&self, mut request: GenerationRequest) -> Pending {
         let (tx, rx) = oneshot::channel();
         let test_panic = self
             .test_panic
             .filter(|_| request.prompt.contains(crate::faults::TEST_PANIC_MARKER));
         if test_panic == Some(TestPanic::Request) {
             TestPanic::Request.fire();
+        }
+        if let Some(delay) = self.test_token_delay {
+            let mut stop = request.stop;
+            request.stop = Box::new(move |text: &str| {
+                std::thread::sleep(delay);
+                stop(text)
+            });
         }
         let mut job = match self.job(request) {
             Ok(job) => job,

@@ -34,12 +34,18 @@ impl Prepared {
             max_new_tokens: settings.max_new_tokens,
             deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),
             stop: Box::new(move |text: &str| postprocess::should_stop(&context, text)),
+            progress: None,
         }
     }
 
-    /// What of `generated` goes in at the cursor. A character whose bytes were cut off by the token
-    /// limit decodes as U+FFFD: it is dropped.
+    /// What of `generated` goes in at the cursor.
     pub fn suggestion(&self, generated: &str) -> Option<String> {
-        postprocess::finish(&self.context, generated.trim_end_matches('\u{FFFD}'))
+        suggestion(&self.context, generated)
     }
+}
+
+/// What of `generated` goes in at a cursor with `context`. A character whose bytes were cut off by
+/// the token limit decodes as U+FFFD: it is dropped.
+pub fn suggestion(context: &Context, generated: &str) -> Option<String> {
+    postprocess::finish(context, generated.trim_end_matches('\u{FFFD}'))
 }
