@@ -7,7 +7,14 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
+use crate::cpu::{Isa, Kernel};
+
 type Result<T> = candle_core::Result<T>;
+
+/// The instruction set this CPU runs `kernel` on (every kernel here has a portable one).
+fn chosen(kernel: Kernel) -> Isa {
+    crate::cpu::chosen(kernel).map_or(Isa::Portable, crate::cpu::Implementation::isa)
+}
 
 fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     match storage {
@@ -130,12 +137,8 @@ enum Cache<'a> {
 /// fallback widens each head into a buffer first.
 fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if q.len().is_multiple_of(8)
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: the features were just detected.
+    if q.len().is_multiple_of(8) && chosen(Kernel::AttentionF16) == Isa::Avx2 {
+        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2, FMA and F16C.
         return unsafe { attend_f16_avx2(q, k, v, scale, scores, out) };
     }
     let widen = |xs: &[half::f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
@@ -267,8 +270,8 @@ pub(crate) unsafe fn sum8(v: std::arch::x86_64::__m256) -> f32 {
 
 fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
+    if chosen(Kernel::Attention) == Isa::Avx2 {
+        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2 and FMA.
         return unsafe { attend_avx2(q, k, v, scale, scores, out) };
     }
     attend_generic(q, k, v, scale, scores, out)
@@ -358,8 +361,8 @@ impl CustomOp1 for GeluNew {
 
 fn gelu_slice(xs: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
+    if chosen(Kernel::Gelu) == Isa::Avx2 {
+        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2 and FMA.
         return unsafe { gelu_avx2(xs, out) };
     }
     gelu_generic(xs, out)

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Storage, Tensor};
 
+use crate::cpu::{self, Implementation, Isa, Kernel};
+
 type Result<T> = candle_core::Result<T>;
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -366,26 +368,16 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [
     }
 }
 
-/// The kernels this CPU can run, fastest first; the last is portable.
-fn row_kernels() -> Vec<RowKernel> {
-    let mut kernels: Vec<RowKernel> = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("f16c")
-        {
-            kernels.push(row_avx512);
-        }
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            kernels.push(row_avx2);
-        }
+/// The row kernel of `imp`, an implementation of [`Kernel::Q4kRows`] this CPU runs.
+fn row_kernel(imp: Implementation) -> RowKernel {
+    debug_assert_eq!(imp.kernel(), Kernel::Q4kRows);
+    match imp.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => row_avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => row_avx2,
+        _ => row_generic,
     }
-    kernels.push(row_generic);
-    kernels
 }
 
 /// A q4k weight `[n, k]` as its stored blocks, with the bias added to its outputs.
@@ -469,7 +461,7 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    let amx = m >= amx::MIN_ROWS && amx::available() && amx::fits(&parts);
+    let amx = m >= amx::MIN_ROWS && amx::available(Kernel::Q4kTiles) && amx::fits(&parts);
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     let amx = false;
     if amx {
@@ -514,7 +506,10 @@ fn linear_q8_0(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]) -> R
     };
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|(w, _)| vec![0f32; m * w.n]).collect();
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if m >= amx::MIN_ROWS && amx::available() && parts.iter().all(|(w, _)| w.isa == q8_0::Isa::Avx512Vnni) {
+    if m >= amx::MIN_ROWS
+        && amx::available(Kernel::Q8_0Tiles)
+        && parts.iter().all(|(w, _)| w.isa == q8_0::Isa::Avx512Vnni)
+    {
         let x = q8_0::Input::quantize(input, m.next_multiple_of(q8_0::TILE), k);
         amx::run_q8_0(&parts, &x, m, &mut outs);
         return outputs(outs, parts.iter().map(|(w, _)| w.n), dims);
@@ -574,7 +569,8 @@ const SLAB: usize = 64;
 /// parallel region.
 fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
     static KERNEL: std::sync::OnceLock<RowKernel> = std::sync::OnceLock::new();
-    let kernel = *KERNEL.get_or_init(|| row_kernels()[0]);
+    let kernel =
+        *KERNEL.get_or_init(|| cpu::chosen(Kernel::Q4kRows).map_or(row_generic as RowKernel, row_kernel));
     let total: usize = parts.iter().map(|p| p.n).sum();
     let kb = x.len() / m;
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
@@ -589,7 +585,8 @@ fn run(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
                 for slab in (mine.start..mine.end).step_by(SLAB) {
                     let count = SLAB.min(mine.end - slab);
                     let w = &part.blocks[slab * kb..][..count * kb];
-                    // SAFETY: `row_kernels` checked the CPU features of the kernel.
+                    // SAFETY: the probe listed the kernel's implementation, so the CPU has its
+                    // features.
                     unsafe { kernel(w, kb, x, rows, &mut slab_out[..count * rows]) };
                     for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
                         let row = slab + i;
@@ -709,16 +706,17 @@ mod tests {
             let (_, blocks, _) = unsafe { data.align_to::<BlockQ4K>() };
             let expected = w1.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
             let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (index, kernel) in row_kernels().into_iter().enumerate() {
+            for imp in cpu::features().implementations(Kernel::Q4kRows) {
+                let kernel = row_kernel(imp);
                 // All rows in one call, and the first three in a call of their own.
                 for n in [n1, 3] {
                     let mut got = vec![f32::NAN; n * m];
-                    // SAFETY: `row_kernels` checked the CPU features of the kernel.
+                    // SAFETY: the probe listed the implementation, so the CPU has its features.
                     unsafe { kernel(&blocks[..n * k / QK_K], k / QK_K, &quantized, m, &mut got) };
                     for i in 0..n {
                         for r in 0..m {
                             let (g, e) = (got[i * m + r], expected[r * n1 + i]);
-                            assert!((g - e).abs() <= 1e-5 * scale, "kernel {index}, m={m}: {g} vs {e}");
+                            assert!((g - e).abs() <= 1e-5 * scale, "{imp}, m={m}: {g} vs {e}");
                         }
                     }
                 }

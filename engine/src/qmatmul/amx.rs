@@ -9,7 +9,7 @@
 //! repacked tiles ([`q8_0::Tile`]) are B operands as they lie, against the activation rows as A
 //! (`tdpbsud`).
 
-use std::sync::OnceLock;
+use crate::cpu::{Isa, Kernel};
 
 use super::q8_0::{self, Packed};
 use super::{f16_to_f32, on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
@@ -22,26 +22,10 @@ const SUB_BLOCKS: usize = QK_K / 32;
 /// Bytes of one A (weights) or B (activations) tile: 16 × 32 and 8 × 64.
 const OPERAND_BYTES: usize = 512;
 
-/// Whether this CPU and kernel run AMX int8 tiles; asks Linux for the tile state once.
-pub(super) fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
-            return false;
-        }
-        // AMX-TILE and AMX-INT8 are CPUID leaf 7 EDX bits 24 and 25 (std cannot detect them yet).
-        // SAFETY: leaf 7 exists on every CPU with AVX-512 (newer Rust calls cpuid safe).
-        #[allow(unused_unsafe)]
-        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
-        if edx & (0b11 << 24) != 0b11 << 24 {
-            return false;
-        }
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: a plain syscall with integer arguments; it fails cleanly on kernels without AMX.
-        let granted = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
-        granted == 0
-    })
+/// Whether this CPU runs `kernel` (q4k or q8_0 tiles) on AMX; the probe asked Linux for the
+/// tile state.
+pub(super) fn available(kernel: Kernel) -> bool {
+    crate::cpu::features().implementation(kernel, Isa::Amx).is_some()
 }
 
 /// The activations as B tiles: for each group of 16 rows (the last padded with zeros), block `b`

@@ -192,26 +192,25 @@ fn widened_matmul(part: &Part, xs: &Tensor, k: usize) -> Result<Tensor> {
 type RowKernel = fn(Values, usize, usize, usize, &[f32], usize, &mut [f32]);
 
 fn row_kernel(k: usize) -> RowKernel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static AVX512: OnceLock<bool> = OnceLock::new();
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        let avx512 = *AVX512.get_or_init(|| is_x86_feature_detected!("avx512f"));
-        let avx2 = *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        });
-        if avx512 && k.is_multiple_of(16) {
-            return rows_avx512;
-        }
-        if avx2 && k.is_multiple_of(8) {
-            return rows_avx2;
-        }
+    use crate::cpu::{features, Isa, Kernel};
+    let fits = |imp: &crate::cpu::Implementation| match imp.isa() {
+        Isa::Avx512 => k.is_multiple_of(16),
+        Isa::Avx2 => k.is_multiple_of(8),
+        _ => true,
+    };
+    let chosen = features().implementations(Kernel::DenseRows).find(fits);
+    chosen.map_or(rows_portable as RowKernel, |imp| row_kernel_of(imp.isa()))
+}
+
+/// The row kernel written for `isa` (the portable one where there is none).
+fn row_kernel_of(isa: crate::cpu::Isa) -> RowKernel {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        crate::cpu::Isa::Avx512 => rows_avx512,
+        #[cfg(target_arch = "x86_64")]
+        crate::cpu::Isa::Avx2 => rows_avx2,
+        _ => rows_portable,
     }
-    let _ = k;
-    rows_portable
 }
 
 /// Every weight row of every part against the `m` rows of `x`, the weight rows split evenly over
@@ -421,16 +420,17 @@ mod panels {
 
     impl Isa {
         pub(super) fn detect() -> Option<Isa> {
-            static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-            *ISA.get_or_init(|| {
-                if is_x86_feature_detected!("avx512f") {
-                    Some(Isa::Avx512)
-                } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    Some(Isa::Avx2)
-                } else {
-                    None
-                }
-            })
+            let chosen = crate::cpu::chosen(crate::cpu::Kernel::DensePanels)?;
+            Isa::of(chosen.isa())
+        }
+
+        /// The tile kernel for `isa`; `None` for the portable path.
+        pub(super) fn of(isa: crate::cpu::Isa) -> Option<Isa> {
+            match isa {
+                crate::cpu::Isa::Avx512 => Some(Isa::Avx512),
+                crate::cpu::Isa::Avx2 => Some(Isa::Avx2),
+                _ => None,
+            }
         }
 
         /// Weight rows per tile (a 1-row variant takes the remainder).
@@ -652,13 +652,9 @@ mod panels {
                 bias: &bias,
                 n,
             };
-            let mut isas = vec![];
-            if is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                isas.push(Isa::Avx2);
-            }
+            let isas = crate::cpu::features()
+                .implementations(crate::cpu::Kernel::DensePanels)
+                .filter_map(|imp| Isa::of(imp.isa()));
             for isa in isas {
                 let mut out = vec![0f32; m * n];
                 run(&part, &Input::pack(&x, m, k, isa), &mut out);
@@ -749,20 +745,8 @@ mod tests {
         let w: Vec<f16> = random(8 * k, 7).into_iter().map(f16::from_f32).collect();
         let x = random(m * k, 8);
         let mut expected = [0f32; 4 * MAX_ROWS];
-        let mut kernels: Vec<RowKernel> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                kernels.push(rows_avx512);
-            }
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                kernels.push(rows_avx2);
-            }
-        }
-        for (index, kernel) in kernels.into_iter().enumerate() {
+        for imp in crate::cpu::features().implementations(crate::cpu::Kernel::DenseRows) {
+            let (index, kernel) = (imp, row_kernel_of(imp.isa()));
             for (first, rows) in [(0, 4), (4, 4), (7, 1)] {
                 rows_portable(Values::F16(&w), first, rows, k, &x, m, &mut expected);
                 let mut got = [0f32; 4 * MAX_ROWS];

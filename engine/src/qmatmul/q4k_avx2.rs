@@ -20,17 +20,9 @@ const SUB_BLOCK_BYTES: usize = 32 * TILE;
 
 /// Whether this CPU runs [`run_q4k`].
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::cpu::features()
+        .implementation(crate::cpu::Kernel::Q4kTiles, crate::cpu::Isa::Avx2)
+        .is_some()
 }
 
 /// Whether [`run_q4k`] takes these weights: every part a whole number of tiles.

@@ -35,19 +35,14 @@ impl Isa {
     pub(super) fn available() -> &'static [Isa] {
         static AVAILABLE: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
         AVAILABLE.get_or_init(|| {
-            let mut isas = Vec::new();
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
-                    if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") {
-                        isas.push(Isa::Avx512Vnni);
-                    }
-                    if is_x86_feature_detected!("avx2") {
-                        isas.push(Isa::Avx2);
-                    }
-                }
-            }
-            isas
+            crate::cpu::features()
+                .implementations(crate::cpu::Kernel::Q8_0Rows)
+                .filter_map(|imp| match imp.isa() {
+                    crate::cpu::Isa::Avx512Vnni => Some(Isa::Avx512Vnni),
+                    crate::cpu::Isa::Avx2 => Some(Isa::Avx2),
+                    _ => None,
+                })
+                .collect()
         })
     }
 }
