@@ -8,6 +8,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
 use crate::cpu::{Isa, Kernel};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::sum8;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -255,17 +257,6 @@ unsafe fn weighted_f16<const L: usize>(
 unsafe fn widen8(xs: &[half::f16], at: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i))
-}
-
-/// The sum of a register's eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-#[inline]
-pub(crate) unsafe fn sum8(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
 }
 
 fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {

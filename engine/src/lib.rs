@@ -10,6 +10,8 @@ pub mod gguf;
 mod kernels;
 pub mod model;
 mod qmatmul;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

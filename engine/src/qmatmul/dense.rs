@@ -384,7 +384,7 @@ unsafe fn block_avx2<const E: u8, const R: usize, const M: usize>(
         t += 8;
     }
     for (o, &v) in out.iter_mut().zip(acc.iter().flatten()) {
-        *o = crate::kernels::sum8(v);
+        *o = crate::simd::sum8(v);
     }
 }
 

@@ -6,9 +6,9 @@
 //! then 32 products for 8 weight rows, nothing is reduced across lanes, and the 16-bit sums of a
 //! 32-value sub-block (at most 8 · 2 · 15 · 128 = 30,720) are widened once with their 6-bit scale.
 
-#[cfg(target_arch = "x86_64")]
-use super::d_and_dmin;
-use super::{on_every_thread, share, unpacked_scales, Part, Q8Block, QK_K};
+use super::{unpacked_scales, Q4kLinear, Q8Block, QK_K};
+use crate::cpu::{Implementation, Isa};
+use crate::qmatmul::{on_every_thread, share};
 
 /// Fewest activation rows worth unpacking a tile for; fewer go to the row kernels.
 pub(super) const MIN_ROWS: usize = 8;
@@ -18,32 +18,29 @@ const SUB_BLOCKS: usize = QK_K / 32;
 /// Bytes of one sub-block of a tile: 8 groups of four values × 16 rows.
 const SUB_BLOCK_BYTES: usize = 32 * TILE;
 
-/// Whether this CPU runs [`run_q4k`].
-pub(super) fn available() -> bool {
-    crate::cpu::features()
-        .implementation(crate::cpu::Kernel::Q4kTiles, crate::cpu::Isa::Avx2)
-        .is_some()
-}
-
-/// Whether [`run_q4k`] takes these weights: every part a whole number of tiles.
-pub(super) fn fits(parts: &[Part]) -> bool {
-    parts.iter().all(|p| p.n.is_multiple_of(TILE))
-}
-
-/// [`super::run`] for many rows: every weight row of every part (each a multiple of 16 rows)
-/// against the `m` rows of `x`, the 16-row tiles split evenly over candle's thread pool.
-pub(super) fn run_q4k(parts: &[Part], x: &[Q8Block], m: usize, outs: &mut [Vec<f32>]) {
+/// [`super::multiply`] for many rows on AVX2: every weight row of every part (each a multiple of
+/// 16 rows) against the `m` rows of `x`, the 16-row tiles split evenly over candle's thread pool.
+/// `imp` is the probe's AVX2 implementation of [`crate::cpu::Kernel::Q4kTiles`].
+pub(super) fn multiply(
+    imp: Implementation,
+    parts: &[Q4kLinear],
+    x: &[Q8Block],
+    m: usize,
+    outs: &mut [Vec<f32>],
+) {
+    assert_eq!(imp.isa(), Isa::Avx2, "{imp} is not AVX2");
     let total: usize = parts.iter().map(|p| p.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available` checked the CPU features.
+    // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2, FMA and F16C;
+    // `imp` is AVX2 (asserted).
     on_every_thread(total, |start, end| unsafe {
         tiles(parts, x, m, &out_ptrs, start, end)
     });
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (total, out_ptrs, x, m, parts);
-        unreachable!("run_q4k is called only where `available`");
+        unreachable!("the probe lists AVX2 only on x86-64");
     }
 }
 
@@ -93,7 +90,7 @@ struct Unpacked {
 /// with their bias into `outs` (`[m, n]` each).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
+unsafe fn tiles(parts: &[Q4kLinear], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
     use std::arch::x86_64::*;
     let kb = x.len() / m;
     let mut w = Unpacked {
@@ -134,7 +131,7 @@ unsafe fn tiles(parts: &[Part], x: &[Q8Block], m: usize, outs: &[usize], start: 
                 for r in 0..TILE {
                     let block = &rows[r * kb + b];
                     let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
-                    let (d, dmin) = d_and_dmin(block);
+                    let (d, dmin) = super::d_and_dmin(block);
                     w.d[r] = d;
                     for j in 0..SUB_BLOCKS {
                         let lanes = &mut w.scales[j][r / 8][2 * (r % 8)..][..2];
