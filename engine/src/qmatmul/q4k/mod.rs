@@ -138,7 +138,7 @@ pub(super) fn linear(
 ) -> Result<Option<Vec<Tensor>>> {
     let k = dims[dims.len() - 1];
     let m = xs.elem_count() / k;
-    if k % QK_K != 0 {
+    if !k.is_multiple_of(QK_K) {
         return Ok(None);
     }
     let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());

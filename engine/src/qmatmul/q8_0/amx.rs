@@ -1,11 +1,10 @@
 //! q8_0 matmuls for many activation rows (prefill chunks, a pasted line) on Intel AMX tiles: the
-//! repacked tiles ([`q8_0::Tile`]) are B operands as they lie, against the activation rows as A
+//! repacked tiles ([`Tile`]) are B operands as they lie, against the activation rows as A
 //! (`tdpbsud`).
 
-use crate::cpu::{Isa, Kernel};
-
-use super::q8_0::{self, Packed};
-use super::{on_every_thread, share};
+use super::{Input, Packed, Tile, QK8_0};
+use crate::cpu::{Implementation, Isa};
+use crate::qmatmul::{on_every_thread, share};
 use crate::simd::{load_amx_tile_config, Aligned64};
 
 /// Fewest activation rows worth a tile product (whose 16 columns are activation rows).
@@ -13,18 +12,12 @@ pub(super) const MIN_ROWS: usize = 12;
 
 const TILE: usize = 16;
 
-/// Whether this CPU runs `kernel` (q4k or q8_0 tiles) on AMX; the probe asked Linux for the
-/// tile state.
-pub(super) fn available(kernel: Kernel) -> bool {
-    crate::cpu::features().implementation(kernel, Isa::Amx).is_some()
-}
-
 /// Signed activations against offset q8_0 weights for four blocks in a row: `c[j] = a[j] · b[j]`
 /// (`tdpbsud`), `a[j]` 16 activation rows × 32 bytes (`stride` apart, 32 bytes after `a[j − 1]`),
-/// `b[j]` the B operand of a [`q8_0::Tile`] (one tile after `b[j − 1]`).
+/// `b[j]` the B operand of a [`Tile`] (one tile after `b[j − 1]`).
 #[inline(always)]
 unsafe fn four_q8_0_products(a: *const i8, stride: usize, b: *const u8, c: *mut i32) {
-    const _: () = assert!(std::mem::size_of::<q8_0::Tile>() == 544);
+    const _: () = assert!(std::mem::size_of::<Tile>() == 544);
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -62,7 +55,7 @@ unsafe fn four_q8_0_products(a: *const i8, stride: usize, b: *const u8, c: *mut 
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tiles_q8_0(
     parts: &[(&Packed, &[f32])],
-    x: &q8_0::Input,
+    x: &Input,
     m: usize,
     outs: &[usize],
     start: usize,
@@ -75,7 +68,7 @@ unsafe fn tiles_q8_0(
     let mut first = 0;
     for (&(packed, bias), &out) in parts.iter().zip(outs) {
         let (n, k) = (packed.n, packed.k);
-        let kb = k / q8_0::QK8_0;
+        let kb = k / QK8_0;
         let count = n / TILE;
         for tile in share(start, end, first, count) {
             let tiles = &packed.tiles[tile * kb..][..kb];
@@ -84,7 +77,7 @@ unsafe fn tiles_q8_0(
                 let mut acc = [_mm512_setzero_ps(); TILE];
                 // The tile products of four blocks run while the sums of the four before are scaled.
                 let products = |step: usize| {
-                    let a = x.qs.as_ptr().add(group * TILE * k + 4 * step * q8_0::QK8_0);
+                    let a = x.qs.as_ptr().add(group * TILE * k + 4 * step * QK8_0);
                     let b = tiles[4 * step].qs.as_ptr();
                     four_q8_0_products(a, k, b, c.add(step % 2 * 4 * TILE * TILE));
                 };
@@ -125,11 +118,26 @@ unsafe fn tiles_q8_0(
     }
 }
 
-/// The q8_0 tiles on AMX; `x` holds `m` rows padded with zeros to whole groups of 16.
-pub(super) fn run_q8_0(parts: &[(&Packed, &[f32])], x: &q8_0::Input, m: usize, outs: &mut [Vec<f32>]) {
+/// [`super::multiply`] on AMX tiles: every weight of `parts` (packed for AVX-512 VNNI) against
+/// the `m` rows of `x` (padded with zeros to whole groups of 16), the 16-row tiles split evenly
+/// over candle's thread pool. `imp` is the probe's AMX implementation of
+/// [`crate::cpu::Kernel::Q8_0Tiles`].
+pub(super) fn multiply(
+    imp: Implementation,
+    parts: &[(&Packed, &[f32])],
+    x: &Input,
+    m: usize,
+    outs: &mut [Vec<f32>],
+) {
+    assert_eq!(imp.isa(), Isa::Amx, "{imp} is not AMX");
+    assert!(
+        parts.iter().all(|(w, _)| w.kernel.isa() == Isa::Avx512Vnni),
+        "AMX takes q8_0 tiles packed for AVX-512 VNNI"
+    );
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    // SAFETY: `available` checked the CPU and the tile permission.
+    // SAFETY: the probe lists AMX only where the CPU has AMX, AVX-512F/BW, AVX2, FMA and F16C and
+    // Linux granted the tile state; `imp` is AMX and the tiles are offset for it (asserted).
     on_every_thread(total, |start, end| unsafe {
         tiles_q8_0(parts, x, m, &out_ptrs, start, end)
     });
