@@ -4,6 +4,9 @@
 //! 12% of a prefill). Both are f32 and CPU only; callers keep candle's ops for other devices and
 //! dtypes. Work is split over candle's own thread pool, so `--threads` governs it too.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
@@ -150,6 +153,10 @@ fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &
 /// Scores four keys at a time (four independent sums hide the FMA latency and share each query
 /// load), exponentiates them in one vectorised pass, and sums the values with the output held in
 /// registers, normalising once at the end.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_f16_avx2(
@@ -165,63 +172,72 @@ unsafe fn attend_f16_avx2(
     let lanes = head_dim / 8;
     let seen = scores.len();
     assert!(k.len() >= seen * head_dim && v.len() >= seen * head_dim && out.len() == head_dim);
-    let mut max = _mm_set1_ps(f32::NEG_INFINITY);
-    let mut t = 0;
-    while t + 4 <= seen {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in 0..lanes {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(8 * c));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, widen8(k, (t + j) * head_dim + 8 * c), *acc);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract). Every load reads `q` at
+    // `8c < 8·lanes ≤ head_dim`, key or value `t < seen` (asserted to lie in `k` and `v`), or
+    // `scores[t..t + 4]` with `t + 4 ≤ seen`, and the stores write those same scores.
+    unsafe {
+        let mut max = _mm_set1_ps(f32::NEG_INFINITY);
+        let mut t = 0;
+        while t + 4 <= seen {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in 0..lanes {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(8 * c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(qv, widen8(k, (t + j) * head_dim + 8 * c), *acc);
+                }
+            }
+            // Lane j of each 128-bit half: the sum of key j's half; the halves added give the dots.
+            let sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            let dots = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps::<1>(sums));
+            let four = _mm_mul_ps(dots, _mm_set1_ps(scale));
+            _mm_storeu_ps(scores.as_mut_ptr().add(t), four);
+            max = _mm_max_ps(max, four);
+            t += 4;
+        }
+        let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+        let mut max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
+        // The last `seen % 4` keys, one at a time.
+        for (t, score) in scores.iter_mut().enumerate().skip(t) {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..lanes {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(8 * c)),
+                    widen8(k, t * head_dim + 8 * c),
+                    acc,
+                );
+            }
+            *score = sum8(acc) * scale;
+            max = max.max(*score);
+        }
+        for score in scores.iter_mut() {
+            *score = exp(*score - max);
+        }
+        let mut partial = [0f32; 8];
+        for chunk in scores.chunks(8) {
+            for (p, s) in partial.iter_mut().zip(chunk) {
+                *p += s;
             }
         }
-        // Lane j of each 128-bit half: the sum of key j's half; the halves added give the dots.
-        let sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        let dots = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps::<1>(sums));
-        let four = _mm_mul_ps(dots, _mm_set1_ps(scale));
-        _mm_storeu_ps(scores.as_mut_ptr().add(t), four);
-        max = _mm_max_ps(max, four);
-        t += 4;
-    }
-    let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
-    let mut max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
-    // The last `seen % 4` keys, one at a time.
-    for (t, score) in scores.iter_mut().enumerate().skip(t) {
-        let mut acc = _mm256_setzero_ps();
-        for c in 0..lanes {
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(q.as_ptr().add(8 * c)),
-                widen8(k, t * head_dim + 8 * c),
-                acc,
-            );
+        let inv = 1.0 / partial.iter().sum::<f32>();
+        let mut c = 0;
+        while c < lanes {
+            let (v, out) = (&v[8 * c..], &mut out[8 * c..]);
+            c += match lanes - c {
+                8.. => weighted_f16::<8>(scores, v, head_dim, inv, out),
+                4.. => weighted_f16::<4>(scores, v, head_dim, inv, out),
+                2.. => weighted_f16::<2>(scores, v, head_dim, inv, out),
+                _ => weighted_f16::<1>(scores, v, head_dim, inv, out),
+            };
         }
-        *score = sum8(acc) * scale;
-        max = max.max(*score);
-    }
-    for score in scores.iter_mut() {
-        *score = exp(*score - max);
-    }
-    let mut partial = [0f32; 8];
-    for chunk in scores.chunks(8) {
-        for (p, s) in partial.iter_mut().zip(chunk) {
-            *p += s;
-        }
-    }
-    let inv = 1.0 / partial.iter().sum::<f32>();
-    let mut c = 0;
-    while c < lanes {
-        let (v, out) = (&v[8 * c..], &mut out[8 * c..]);
-        c += match lanes - c {
-            8.. => weighted_f16::<8>(scores, v, head_dim, inv, out),
-            4.. => weighted_f16::<4>(scores, v, head_dim, inv, out),
-            2.. => weighted_f16::<2>(scores, v, head_dim, inv, out),
-            _ => weighted_f16::<1>(scores, v, head_dim, inv, out),
-        };
     }
 }
 
 /// `out[..8L] = inv · Σ_t probs[t] · v[t·head_dim..][..8L]` with the `L` output registers held
 /// across the keys; returns `L`.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -234,29 +250,39 @@ unsafe fn weighted_f16<const L: usize>(
 ) -> usize {
     use std::arch::x86_64::*;
     assert!(out.len() >= 8 * L && (probs.is_empty() || v.len() >= (probs.len() - 1) * head_dim + 8 * L));
-    let mut acc = [_mm256_setzero_ps(); L];
-    for (t, &p) in probs.iter().enumerate() {
-        let p = _mm256_set1_ps(p);
-        for (l, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(p, widen8(v, t * head_dim + 8 * l), *acc);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); the `8L` values read
+    // from each of the `probs.len()` value rows and the `8L` outputs written lie in `v` and `out`
+    // (asserted).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); L];
+        for (t, &p) in probs.iter().enumerate() {
+            let p = _mm256_set1_ps(p);
+            for (l, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(p, widen8(v, t * head_dim + 8 * l), *acc);
+            }
         }
+        for (l, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(8 * l),
+                _mm256_mul_ps(*acc, _mm256_set1_ps(inv)),
+            );
+        }
+        L
     }
-    for (l, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(
-            out.as_mut_ptr().add(8 * l),
-            _mm256_mul_ps(*acc, _mm256_set1_ps(inv)),
-        );
-    }
-    L
 }
 
 /// Eight f16 values from `at`, widened.
+///
+/// # Safety
+///
+/// The CPU has AVX2 and F16C, and `xs` holds eight values from `at`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn widen8(xs: &[half::f16], at: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i))
+    // SAFETY: eight values from `at` lie in `xs` (this fn's contract).
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i)) }
 }
 
 fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {

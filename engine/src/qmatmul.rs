@@ -7,6 +7,9 @@
 //! ([`crate::cpu`]). This file routes a call to its format and holds what the formats share: the
 //! output tensors and the split of the work over candle's thread pool.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul};

@@ -21,6 +21,10 @@ const PREFETCH_BYTES: usize = 3072;
 
 /// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one
 /// call takes many, so what a call sets up is shared) and `m` activation rows (`x` row-major).
+///
+/// # Safety
+///
+/// The CPU has the features of the implementation the kernel was taken for ([`row_kernel`]).
 pub(super) type RowKernel = unsafe fn(&[BlockQ4K], usize, &[Q8Block], usize, &mut [f32]);
 
 fn row_generic(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
@@ -64,11 +68,15 @@ macro_rules! in_groups_of_four {
             let mut r = 0;
             while r < m {
                 let (x, out) = (&x[r * kb..], &mut out[r..]);
-                match m - r {
-                    1 => $rows::<1>(w, x, out, extra),
-                    2 => $rows::<2>(w, x, out, extra),
-                    3 => $rows::<3>(w, x, out, extra),
-                    _ => $rows::<4>(w, x, out, extra),
+                // SAFETY: the CPU has the row kernel's features ([`RowKernel`]'s contract), which
+                // `$rows` enables; it asserts the rows it reads and writes.
+                unsafe {
+                    match m - r {
+                        1 => $rows::<1>(w, x, out, extra),
+                        2 => $rows::<2>(w, x, out, extra),
+                        3 => $rows::<3>(w, x, out, extra),
+                        _ => $rows::<4>(w, x, out, extra),
+                    }
                 }
                 r += 4;
             }
@@ -103,6 +111,10 @@ unsafe fn row_avx2(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut
 
 /// [`row_avx2`] for `M` activation rows, ggml's `q4_K·q8_K` AVX2 dot product widened to `M` rows
 /// so the weights are unpacked once for all of them.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C, and `picks` points to [`SCALE_PICKS`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -115,46 +127,52 @@ unsafe fn rows_avx2<const M: usize>(
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
-    let mut acc = [_mm256_setzero_ps(); M];
-    let mut acc_min = [_mm_setzero_ps(); M];
-    let low = _mm256_set1_epi8(0xF);
-    for (b, block) in w.iter().enumerate() {
-        let [sc, mn] = unpacked_scales(&block.scales);
-        let scales = _mm256_set1_epi64x(sc as i64);
-        let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
-        let (d, dmin) = super::d_and_dmin(block);
-        let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
-        prefetch(ahead);
-        prefetch(ahead.wrapping_add(72));
-        let mut q = [_mm256_setzero_si256(); 8];
-        for g in 0..4 {
-            let bytes = _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i);
-            q[2 * g] = _mm256_and_si256(bytes, low);
-            q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); `x` holds `M` rows of
+    // `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read one block's 128 bytes of
+    // `qs`, one aligned sub-block of a [`Q8Block`] (`repr(align(32))`, sub-blocks 32 bytes apart)
+    // and its 16 bytes of sums, and `picks`, the eight masks of [`SCALE_PICKS`].
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut acc_min = [_mm_setzero_ps(); M];
+        let low = _mm256_set1_epi8(0xF);
+        for (b, block) in w.iter().enumerate() {
+            let [sc, mn] = unpacked_scales(&block.scales);
+            let scales = _mm256_set1_epi64x(sc as i64);
+            let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+            let (d, dmin) = super::d_and_dmin(block);
+            let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(72));
+            let mut q = [_mm256_setzero_si256(); 8];
+            for g in 0..4 {
+                let bytes = _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i);
+                q[2 * g] = _mm256_and_si256(bytes, low);
+                q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            }
+            for r in 0..M {
+                let a = x.get_unchecked(r * kb + b);
+                let mut sumi = _mm256_setzero_si256();
+                for (j, q) in q.iter().enumerate() {
+                    let scale = _mm256_shuffle_epi8(scales, _mm256_loadu_si256(picks.add(j)));
+                    let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(*q, act);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, scale));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+                let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+                let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+                acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+            }
         }
         for r in 0..M {
-            let a = x.get_unchecked(r * kb + b);
-            let mut sumi = _mm256_setzero_si256();
-            for (j, q) in q.iter().enumerate() {
-                let scale = _mm256_shuffle_epi8(scales, _mm256_loadu_si256(picks.add(j)));
-                let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
-                let pairs = _mm256_maddubs_epi16(*q, act);
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, scale));
-            }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[r]);
-            let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
-            let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
-            acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+            let v = acc[r];
+            let quad = _mm_sub_ps(
+                _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)),
+                acc_min[r],
+            );
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            out[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
         }
-    }
-    for r in 0..M {
-        let v = acc[r];
-        let quad = _mm_sub_ps(
-            _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)),
-            acc_min[r],
-        );
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
     }
 }
 
@@ -167,6 +185,10 @@ unsafe fn row_avx512(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &m
 /// [`rows_avx2`] on 512-bit registers: each holds two sub-blocks (64 stored bytes, one nibble
 /// half), whose activations [`Q8Block`] keeps side by side, and the scales are applied with
 /// VNNI's `vpdpwssd`.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 #[inline]
@@ -174,53 +196,58 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
-    let mut acc = [_mm512_setzero_ps(); M];
-    let mut acc_min = [_mm_setzero_ps(); M];
-    let low = _mm512_set1_epi8(0xF);
-    // Register i holds sub-blocks SUB_BLOCK_AT[2i] and SUB_BLOCK_AT[2i + 1] (16 i16 lanes each).
-    let pick = |i: usize| {
-        let (a, b) = (SUB_BLOCK_AT[2 * i] as i16, SUB_BLOCK_AT[2 * i + 1] as i16);
-        _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
-    };
-    let picks = [pick(0), pick(1), pick(2), pick(3)];
-    for (b, block) in w.iter().enumerate() {
-        let [sc, mn] = unpacked_scales(&block.scales);
-        let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64)));
-        let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
-        let (d, dmin) = super::d_and_dmin(block);
-        // The blocks stream from memory and the kernel computes for a while on each: ask for the
-        // bytes [`PREFETCH_BYTES`] (~21 blocks) ahead, far enough for the memory latency.
-        let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
-        prefetch(ahead);
-        prefetch(ahead.wrapping_add(72));
-        let lo = _mm512_loadu_si512(block.qs.as_ptr() as *const __m512i);
-        let hi = _mm512_loadu_si512(block.qs.as_ptr().add(64) as *const __m512i);
-        let q = [
-            _mm512_and_si512(lo, low),
-            _mm512_and_si512(_mm512_srli_epi16(lo, 4), low),
-            _mm512_and_si512(hi, low),
-            _mm512_and_si512(_mm512_srli_epi16(hi, 4), low),
-        ];
-        let s = picks.map(|p| _mm512_permutexvar_epi16(p, scales));
-        for r in 0..M {
-            let a = x.get_unchecked(r * kb + b);
-            let act = |i: usize| {
-                let act = _mm512_load_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
-                _mm512_maddubs_epi16(q[i], act)
-            };
-            let even = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(0), s[0]), act(2), s[2]);
-            let odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(1), s[1]), act(3), s[3]);
-            let sumi = _mm512_add_epi32(even, odd);
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[r]);
-            let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
-            let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
-            acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+    // SAFETY: the caller's CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract); `x` holds
+    // `M` rows of `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read one block's
+    // 128 bytes of `qs`, a [`Q8Block`]'s 256 bytes of `qs` and its 16 bytes of sums.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); M];
+        let mut acc_min = [_mm_setzero_ps(); M];
+        let low = _mm512_set1_epi8(0xF);
+        // Register i holds sub-blocks SUB_BLOCK_AT[2i] and SUB_BLOCK_AT[2i + 1] (16 i16 lanes each).
+        let pick = |i: usize| {
+            let (a, b) = (SUB_BLOCK_AT[2 * i] as i16, SUB_BLOCK_AT[2 * i + 1] as i16);
+            _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
+        };
+        let picks = [pick(0), pick(1), pick(2), pick(3)];
+        for (b, block) in w.iter().enumerate() {
+            let [sc, mn] = unpacked_scales(&block.scales);
+            let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64)));
+            let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+            let (d, dmin) = super::d_and_dmin(block);
+            // The blocks stream from memory and the kernel computes for a while on each: ask for the
+            // bytes [`PREFETCH_BYTES`] (~21 blocks) ahead, far enough for the memory latency.
+            let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(72));
+            let lo = _mm512_loadu_si512(block.qs.as_ptr() as *const __m512i);
+            let hi = _mm512_loadu_si512(block.qs.as_ptr().add(64) as *const __m512i);
+            let q = [
+                _mm512_and_si512(lo, low),
+                _mm512_and_si512(_mm512_srli_epi16(lo, 4), low),
+                _mm512_and_si512(hi, low),
+                _mm512_and_si512(_mm512_srli_epi16(hi, 4), low),
+            ];
+            let s = picks.map(|p| _mm512_permutexvar_epi16(p, scales));
+            for r in 0..M {
+                let a = x.get_unchecked(r * kb + b);
+                let act = |i: usize| {
+                    let act = _mm512_loadu_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
+                    _mm512_maddubs_epi16(q[i], act)
+                };
+                let even = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(0), s[0]), act(2), s[2]);
+                let odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(1), s[1]), act(3), s[3]);
+                let sumi = _mm512_add_epi32(even, odd);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[r]);
+                let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+                let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+                acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+            }
         }
-    }
-    for r in 0..M {
-        let min = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
-        let min = _mm_cvtss_f32(_mm_add_ss(min, _mm_shuffle_ps(min, min, 1)));
-        out[r] = _mm512_reduce_add_ps(acc[r]) - min;
+        for r in 0..M {
+            let min = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
+            let min = _mm_cvtss_f32(_mm_add_ss(min, _mm_shuffle_ps(min, min, 1)));
+            out[r] = _mm512_reduce_add_ps(acc[r]) - min;
+        }
     }
 }
 
@@ -276,8 +303,9 @@ pub(super) fn multiply(
                     for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
                         let row = slab + i;
                         for (r, value) in values.iter().enumerate() {
-                            // SAFETY: every (r, row) of a part is written by exactly one thread.
                             let at = (r0 + r) * part.n + row;
+                            // SAFETY: `outs[p]` holds `m · n` values and every (r, row) of a part
+                            // is written by exactly one thread.
                             unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
                         }
                     }

@@ -57,6 +57,11 @@ fn prefetch_ahead(block: &Tile) {
 /// `out` (`[m, n]`). Per block, `vpdpbusd` of the offset weights and the activations, four bytes
 /// of one activation row broadcast to all 16 weight rows; the sums start at `−128·Σx` to undo the
 /// offset.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, FMA and F16C; `out` holds `m` rows of the weight's `n` outputs,
+/// whose tile `tile` no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 #[inline]
@@ -71,39 +76,50 @@ unsafe fn tile_rows<const M: usize>(
     let kb = packed.k / QK8_0;
     let tiles = &packed.tiles[tile * kb..][..kb];
     assert!(x.d.len() >= (first + M) * kb);
-    let mut acc = [_mm512_setzero_ps(); M];
-    for (b, block) in tiles.iter().enumerate() {
-        prefetch_ahead(block);
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.d.as_ptr() as *const __m256i));
-        let mut sums: [__m512i; M] =
-            std::array::from_fn(|r| _mm512_set1_epi32(-128 * *x.sums.get_unchecked((first + r) * kb + b)));
-        for kk in 0..QK8_0 / 4 {
-            let weights = _mm512_loadu_si512(block.qs.as_ptr().add(64 * kk) as *const __m512i);
-            for (r, sums) in sums.iter_mut().enumerate() {
-                let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
-                let four = (x.qs.as_ptr().add(at) as *const i32).read_unaligned();
-                *sums = _mm512_dpbusd_epi32(*sums, weights, _mm512_set1_epi32(four));
+    // SAFETY: the caller's CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract); `x` holds rows
+    // `first..first + M` (asserted: its values, scales and sums), the loads read one [`Tile`] and
+    // 16 biases of the tile's rows, and the stores write rows `first..first + M` of `out`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, block) in tiles.iter().enumerate() {
+            prefetch_ahead(block);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.d.as_ptr() as *const __m256i));
+            let mut sums: [__m512i; M] = std::array::from_fn(|r| {
+                _mm512_set1_epi32(-128 * *x.sums.get_unchecked((first + r) * kb + b))
+            });
+            for kk in 0..QK8_0 / 4 {
+                let weights = _mm512_loadu_si512(block.qs.as_ptr().add(64 * kk) as *const __m512i);
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                    let four = (x.qs.as_ptr().add(at) as *const i32).read_unaligned();
+                    *sums = _mm512_dpbusd_epi32(*sums, weights, _mm512_set1_epi32(four));
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked((first + r) * kb + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, *acc);
             }
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked((first + r) * kb + b)));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, *acc);
+        let bias = _mm512_loadu_ps(bias.as_ptr().add(tile * TILE));
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(
+                out.add((first + r) * packed.n + tile * TILE),
+                _mm512_add_ps(*acc, bias),
+            );
         }
+        M
     }
-    let bias = _mm512_loadu_ps(bias.as_ptr().add(tile * TILE));
-    for (r, acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(
-            out.add((first + r) * packed.n + tile * TILE),
-            _mm512_add_ps(*acc, bias),
-        );
-    }
-    M
 }
 
 /// [`tile_rows`] on AVX2 for tiles of signed values: each 256-bit load holds four values of 8
 /// weight rows; `vpmaddubsw` multiplies them by the broadcast activations' magnitudes with the
 /// activations' signs applied to the weights (`|x|·sign(w, x) = x·w`, at most 2·127·128 per pair,
 /// so the 16-bit sums cannot saturate), `vpmaddwd` widens to one sum per row.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; `out` holds `m` rows of the weight's `n` outputs, whose tile
+/// `tile` no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -118,47 +134,52 @@ unsafe fn tile_rows_avx2<const M: usize>(
     let kb = packed.k / QK8_0;
     let tiles = &packed.tiles[tile * kb..][..kb];
     assert!(x.d.len() >= (first + M) * kb);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); 2]; M];
-    for (b, block) in tiles.iter().enumerate() {
-        prefetch_ahead(block);
-        let d = [
-            _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr() as *const __m128i)),
-            _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr().add(8) as *const __m128i)),
-        ];
-        let mut sums = [[_mm256_setzero_si256(); 2]; M];
-        for kk in 0..QK8_0 / 4 {
-            let weights = [
-                _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk) as *const __m256i),
-                _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk + 32) as *const __m256i),
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); `x` holds rows
+    // `first..first + M` (asserted: its values, scales and sums), the loads read one [`Tile`] and
+    // 16 biases of the tile's rows, and the stores write rows `first..first + M` of `out`.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for (b, block) in tiles.iter().enumerate() {
+            prefetch_ahead(block);
+            let d = [
+                _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr().add(8) as *const __m128i)),
             ];
-            for (r, sums) in sums.iter_mut().enumerate() {
-                let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
-                let four = _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned());
-                let magnitude = _mm256_sign_epi8(four, four);
-                for (sum, &weights) in sums.iter_mut().zip(&weights) {
-                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(weights, four));
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+            let mut sums = [[_mm256_setzero_si256(); 2]; M];
+            for kk in 0..QK8_0 / 4 {
+                let weights = [
+                    _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk) as *const __m256i),
+                    _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk + 32) as *const __m256i),
+                ];
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                    let four = _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned());
+                    let magnitude = _mm256_sign_epi8(four, four);
+                    for (sum, &weights) in sums.iter_mut().zip(&weights) {
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(weights, four));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xd = _mm256_set1_ps(*x.d.get_unchecked((first + r) * kb + b));
+                for ((acc, sum), d) in acc.iter_mut().zip(&sums[r]).zip(&d) {
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(*d, xd), *acc);
                 }
             }
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let xd = _mm256_set1_ps(*x.d.get_unchecked((first + r) * kb + b));
-            for ((acc, sum), d) in acc.iter_mut().zip(&sums[r]).zip(&d) {
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(*d, xd), *acc);
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, acc) in acc.iter().enumerate() {
+                let bias = _mm256_loadu_ps(bias.as_ptr().add(tile * TILE + 8 * h));
+                _mm256_storeu_ps(
+                    out.add((first + r) * packed.n + tile * TILE + 8 * h),
+                    _mm256_add_ps(*acc, bias),
+                );
             }
         }
+        M
     }
-    for (r, acc) in acc.iter().enumerate() {
-        for (h, acc) in acc.iter().enumerate() {
-            let bias = _mm256_loadu_ps(bias.as_ptr().add(tile * TILE + 8 * h));
-            _mm256_storeu_ps(
-                out.add((first + r) * packed.n + tile * TILE + 8 * h),
-                _mm256_add_ps(*acc, bias),
-            );
-        }
-    }
-    M
 }
 
 #[cfg(not(target_arch = "x86_64"))]
