@@ -10,15 +10,15 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
-use crate::cpu::{Isa, Kernel};
+use crate::cpu::{Implementation, Isa, Kernel};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::sum8;
 
 type Result<T> = candle_core::Result<T>;
 
-/// The instruction set this CPU runs `kernel` on (every kernel here has a portable one).
-fn chosen(kernel: Kernel) -> Isa {
-    crate::cpu::chosen(kernel).map_or(Isa::Portable, crate::cpu::Implementation::isa)
+/// The implementation of `kernel` this CPU runs first (every kernel here has a portable one).
+fn chosen(kernel: Kernel) -> Implementation {
+    crate::cpu::chosen(kernel).expect("every kernel of kernels.rs has a portable implementation")
 }
 
 fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
@@ -45,6 +45,24 @@ impl DecodeAttention {
     pub const MAX_QUERIES: usize = 31;
 }
 
+/// The implementations [`DecodeAttention`] runs: of [`Kernel::Attention`] over an f32 cache and of
+/// [`Kernel::AttentionF16`] over an f16 one.
+#[derive(Debug, Clone, Copy)]
+struct AttentionKernels {
+    f32: Implementation,
+    f16: Implementation,
+}
+
+impl AttentionKernels {
+    /// The ones this CPU runs first.
+    fn chosen() -> AttentionKernels {
+        AttentionKernels {
+            f32: chosen(Kernel::Attention),
+            f16: chosen(Kernel::AttentionF16),
+        }
+    }
+}
+
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
@@ -58,6 +76,25 @@ impl CustomOp3 for DecodeAttention {
         k_layout: &Layout,
         v_storage: &CpuStorage,
         v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            (q_storage, q_layout),
+            (k_storage, k_layout),
+            (v_storage, v_layout),
+        );
+        self.forward_through(AttentionKernels::chosen(), q, k, v)
+    }
+}
+
+impl DecodeAttention {
+    /// [`CustomOp3::cpu_fwd`] through `kernels`: what the tests call to force each kernel this CPU
+    /// runs.
+    fn forward_through(
+        &self,
+        kernels: AttentionKernels,
+        (q_storage, q_layout): (&CpuStorage, &Layout),
+        (k_storage, k_layout): (&CpuStorage, &Layout),
+        (v_storage, v_layout): (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
         let q = f32_slice(q_storage, "query")?;
         let cache = match (k_storage, v_storage) {
@@ -116,11 +153,11 @@ impl CustomOp3 for DecodeAttention {
                     match cache {
                         Cache::F32(k, v) => {
                             let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                            attend(q_row, k, v, self.scale, scores, out_row)
+                            attend(kernels.f32, q_row, k, v, self.scale, scores, out_row)
                         }
                         Cache::F16(k, v) => {
                             let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                            attend_f16(q_row, k, v, self.scale, scores, out_row)
+                            attend_f16(kernels.f16, q_row, k, v, self.scale, scores, out_row)
                         }
                     }
                 }
@@ -138,12 +175,27 @@ enum Cache<'a> {
     F16(&'a [half::f16], &'a [half::f16]),
 }
 
-/// [`attend`] over an f16 cache: AVX2 with F16C widens 8 values per instruction as it reads; the
-/// fallback widens each head into a buffer first.
-fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// [`attend`] over an f16 cache through `kernel`, an implementation of [`Kernel::AttentionF16`]:
+/// AVX2 with F16C widens 8 values per instruction as it reads (where `head_dim` is whole
+/// registers); the portable code widens each head into a buffer first.
+fn attend_f16(
+    kernel: Implementation,
+    q: &[f32],
+    k: &[half::f16],
+    v: &[half::f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    assert_eq!(
+        kernel.kernel(),
+        Kernel::AttentionF16,
+        "{kernel} is no f16 attention"
+    );
     #[cfg(target_arch = "x86_64")]
-    if q.len().is_multiple_of(8) && chosen(Kernel::AttentionF16) == Isa::Avx2 {
-        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2, FMA and F16C.
+    if q.len().is_multiple_of(8) && kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2, FMA and F16C.
         return unsafe { attend_f16_avx2(q, k, v, scale, scores, out) };
     }
     let widen = |xs: &[half::f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
@@ -285,10 +337,22 @@ unsafe fn widen8(xs: &[half::f16], at: usize) -> std::arch::x86_64::__m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i)) }
 }
 
-fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// `softmax(q·Kᵀ · scale) · V` of one query over `scores.len()` keys through `kernel`, an
+/// implementation of [`Kernel::Attention`]: the portable code compiled for AVX2 and FMA, or as is.
+fn attend(
+    kernel: Implementation,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    assert_eq!(kernel.kernel(), Kernel::Attention, "{kernel} is no attention");
     #[cfg(target_arch = "x86_64")]
-    if chosen(Kernel::Attention) == Isa::Avx2 {
-        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2 and FMA.
+    if kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2 and FMA.
         return unsafe { attend_avx2(q, k, v, scale, scores, out) };
     }
     attend_generic(q, k, v, scale, scores, out)
@@ -359,8 +423,9 @@ impl CustomOp1 for GeluNew {
         };
         let xs = &f32_slice(storage, "gelu input")?[start..end];
         let mut out = vec![0f32; xs.len()];
+        let kernel = chosen(Kernel::Gelu);
         if xs.len() <= GELU_CHUNK {
-            gelu_slice(xs, &mut out);
+            gelu_slice(kernel, xs, &mut out);
         } else {
             let out_ptr = out.as_mut_ptr() as usize;
             candle_core::utils::barrier_pool().execute_chunked(xs.len().div_ceil(GELU_CHUNK), |range| {
@@ -369,17 +434,21 @@ impl CustomOp1 for GeluNew {
                 // SAFETY: work items cover disjoint element ranges.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(from), to - from) };
-                gelu_slice(&xs[from..to], dst);
+                gelu_slice(kernel, &xs[from..to], dst);
             });
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
-fn gelu_slice(xs: &[f32], out: &mut [f32]) {
+/// `gelu_new` of every value of `xs` into `out` through `kernel`, an implementation of
+/// [`Kernel::Gelu`]: the portable code compiled for AVX2 and FMA, or as is.
+fn gelu_slice(kernel: Implementation, xs: &[f32], out: &mut [f32]) {
+    assert_eq!(kernel.kernel(), Kernel::Gelu, "{kernel} is no gelu");
     #[cfg(target_arch = "x86_64")]
-    if chosen(Kernel::Gelu) == Isa::Avx2 {
-        // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2 and FMA.
+    if kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2 and FMA.
         return unsafe { gelu_avx2(xs, out) };
     }
     gelu_generic(xs, out)
@@ -427,6 +496,8 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor, D};
 
+    /// `exp` against libm, and `gelu_new` through each implementation this CPU runs against
+    /// candle's `gelu`.
     #[test]
     fn exp_and_gelu_match_libm() {
         let mut worst_exp = 0f32;
@@ -437,18 +508,46 @@ mod tests {
         }
         assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
         let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 / 100.0).collect();
-        let mut ours = vec![0f32; xs.len()];
-        gelu_slice(&xs, &mut ours);
         let candle = Tensor::new(xs.as_slice(), &Device::Cpu)
             .and_then(|t| t.gelu())
             .and_then(|t| t.to_vec1::<f32>());
         let candle = candle.expect("candle's gelu");
-        let worst = ours
-            .iter()
-            .zip(&candle)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 2e-6, "gelu differs from candle's by {worst}");
+        for kernel in crate::cpu::features().implementations(Kernel::Gelu) {
+            let mut ours = vec![0f32; xs.len()];
+            gelu_slice(kernel, &xs, &mut ours);
+            let worst = ours
+                .iter()
+                .zip(&candle)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-6, "{kernel}: gelu differs from candle's by {worst}");
+        }
+    }
+
+    /// [`DecodeAttention`] through the given kernels instead of the ones this CPU runs first.
+    struct Forced(DecodeAttention, AttentionKernels);
+
+    impl CustomOp3 for Forced {
+        fn name(&self) -> &'static str {
+            "decode-attention-forced"
+        }
+
+        fn cpu_fwd(
+            &self,
+            q_storage: &CpuStorage,
+            q_layout: &Layout,
+            k_storage: &CpuStorage,
+            k_layout: &Layout,
+            v_storage: &CpuStorage,
+            v_layout: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let (q, k, v) = (
+                (q_storage, q_layout),
+                (k_storage, k_layout),
+                (v_storage, v_layout),
+            );
+            self.0.forward_through(self.1, q, k, v)
+        }
     }
 
     #[test]
@@ -463,7 +562,8 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
     }
 
-    /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity.
+    /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity;
+    /// through the kernels this CPU runs first, and through each one it runs, forced.
     #[test]
     fn decode_attention_matches_candle_on_a_cache_view() {
         let (heads, capacity, total) = (4, 48, 40);
@@ -498,6 +598,24 @@ mod tests {
             let ours = q
                 .apply_op3_no_bwd(&k, &v, &DecodeAttention { scale })
                 .expect("op");
+            // The same through each implementation this CPU runs for the cache's dtype.
+            let kernel = if dtype == DType::F32 {
+                Kernel::Attention
+            } else {
+                Kernel::AttentionF16
+            };
+            let forced: Vec<(Implementation, Tensor)> = crate::cpu::features()
+                .implementations(kernel)
+                .map(|imp| {
+                    let mut kernels = AttentionKernels::chosen();
+                    match dtype {
+                        DType::F32 => kernels.f32 = imp,
+                        _ => kernels.f16 = imp,
+                    }
+                    let op = Forced(DecodeAttention { scale }, kernels);
+                    (imp, q.apply_op3_no_bwd(&k, &v, &op).expect("forced op"))
+                })
+                .collect();
             let (k, v) = (
                 k.to_dtype(DType::F32).expect("k f32"),
                 v.to_dtype(DType::F32).expect("v f32"),
@@ -512,13 +630,19 @@ mod tests {
                 .and_then(|o| o.transpose(1, 2))
                 .and_then(|o| o.reshape((1, n, heads * head_dim)))
                 .expect("pv");
-            assert_eq!(ours.dims(), expected.dims());
-            let diff: f32 = (ours - expected)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.max_all())
-                .and_then(|d| d.to_scalar())
-                .expect("diff");
-            assert!(diff < 1e-5, "{dtype:?}, head_dim {head_dim}, {n} queries: {diff}");
+            let paths = std::iter::once(("chosen".to_string(), ours));
+            for (path, ours) in paths.chain(forced.into_iter().map(|(imp, t)| (imp.to_string(), t))) {
+                assert_eq!(ours.dims(), expected.dims());
+                let diff: f32 = (ours - &expected)
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.max_all())
+                    .and_then(|d| d.to_scalar())
+                    .expect("diff");
+                assert!(
+                    diff < 1e-5,
+                    "{path}: {dtype:?}, head_dim {head_dim}, {n} queries: {diff}"
+                );
+            }
         }
     }
 }
