@@ -1,8 +1,10 @@
 //! CPU kernels for the parts of a forward pass where candle's general ops cost more than the work:
 //! attention of one new token over the cache (candle runs two batched matmuls, a scale and a softmax
-//! per layer, ~30% of a Phi-1 decode step) and `gelu_new` (candle calls libm's `tanhf` per element,
-//! 12% of a prefill). Both are f32 and CPU only; callers keep candle's ops for other devices and
-//! dtypes. Work is split over candle's own thread pool, so `--threads` governs it too.
+//! per layer, each its own pass over memory and its own dispatch, for a few values per head) and
+//! `gelu_new` (candle calls libm's `tanhf` per element, which does not vectorise). Both are f32 and
+//! CPU only; callers keep candle's ops for other devices and dtypes. Each has an AVX2 and a
+//! portable implementation, taken from the one CPU probe ([`crate::cpu`]). Work is split over
+//! candle's own thread pool, so `--threads` governs it too.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]

@@ -113,7 +113,10 @@ unsafe fn rows_portable(
 /// rows at a time (groups of at most `$group`), `$width` values per step.
 #[cfg(target_arch = "x86_64")]
 macro_rules! dispatch {
-    ($kernel:ident, $group:expr, $width:expr, $w:expr, $first:expr, $rows:expr, $k:expr, $x:expr, $m:expr, $out:expr) => {{
+    (
+        $kernel:ident, $group:expr, $width:expr,
+        $w:expr, $first:expr, $rows:expr, $k:expr, $x:expr, $m:expr, $out:expr
+    ) => {{
         let (w, first, rows, k, x, m, out) = ($w, $first, $rows, $k, $x, $m, $out);
         let (ptr, size) = w.at(first * k);
         assert!(w.len() >= (first + rows) * k && x.len() >= m * k && out.len() >= rows * m);

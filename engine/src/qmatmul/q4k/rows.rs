@@ -12,7 +12,7 @@ use crate::simd::prefetch;
 /// Most activation rows the row kernels take at once; more are run in chunks of this many, each
 /// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
 /// L2). Per row they do more work than candle's tiles, which pay for it by first building their
-/// tiled copy of every weight (a gigabyte for Phi-1, seconds on first use). Weights of whole
+/// tiled copy of every weight (a gigabyte for Phi-1, built on first use). Weights of whole
 /// 16-row tiles go to the tile kernels from 12 rows (AMX) or 8 (AVX2); the chunks serve the rest.
 pub(crate) const MAX_ROWS: usize = 31;
 

@@ -35,7 +35,7 @@ pub(super) fn multiply(
     // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2, FMA and F16C;
     // `imp` is AVX2 (asserted).
     on_every_thread(total, |start, end| unsafe {
-        tiles(parts, x, m, &out_ptrs, start, end)
+        tiles_q4k(parts, x, m, &out_ptrs, start, end)
     });
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -95,7 +95,7 @@ struct Unpacked {
 /// `[start, end)` no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles(parts: &[Q4kLinear], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
+unsafe fn tiles_q4k(parts: &[Q4kLinear], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract). The loads read 32 of a
     // block's 128 bytes of `qs`; the stores write `w.qs` (sub-block `2g + h`, 8 × 16 lanes of four
