@@ -1,13 +1,27 @@
 //! CPU kernels for the parts of a forward pass where candle's general ops cost more than the work:
 //! attention of one new token over the cache (candle runs two batched matmuls, a scale and a softmax
-//! per layer, ~30% of a Phi-1 decode step) and `gelu_new` (candle calls libm's `tanhf` per element,
-//! 12% of a prefill). Both are f32 and CPU only; callers keep candle's ops for other devices and
-//! dtypes. Work is split over candle's own thread pool, so `--threads` governs it too.
+//! per layer, each its own pass over memory and its own dispatch, for a few values per head) and
+//! `gelu_new` (candle calls libm's `tanhf` per element, which does not vectorise). Both are f32 and
+//! CPU only; callers keep candle's ops for other devices and dtypes. Each has an AVX2 and a
+//! portable implementation, taken from the one CPU probe ([`crate::cpu`]). Work is split over
+//! candle's own thread pool, so `--threads` governs it too.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
+use crate::cpu::{Implementation, Isa, Kernel};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::sum8;
+
 type Result<T> = candle_core::Result<T>;
+
+/// The implementation of `kernel` this CPU runs first (every kernel here has a portable one).
+fn chosen(kernel: Kernel) -> Implementation {
+    crate::cpu::chosen(kernel).expect("every kernel of kernels.rs has a portable implementation")
+}
 
 fn f32_slice<'a>(storage: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     match storage {
@@ -33,6 +47,24 @@ impl DecodeAttention {
     pub const MAX_QUERIES: usize = 31;
 }
 
+/// The implementations [`DecodeAttention`] runs: of [`Kernel::Attention`] over an f32 cache and of
+/// [`Kernel::AttentionF16`] over an f16 one.
+#[derive(Debug, Clone, Copy)]
+struct AttentionKernels {
+    f32: Implementation,
+    f16: Implementation,
+}
+
+impl AttentionKernels {
+    /// The ones this CPU runs first.
+    fn chosen() -> AttentionKernels {
+        AttentionKernels {
+            f32: chosen(Kernel::Attention),
+            f16: chosen(Kernel::AttentionF16),
+        }
+    }
+}
+
 impl CustomOp3 for DecodeAttention {
     fn name(&self) -> &'static str {
         "decode-attention"
@@ -46,6 +78,25 @@ impl CustomOp3 for DecodeAttention {
         k_layout: &Layout,
         v_storage: &CpuStorage,
         v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            (q_storage, q_layout),
+            (k_storage, k_layout),
+            (v_storage, v_layout),
+        );
+        self.forward_through(AttentionKernels::chosen(), q, k, v)
+    }
+}
+
+impl DecodeAttention {
+    /// [`CustomOp3::cpu_fwd`] through `kernels`: what the tests call to force each kernel this CPU
+    /// runs.
+    fn forward_through(
+        &self,
+        kernels: AttentionKernels,
+        (q_storage, q_layout): (&CpuStorage, &Layout),
+        (k_storage, k_layout): (&CpuStorage, &Layout),
+        (v_storage, v_layout): (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
         let q = f32_slice(q_storage, "query")?;
         let cache = match (k_storage, v_storage) {
@@ -104,11 +155,11 @@ impl CustomOp3 for DecodeAttention {
                     match cache {
                         Cache::F32(k, v) => {
                             let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                            attend(q_row, k, v, self.scale, scores, out_row)
+                            attend(kernels.f32, q_row, k, v, self.scale, scores, out_row)
                         }
                         Cache::F16(k, v) => {
                             let (k, v) = (&k[k_start..][..len], &v[v_start..][..len]);
-                            attend_f16(q_row, k, v, self.scale, scores, out_row)
+                            attend_f16(kernels.f16, q_row, k, v, self.scale, scores, out_row)
                         }
                     }
                 }
@@ -126,16 +177,27 @@ enum Cache<'a> {
     F16(&'a [half::f16], &'a [half::f16]),
 }
 
-/// [`attend`] over an f16 cache: AVX2 with F16C widens 8 values per instruction as it reads; the
-/// fallback widens each head into a buffer first.
-fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// [`attend`] over an f16 cache through `kernel`, an implementation of [`Kernel::AttentionF16`]:
+/// AVX2 with F16C widens 8 values per instruction as it reads (where `head_dim` is whole
+/// registers); the portable code widens each head into a buffer first.
+fn attend_f16(
+    kernel: Implementation,
+    q: &[f32],
+    k: &[half::f16],
+    v: &[half::f16],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    assert_eq!(
+        kernel.kernel(),
+        Kernel::AttentionF16,
+        "{kernel} is no f16 attention"
+    );
     #[cfg(target_arch = "x86_64")]
-    if q.len().is_multiple_of(8)
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: the features were just detected.
+    if q.len().is_multiple_of(8) && kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2, FMA and F16C.
         return unsafe { attend_f16_avx2(q, k, v, scale, scores, out) };
     }
     let widen = |xs: &[half::f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
@@ -145,6 +207,10 @@ fn attend_f16(q: &[f32], k: &[half::f16], v: &[half::f16], scale: f32, scores: &
 /// Scores four keys at a time (four independent sums hide the FMA latency and share each query
 /// load), exponentiates them in one vectorised pass, and sums the values with the output held in
 /// registers, normalising once at the end.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_f16_avx2(
@@ -160,63 +226,72 @@ unsafe fn attend_f16_avx2(
     let lanes = head_dim / 8;
     let seen = scores.len();
     assert!(k.len() >= seen * head_dim && v.len() >= seen * head_dim && out.len() == head_dim);
-    let mut max = _mm_set1_ps(f32::NEG_INFINITY);
-    let mut t = 0;
-    while t + 4 <= seen {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in 0..lanes {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(8 * c));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(qv, widen8(k, (t + j) * head_dim + 8 * c), *acc);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract). Every load reads `q` at
+    // `8c < 8·lanes ≤ head_dim`, key or value `t < seen` (asserted to lie in `k` and `v`), or
+    // `scores[t..t + 4]` with `t + 4 ≤ seen`, and the stores write those same scores.
+    unsafe {
+        let mut max = _mm_set1_ps(f32::NEG_INFINITY);
+        let mut t = 0;
+        while t + 4 <= seen {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in 0..lanes {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(8 * c));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(qv, widen8(k, (t + j) * head_dim + 8 * c), *acc);
+                }
+            }
+            // Lane j of each 128-bit half: the sum of key j's half; the halves added give the dots.
+            let sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            let dots = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps::<1>(sums));
+            let four = _mm_mul_ps(dots, _mm_set1_ps(scale));
+            _mm_storeu_ps(scores.as_mut_ptr().add(t), four);
+            max = _mm_max_ps(max, four);
+            t += 4;
+        }
+        let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+        let mut max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
+        // The last `seen % 4` keys, one at a time.
+        for (t, score) in scores.iter_mut().enumerate().skip(t) {
+            let mut acc = _mm256_setzero_ps();
+            for c in 0..lanes {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(q.as_ptr().add(8 * c)),
+                    widen8(k, t * head_dim + 8 * c),
+                    acc,
+                );
+            }
+            *score = sum8(acc) * scale;
+            max = max.max(*score);
+        }
+        for score in scores.iter_mut() {
+            *score = exp(*score - max);
+        }
+        let mut partial = [0f32; 8];
+        for chunk in scores.chunks(8) {
+            for (p, s) in partial.iter_mut().zip(chunk) {
+                *p += s;
             }
         }
-        // Lane j of each 128-bit half: the sum of key j's half; the halves added give the dots.
-        let sums = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        let dots = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps::<1>(sums));
-        let four = _mm_mul_ps(dots, _mm_set1_ps(scale));
-        _mm_storeu_ps(scores.as_mut_ptr().add(t), four);
-        max = _mm_max_ps(max, four);
-        t += 4;
-    }
-    let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
-    let mut max = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
-    // The last `seen % 4` keys, one at a time.
-    for (t, score) in scores.iter_mut().enumerate().skip(t) {
-        let mut acc = _mm256_setzero_ps();
-        for c in 0..lanes {
-            acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(q.as_ptr().add(8 * c)),
-                widen8(k, t * head_dim + 8 * c),
-                acc,
-            );
+        let inv = 1.0 / partial.iter().sum::<f32>();
+        let mut c = 0;
+        while c < lanes {
+            let (v, out) = (&v[8 * c..], &mut out[8 * c..]);
+            c += match lanes - c {
+                8.. => weighted_f16::<8>(scores, v, head_dim, inv, out),
+                4.. => weighted_f16::<4>(scores, v, head_dim, inv, out),
+                2.. => weighted_f16::<2>(scores, v, head_dim, inv, out),
+                _ => weighted_f16::<1>(scores, v, head_dim, inv, out),
+            };
         }
-        *score = sum8(acc) * scale;
-        max = max.max(*score);
-    }
-    for score in scores.iter_mut() {
-        *score = exp(*score - max);
-    }
-    let mut partial = [0f32; 8];
-    for chunk in scores.chunks(8) {
-        for (p, s) in partial.iter_mut().zip(chunk) {
-            *p += s;
-        }
-    }
-    let inv = 1.0 / partial.iter().sum::<f32>();
-    let mut c = 0;
-    while c < lanes {
-        let (v, out) = (&v[8 * c..], &mut out[8 * c..]);
-        c += match lanes - c {
-            8.. => weighted_f16::<8>(scores, v, head_dim, inv, out),
-            4.. => weighted_f16::<4>(scores, v, head_dim, inv, out),
-            2.. => weighted_f16::<2>(scores, v, head_dim, inv, out),
-            _ => weighted_f16::<1>(scores, v, head_dim, inv, out),
-        };
     }
 }
 
 /// `out[..8L] = inv · Σ_t probs[t] · v[t·head_dim..][..8L]` with the `L` output registers held
 /// across the keys; returns `L`.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -229,46 +304,57 @@ unsafe fn weighted_f16<const L: usize>(
 ) -> usize {
     use std::arch::x86_64::*;
     assert!(out.len() >= 8 * L && (probs.is_empty() || v.len() >= (probs.len() - 1) * head_dim + 8 * L));
-    let mut acc = [_mm256_setzero_ps(); L];
-    for (t, &p) in probs.iter().enumerate() {
-        let p = _mm256_set1_ps(p);
-        for (l, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(p, widen8(v, t * head_dim + 8 * l), *acc);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); the `8L` values read
+    // from each of the `probs.len()` value rows and the `8L` outputs written lie in `v` and `out`
+    // (asserted).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); L];
+        for (t, &p) in probs.iter().enumerate() {
+            let p = _mm256_set1_ps(p);
+            for (l, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(p, widen8(v, t * head_dim + 8 * l), *acc);
+            }
         }
+        for (l, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(
+                out.as_mut_ptr().add(8 * l),
+                _mm256_mul_ps(*acc, _mm256_set1_ps(inv)),
+            );
+        }
+        L
     }
-    for (l, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(
-            out.as_mut_ptr().add(8 * l),
-            _mm256_mul_ps(*acc, _mm256_set1_ps(inv)),
-        );
-    }
-    L
 }
 
 /// Eight f16 values from `at`, widened.
+///
+/// # Safety
+///
+/// The CPU has AVX2 and F16C, and `xs` holds eight values from `at`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn widen8(xs: &[half::f16], at: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i))
+    // SAFETY: eight values from `at` lie in `xs` (this fn's contract).
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(xs.as_ptr().add(at) as *const __m128i)) }
 }
 
-/// The sum of a register's eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-#[inline]
-pub(crate) unsafe fn sum8(v: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
-}
-
-fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+/// `softmax(q·Kᵀ · scale) · V` of one query over `scores.len()` keys through `kernel`, an
+/// implementation of [`Kernel::Attention`]: the portable code compiled for AVX2 and FMA, or as is.
+fn attend(
+    kernel: Implementation,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    assert_eq!(kernel.kernel(), Kernel::Attention, "{kernel} is no attention");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
+    if kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2 and FMA.
         return unsafe { attend_avx2(q, k, v, scale, scores, out) };
     }
     attend_generic(q, k, v, scale, scores, out)
@@ -339,8 +425,9 @@ impl CustomOp1 for GeluNew {
         };
         let xs = &f32_slice(storage, "gelu input")?[start..end];
         let mut out = vec![0f32; xs.len()];
+        let kernel = chosen(Kernel::Gelu);
         if xs.len() <= GELU_CHUNK {
-            gelu_slice(xs, &mut out);
+            gelu_slice(kernel, xs, &mut out);
         } else {
             let out_ptr = out.as_mut_ptr() as usize;
             candle_core::utils::barrier_pool().execute_chunked(xs.len().div_ceil(GELU_CHUNK), |range| {
@@ -349,17 +436,21 @@ impl CustomOp1 for GeluNew {
                 // SAFETY: work items cover disjoint element ranges.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(from), to - from) };
-                gelu_slice(&xs[from..to], dst);
+                gelu_slice(kernel, &xs[from..to], dst);
             });
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
-fn gelu_slice(xs: &[f32], out: &mut [f32]) {
+/// `gelu_new` of every value of `xs` into `out` through `kernel`, an implementation of
+/// [`Kernel::Gelu`]: the portable code compiled for AVX2 and FMA, or as is.
+fn gelu_slice(kernel: Implementation, xs: &[f32], out: &mut [f32]) {
+    assert_eq!(kernel.kernel(), Kernel::Gelu, "{kernel} is no gelu");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
+    if kernel.isa() == Isa::Avx2 {
+        // SAFETY: `kernel` came from the probe, which lists AVX2 for this kernel only where the
+        // CPU has AVX2 and FMA.
         return unsafe { gelu_avx2(xs, out) };
     }
     gelu_generic(xs, out)
@@ -407,6 +498,8 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor, D};
 
+    /// `exp` against libm, and `gelu_new` through each implementation this CPU runs against
+    /// candle's `gelu`.
     #[test]
     fn exp_and_gelu_match_libm() {
         let mut worst_exp = 0f32;
@@ -417,18 +510,46 @@ mod tests {
         }
         assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
         let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 / 100.0).collect();
-        let mut ours = vec![0f32; xs.len()];
-        gelu_slice(&xs, &mut ours);
         let candle = Tensor::new(xs.as_slice(), &Device::Cpu)
             .and_then(|t| t.gelu())
             .and_then(|t| t.to_vec1::<f32>());
         let candle = candle.expect("candle's gelu");
-        let worst = ours
-            .iter()
-            .zip(&candle)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 2e-6, "gelu differs from candle's by {worst}");
+        for kernel in crate::cpu::features().implementations(Kernel::Gelu) {
+            let mut ours = vec![0f32; xs.len()];
+            gelu_slice(kernel, &xs, &mut ours);
+            let worst = ours
+                .iter()
+                .zip(&candle)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-6, "{kernel}: gelu differs from candle's by {worst}");
+        }
+    }
+
+    /// [`DecodeAttention`] through the given kernels instead of the ones this CPU runs first.
+    struct Forced(DecodeAttention, AttentionKernels);
+
+    impl CustomOp3 for Forced {
+        fn name(&self) -> &'static str {
+            "decode-attention-forced"
+        }
+
+        fn cpu_fwd(
+            &self,
+            q_storage: &CpuStorage,
+            q_layout: &Layout,
+            k_storage: &CpuStorage,
+            k_layout: &Layout,
+            v_storage: &CpuStorage,
+            v_layout: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            let (q, k, v) = (
+                (q_storage, q_layout),
+                (k_storage, k_layout),
+                (v_storage, v_layout),
+            );
+            self.0.forward_through(self.1, q, k, v)
+        }
     }
 
     #[test]
@@ -443,7 +564,8 @@ mod tests {
         assert!(diff < 1e-5, "{diff}");
     }
 
-    /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity.
+    /// Against candle's matmul/softmax on a cache-like view: heads strided by a larger capacity;
+    /// through the kernels this CPU runs first, and through each one it runs, forced.
     #[test]
     fn decode_attention_matches_candle_on_a_cache_view() {
         let (heads, capacity, total) = (4, 48, 40);
@@ -478,6 +600,24 @@ mod tests {
             let ours = q
                 .apply_op3_no_bwd(&k, &v, &DecodeAttention { scale })
                 .expect("op");
+            // The same through each implementation this CPU runs for the cache's dtype.
+            let kernel = if dtype == DType::F32 {
+                Kernel::Attention
+            } else {
+                Kernel::AttentionF16
+            };
+            let forced: Vec<(Implementation, Tensor)> = crate::cpu::features()
+                .implementations(kernel)
+                .map(|imp| {
+                    let mut kernels = AttentionKernels::chosen();
+                    match dtype {
+                        DType::F32 => kernels.f32 = imp,
+                        _ => kernels.f16 = imp,
+                    }
+                    let op = Forced(DecodeAttention { scale }, kernels);
+                    (imp, q.apply_op3_no_bwd(&k, &v, &op).expect("forced op"))
+                })
+                .collect();
             let (k, v) = (
                 k.to_dtype(DType::F32).expect("k f32"),
                 v.to_dtype(DType::F32).expect("v f32"),
@@ -492,13 +632,19 @@ mod tests {
                 .and_then(|o| o.transpose(1, 2))
                 .and_then(|o| o.reshape((1, n, heads * head_dim)))
                 .expect("pv");
-            assert_eq!(ours.dims(), expected.dims());
-            let diff: f32 = (ours - expected)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.max_all())
-                .and_then(|d| d.to_scalar())
-                .expect("diff");
-            assert!(diff < 1e-5, "{dtype:?}, head_dim {head_dim}, {n} queries: {diff}");
+            let paths = std::iter::once(("chosen".to_string(), ours));
+            for (path, ours) in paths.chain(forced.into_iter().map(|(imp, t)| (imp.to_string(), t))) {
+                assert_eq!(ours.dims(), expected.dims());
+                let diff: f32 = (ours - &expected)
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.max_all())
+                    .and_then(|d| d.to_scalar())
+                    .expect("diff");
+                assert!(
+                    diff < 1e-5,
+                    "{path}: {dtype:?}, head_dim {head_dim}, {n} queries: {diff}"
+                );
+            }
         }
     }
 }

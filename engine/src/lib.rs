@@ -3,12 +3,15 @@
 
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 mod kernels;
 pub mod model;
 mod qmatmul;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;

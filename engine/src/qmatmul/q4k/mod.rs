@@ -1,0 +1,229 @@
+//! q4k (ggml's `block_q4_K`) weights times f32 activations on the CPU, read straight from the
+//! stored GGUF blocks. For a few activation rows (a decode step, a keystroke's new tokens) candle
+//! 0.11 lays every q4k weight out again (16-row tiles with the scales widened to f32: 1.33× the
+//! bytes, read on every token, and a second copy of the model in memory); decoding is bound by the
+//! bytes read per token, so reading the stored 144-byte blocks is leaner. The input is quantized
+//! once to q8_K-like blocks ([`Q8Block`]) and shared by every weight that reads it.
+//!
+//! Which kernel runs: up to [`rows::MAX_ROWS`] activation rows at a time go through the row kernels
+//! ([`rows`]: AVX-512 VNNI, AVX2 or portable); weights of whole 16-row tiles against many rows go
+//! to AMX tiles where the CPU has them ([`amx`], from 12 rows), else to AVX2 tiles unpacked once
+//! per block ([`tiles_avx2`], from 8 rows); everything else runs through the row kernels in chunks.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Tensor};
+
+use super::{cpu_f32, outputs, Result, Weight};
+use crate::cpu::{self, Implementation, Isa, Kernel};
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
+pub(super) mod rows;
+#[cfg(test)]
+mod tests;
+mod tiles_avx2;
+
+pub(super) const QK_K: usize = 256;
+
+/// ggml's `block_q4_K`: 256 weights `d·scale_j·q − dmin·min_j` in 8 sub-blocks of 32, the 6-bit
+/// scales and mins packed in 12 bytes, 4-bit `q`: byte `l` of 32-byte group `g` holds weight
+/// `64g + l` (low nibble) and `64g + 32 + l` (high nibble).
+#[repr(C)]
+pub(super) struct BlockQ4K {
+    pub(super) d: u16,
+    pub(super) dmin: u16,
+    pub(super) scales: [u8; 12],
+    pub(super) qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+/// 256 activations as `d·qs` (ggml's q8_K rounding) with the sums of `qs` per 32-value sub-block,
+/// which the mins multiply. `qs` holds the 32-value sub-blocks in the order the nibbles of 64 stored
+/// bytes come out of a 512-bit register, [`SUB_BLOCK_AT`]: low nibbles of bytes 0..64 are
+/// sub-blocks 0 and 2, high nibbles 1 and 3, and so on.
+#[repr(C, align(32))]
+#[derive(Clone)]
+pub(super) struct Q8Block {
+    pub(super) qs: [i8; QK_K],
+    pub(super) d: f32,
+    pub(super) sums: [i16; 8],
+}
+
+impl Q8Block {
+    const ZERO: Q8Block = Q8Block {
+        qs: [0; QK_K],
+        d: 0.0,
+        sums: [0; 8],
+    };
+
+    pub(super) fn quantize(xs: &[f32]) -> Q8Block {
+        let mut block = Q8Block::ZERO;
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &x in xs {
+            if amax < x.abs() {
+                amax = x.abs();
+                max = x;
+            }
+        }
+        if amax == 0.0 {
+            return block;
+        }
+        let iscale = -127f32 / max;
+        for (j, (xs, sum)) in xs.chunks_exact(32).zip(&mut block.sums).enumerate() {
+            let qs = &mut block.qs[32 * SUB_BLOCK_AT[j]..][..32];
+            for (q, &x) in qs.iter_mut().zip(xs) {
+                *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
+            }
+            *sum = qs.iter().map(|&q| q as i16).sum();
+        }
+        block.d = 1.0 / iscale;
+        block
+    }
+
+    /// The 32 quantized activations of sub-block `j`.
+    pub(super) fn sub_block(&self, j: usize) -> &[i8] {
+        &self.qs[32 * SUB_BLOCK_AT[j]..][..32]
+    }
+}
+
+/// Where sub-block `j` of 32 activations sits in [`Q8Block::qs`] (in units of 32; its own inverse).
+pub(super) const SUB_BLOCK_AT: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+/// The 8 6-bit scales and the 8 mins of a block as the bytes of two `u64`s, unpacked 4 at a time
+/// as ggml's AVX2 kernel does (ggml's `get_scale_min_k4` for each).
+pub(super) fn unpacked_scales(s: &[u8; 12]) -> [u64; 2] {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let scales = (u0 & KMASK1) as u64 | (((u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)) as u64) << 32;
+    let mins = (u1 & KMASK1) as u64 | ((((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4)) as u64) << 32;
+    [scales, mins]
+}
+
+pub(super) fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// A block's `d` and `dmin`, widened together by F16C in registers (`half` calls out of line for
+/// each, with a `vzeroupper`, which costs the SIMD kernels more than the conversion).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+pub(super) fn d_and_dmin(block: &BlockQ4K) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let both = _mm_cvtph_ps(_mm_cvtsi32_si128(
+        (block.d as u32 | (block.dmin as u32) << 16) as i32,
+    ));
+    (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
+}
+
+/// A q4k linear layer: its weight `[n, k]` as the stored blocks, and the bias added to its outputs.
+pub(super) struct Q4kLinear<'a> {
+    pub(super) blocks: &'a [BlockQ4K],
+    pub(super) bias: &'a [f32],
+    pub(super) n: usize,
+}
+
+/// `x · wᵀ + bias` for q4k `(w, bias)` pairs on one f32 CPU input `xs` (`dims`, rows of `k`), one
+/// tensor each. `None` where some weight is not q4k of that `k`, `k` is not whole blocks, or a
+/// bias is not f32 of the weight's `n`: the caller uses candle's ops.
+pub(super) fn linear(
+    linears: &[(&Weight, &Tensor)],
+    xs: &Tensor,
+    dims: &[usize],
+) -> Result<Option<Vec<Tensor>>> {
+    let k = dims[dims.len() - 1];
+    let m = xs.elem_count() / k;
+    if !k.is_multiple_of(QK_K) {
+        return Ok(None);
+    }
+    let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
+    for &(weight, bias) in linears {
+        match weight {
+            Weight::Candle(QMatMul::QTensor(w))
+                if w.dtype() == GgmlDType::Q4K && w.shape().dims2()?.1 == k =>
+            {
+                if bias.dtype() != DType::F32 || bias.dims1()? != w.shape().dims2()?.0 {
+                    return Ok(None);
+                }
+                weights.push((w, bias))
+            }
+            _ => return Ok(None),
+        }
+    }
+    let datas = weights
+        .iter()
+        .map(|(w, _)| w.data())
+        .collect::<Result<Vec<Cow<[u8]>>>>()?;
+    let biases = weights
+        .iter()
+        .map(|(_, b)| b.contiguous())
+        .collect::<Result<Vec<Tensor>>>()?;
+    let bias_guards: Vec<_> = biases.iter().map(|b| b.storage_and_layout()).collect();
+    let mut parts = Vec::with_capacity(weights.len());
+    for ((data, (guard, layout)), (w, _)) in datas.iter().zip(&bias_guards).zip(&weights) {
+        let n = w.shape().dims2()?.0;
+        // SAFETY: BlockQ4K is plain bytes (`repr(C)`, no padding, any bit pattern valid).
+        let (head, blocks, tail) = unsafe { data.align_to::<BlockQ4K>() };
+        if !head.is_empty() || !tail.is_empty() || blocks.len() != n * k / QK_K {
+            return Ok(None);
+        }
+        let Some(bias) = cpu_f32(guard, layout, n)? else {
+            return Ok(None);
+        };
+        parts.push(Q4kLinear { blocks, bias, n });
+    }
+
+    let xs = xs.contiguous()?;
+    let (guard, layout) = xs.storage_and_layout();
+    let Some(input) = cpu_f32(&guard, layout, m * k)? else {
+        return Ok(None);
+    };
+    let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
+    multiply(tiles_for(&parts, m), &parts, &quantized, m, &mut outs);
+    drop(guard);
+
+    outputs(outs, parts.iter().map(|p| p.n), dims).map(Some)
+}
+
+/// The tile kernel that takes `m` rows against `parts`: the first implementation of
+/// [`Kernel::Q4kTiles`] on this CPU whose row count and tile shape fit; `None` for the row kernels.
+fn tiles_for(parts: &[Q4kLinear], m: usize) -> Option<Implementation> {
+    cpu::features()
+        .implementations(Kernel::Q4kTiles)
+        .find(|imp| tiles_fit(*imp, parts, m))
+}
+
+/// Whether `tiles`' kernel takes `m` rows against `parts` (every part whole 16-row tiles).
+fn tiles_fit(tiles: Implementation, parts: &[Q4kLinear], m: usize) -> bool {
+    let whole_tiles = parts.iter().all(|p| p.n.is_multiple_of(16));
+    match tiles.isa() {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Isa::Amx => m >= amx::MIN_ROWS && whole_tiles,
+        Isa::Avx2 => m >= tiles_avx2::MIN_ROWS && whole_tiles,
+        _ => false,
+    }
+}
+
+/// Every weight row of every part against the `m` rows of `x`, written with the bias into `outs`
+/// (`[m, n]` each): through `tiles` (an implementation of [`Kernel::Q4kTiles`] that
+/// [`tiles_fit`]), else through this CPU's row kernel in chunks of [`rows::MAX_ROWS`].
+fn multiply(
+    tiles: Option<Implementation>,
+    parts: &[Q4kLinear],
+    x: &[Q8Block],
+    m: usize,
+    outs: &mut [Vec<f32>],
+) {
+    match tiles.map(|imp| (imp, imp.isa())) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Some((imp, Isa::Amx)) => amx::multiply(imp, parts, x, m, outs),
+        Some((imp, Isa::Avx2)) => tiles_avx2::multiply(imp, parts, x, m, outs),
+        _ => rows::multiply(rows::chosen(), parts, x, m, outs),
+    }
+}

@@ -1,0 +1,317 @@
+//! The q4k row kernels: a few activation rows (a decode step, a keystroke's tokens) against
+//! stored q4k blocks, weight row by weight row. Each weight block is unpacked once for up to four
+//! activation rows and every 32-value product reduced horizontally (ggml's `q4_K·q8_K` dot
+//! product widened to several rows), on AVX-512 VNNI or AVX2, with a portable fallback.
+
+use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block, SUB_BLOCK_AT};
+use crate::cpu::{self, Implementation, Isa, Kernel};
+use crate::qmatmul::{on_every_thread, share};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::prefetch;
+
+/// Most activation rows the row kernels take at once; more are run in chunks of this many, each
+/// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
+/// L2). Per row they do more work than candle's tiles, which pay for it by first building their
+/// tiled copy of every weight (a gigabyte for Phi-1, built on first use). Weights of whole
+/// 16-row tiles go to the tile kernels from 12 rows (AMX) or 8 (AVX2); the chunks serve the rest.
+pub(crate) const MAX_ROWS: usize = 31;
+
+/// How far ahead of the block it works on a kernel prefetches the weights.
+const PREFETCH_BYTES: usize = 3072;
+
+/// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one
+/// call takes many, so what a call sets up is shared) and `m` activation rows (`x` row-major).
+///
+/// # Safety
+///
+/// The CPU has the features of the implementation the kernel was taken for ([`row_kernel`]).
+pub(super) type RowKernel = unsafe fn(&[BlockQ4K], usize, &[Q8Block], usize, &mut [f32]);
+
+fn row_generic(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+        row_generic_one(w, x, m, out);
+    }
+}
+
+fn row_generic_one(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
+    let kb = w.len();
+    out[..m].fill(0.0);
+    for (b, block) in w.iter().enumerate() {
+        let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
+        let (d, dmin) = (f16_to_f32(block.d), f16_to_f32(block.dmin));
+        for (r, acc) in out[..m].iter_mut().enumerate() {
+            let a = &x[r * kb + b];
+            let mut sumi = 0i32;
+            for g in 0..4 {
+                let (mut lo, mut hi) = (0i32, 0i32);
+                for l in 0..32 {
+                    let q = block.qs[32 * g + l];
+                    lo += (q & 0xF) as i32 * a.sub_block(2 * g)[l] as i32;
+                    hi += (q >> 4) as i32 * a.sub_block(2 * g + 1)[l] as i32;
+                }
+                sumi += lo * sc[2 * g] as i32 + hi * sc[2 * g + 1] as i32;
+            }
+            let summ: i32 = (0..8).map(|j| mn[j] as i32 * a.sums[j] as i32).sum();
+            *acc += a.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+}
+
+/// A [`RowKernel`] body: for each weight row, the `m` activation rows in groups of up to four,
+/// each group through `$rows::<M>(w, x, out, $extra)` (which unpacks the weights once for its `M`
+/// rows).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups_of_four {
+    ($rows:ident, $w:expr, $kb:expr, $x:expr, $m:expr, $out:expr, $extra:expr) => {{
+        let (kb, x, m, extra) = ($kb, $x, $m, $extra);
+        for (w, out) in $w.chunks_exact(kb).zip($out.chunks_exact_mut(m)) {
+            let mut r = 0;
+            while r < m {
+                let (x, out) = (&x[r * kb..], &mut out[r..]);
+                // SAFETY: the CPU has the row kernel's features ([`RowKernel`]'s contract), which
+                // `$rows` enables; it asserts the rows it reads and writes.
+                unsafe {
+                    match m - r {
+                        1 => $rows::<1>(w, x, out, extra),
+                        2 => $rows::<2>(w, x, out, extra),
+                        3 => $rows::<3>(w, x, out, extra),
+                        _ => $rows::<4>(w, x, out, extra),
+                    }
+                }
+                r += 4;
+            }
+        }
+    }};
+}
+
+/// `vpshufb` masks that spread byte `j` of a 64-bit lane to every 16-bit lane, zero-extended.
+#[cfg(target_arch = "x86_64")]
+static SCALE_PICKS: [[u8; 32]; 8] = {
+    let mut masks = [[0x80u8; 32]; 8];
+    let mut j = 0;
+    while j < 8 {
+        let mut l = 0;
+        while l < 16 {
+            masks[j][2 * l] = j as u8;
+            l += 1;
+        }
+        j += 1;
+    }
+    masks
+};
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_avx2(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    // Opaque to the compiler, which otherwise turns the eight `vpshufb`s of a block into more
+    // (and slower) broadcasts and shifts.
+    let picks = std::hint::black_box(SCALE_PICKS.as_ptr() as *const std::arch::x86_64::__m256i);
+    in_groups_of_four!(rows_avx2, w, kb, x, m, out, picks)
+}
+
+/// [`row_avx2`] for `M` activation rows, ggml's `q4_K·q8_K` AVX2 dot product widened to `M` rows
+/// so the weights are unpacked once for all of them.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C, and `picks` points to [`SCALE_PICKS`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_avx2<const M: usize>(
+    w: &[BlockQ4K],
+    x: &[Q8Block],
+    out: &mut [f32],
+    picks: *const std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); `x` holds `M` rows of
+    // `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read one block's 128 bytes of
+    // `qs`, one aligned sub-block of a [`Q8Block`] (`repr(align(32))`, sub-blocks 32 bytes apart)
+    // and its 16 bytes of sums, and `picks`, the eight masks of [`SCALE_PICKS`].
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut acc_min = [_mm_setzero_ps(); M];
+        let low = _mm256_set1_epi8(0xF);
+        for (b, block) in w.iter().enumerate() {
+            let [sc, mn] = unpacked_scales(&block.scales);
+            let scales = _mm256_set1_epi64x(sc as i64);
+            let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+            let (d, dmin) = super::d_and_dmin(block);
+            let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(72));
+            let mut q = [_mm256_setzero_si256(); 8];
+            for g in 0..4 {
+                let bytes = _mm256_loadu_si256(block.qs.as_ptr().add(32 * g) as *const __m256i);
+                q[2 * g] = _mm256_and_si256(bytes, low);
+                q[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            }
+            for r in 0..M {
+                let a = x.get_unchecked(r * kb + b);
+                let mut sumi = _mm256_setzero_si256();
+                for (j, q) in q.iter().enumerate() {
+                    let scale = _mm256_shuffle_epi8(scales, _mm256_loadu_si256(picks.add(j)));
+                    let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(*q, act);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, scale));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[r]);
+                let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+                let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+                acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+            }
+        }
+        for r in 0..M {
+            let v = acc[r];
+            let quad = _mm_sub_ps(
+                _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)),
+                acc_min[r],
+            );
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            out[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn row_avx512(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    in_groups_of_four!(rows_avx512, w, kb, x, m, out, ())
+}
+
+/// [`rows_avx2`] on 512-bit registers: each holds two sub-blocks (64 stored bytes, one nibble
+/// half), whose activations [`Q8Block`] keeps side by side, and the scales are applied with
+/// VNNI's `vpdpwssd`.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+#[inline]
+unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [f32], _: ()) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    // SAFETY: the caller's CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract); `x` holds
+    // `M` rows of `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read one block's
+    // 128 bytes of `qs`, a [`Q8Block`]'s 256 bytes of `qs` and its 16 bytes of sums.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); M];
+        let mut acc_min = [_mm_setzero_ps(); M];
+        let low = _mm512_set1_epi8(0xF);
+        // Register i holds sub-blocks SUB_BLOCK_AT[2i] and SUB_BLOCK_AT[2i + 1] (16 i16 lanes each).
+        let pick = |i: usize| {
+            let (a, b) = (SUB_BLOCK_AT[2 * i] as i16, SUB_BLOCK_AT[2 * i + 1] as i16);
+            _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1)
+        };
+        let picks = [pick(0), pick(1), pick(2), pick(3)];
+        for (b, block) in w.iter().enumerate() {
+            let [sc, mn] = unpacked_scales(&block.scales);
+            let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_set_epi64x(0, sc as i64)));
+            let mins = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mn as i64));
+            let (d, dmin) = super::d_and_dmin(block);
+            // The blocks stream from memory and the kernel computes for a while on each: ask for the
+            // bytes [`PREFETCH_BYTES`] (~21 blocks) ahead, far enough for the memory latency.
+            let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(72));
+            let lo = _mm512_loadu_si512(block.qs.as_ptr() as *const __m512i);
+            let hi = _mm512_loadu_si512(block.qs.as_ptr().add(64) as *const __m512i);
+            let q = [
+                _mm512_and_si512(lo, low),
+                _mm512_and_si512(_mm512_srli_epi16(lo, 4), low),
+                _mm512_and_si512(hi, low),
+                _mm512_and_si512(_mm512_srli_epi16(hi, 4), low),
+            ];
+            let s = picks.map(|p| _mm512_permutexvar_epi16(p, scales));
+            for r in 0..M {
+                let a = x.get_unchecked(r * kb + b);
+                let act = |i: usize| {
+                    let act = _mm512_loadu_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
+                    _mm512_maddubs_epi16(q[i], act)
+                };
+                let even = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(0), s[0]), act(2), s[2]);
+                let odd = _mm512_dpwssd_epi32(_mm512_madd_epi16(act(1), s[1]), act(3), s[3]);
+                let sumi = _mm512_add_epi32(even, odd);
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), acc[r]);
+                let sums = _mm_loadu_si128(a.sums.as_ptr() as *const __m128i);
+                let prod = _mm_cvtepi32_ps(_mm_madd_epi16(mins, sums));
+                acc_min[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), prod, acc_min[r]);
+            }
+        }
+        for r in 0..M {
+            let min = _mm_add_ps(acc_min[r], _mm_movehl_ps(acc_min[r], acc_min[r]));
+            let min = _mm_cvtss_f32(_mm_add_ss(min, _mm_shuffle_ps(min, min, 1)));
+            out[r] = _mm512_reduce_add_ps(acc[r]) - min;
+        }
+    }
+}
+
+/// The row kernel of `imp`, an implementation of [`Kernel::Q4kRows`] this CPU runs.
+pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
+    debug_assert_eq!(imp.kernel(), Kernel::Q4kRows);
+    match imp.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => row_avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => row_avx2,
+        _ => row_generic,
+    }
+}
+
+/// The row kernel [`multiply`] takes on this CPU (the first the probe lists; the portable one
+/// always is).
+pub(super) fn chosen() -> Implementation {
+    cpu::chosen(Kernel::Q4kRows).expect("the q4k row kernel has a portable implementation")
+}
+
+/// How many weight rows [`multiply`] hands a row kernel at once.
+const SLAB: usize = 64;
+
+/// Every weight row of every part against the `m` rows of `x` through `imp`'s row kernel (chunks
+/// of [`MAX_ROWS`] rows, each against all weight rows), written with the bias into `outs`; the
+/// weight rows split evenly over candle's thread pool in one parallel region.
+pub(super) fn multiply(
+    imp: Implementation,
+    parts: &[Q4kLinear],
+    x: &[Q8Block],
+    m: usize,
+    outs: &mut [Vec<f32>],
+) {
+    let kernel = row_kernel(imp);
+    let total: usize = parts.iter().map(|p| p.n).sum();
+    let kb = x.len() / m;
+    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+    on_every_thread(total, |start, end| {
+        let mut slab_out = [0f32; SLAB * MAX_ROWS];
+        for r0 in (0..m).step_by(MAX_ROWS) {
+            let rows = MAX_ROWS.min(m - r0);
+            let x = &x[r0 * kb..];
+            let mut first = 0;
+            for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
+                let mine = share(start, end, first, part.n);
+                for slab in (mine.start..mine.end).step_by(SLAB) {
+                    let count = SLAB.min(mine.end - slab);
+                    let w = &part.blocks[slab * kb..][..count * kb];
+                    // SAFETY: the probe listed the kernel's implementation, so the CPU has its
+                    // features.
+                    unsafe { kernel(w, kb, x, rows, &mut slab_out[..count * rows]) };
+                    for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
+                        let row = slab + i;
+                        for (r, value) in values.iter().enumerate() {
+                            let at = (r0 + r) * part.n + row;
+                            // SAFETY: `outs[p]` holds `m · n` values and every (r, row) of a part
+                            // is written by exactly one thread.
+                            unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
+                        }
+                    }
+                }
+                first += part.n;
+            }
+        }
+    });
+}

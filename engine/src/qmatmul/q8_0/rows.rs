@@ -1,0 +1,205 @@
+//! The q8_0 row kernels: activation rows against the repacked 16-row tiles, on AVX-512 VNNI
+//! (four rows at a time) or AVX2 (two), whichever the weight was packed for.
+
+use super::{Input, Packed, Tile, QK8_0, TILE};
+use crate::cpu::Isa;
+use crate::qmatmul::{on_every_thread, share};
+
+/// Every tile of every part against the `m` rows of `x`, the tiles split evenly over candle's
+/// thread pool: rows in groups of four through [`tile_rows`] (AVX-512 VNNI) or two through
+/// [`tile_rows_avx2`].
+pub(super) fn multiply(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [Vec<f32>]) {
+    let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
+    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+    on_every_thread(total, |start, end| {
+        let mut first = 0;
+        for (part, &out) in parts.iter().zip(&out_ptrs) {
+            let count = part.0.n / TILE;
+            let out = out as *mut f32;
+            for tile in share(start, end, first, count) {
+                let mut r = 0;
+                while r < m {
+                    // SAFETY: the weight was packed for `part.0.kernel`, which the probe listed, so
+                    // the CPU has its features; every (row, column) of a part is written by
+                    // exactly one thread.
+                    r += unsafe {
+                        match (part.0.kernel.isa(), m - r) {
+                            (Isa::Avx512Vnni, 1) => tile_rows::<1>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, 2) => tile_rows::<2>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, 3) => tile_rows::<3>(part, tile, x, r, out),
+                            (Isa::Avx512Vnni, _) => tile_rows::<4>(part, tile, x, r, out),
+                            // AVX2, the only other implementation of the q8_0 row kernel.
+                            (_, 1) => tile_rows_avx2::<1>(part, tile, x, r, out),
+                            (_, _) => tile_rows_avx2::<2>(part, tile, x, r, out),
+                        }
+                    };
+                }
+            }
+            first += count;
+        }
+    });
+}
+
+/// Asks for the tile 8 after `block`: a one-row decode computes little per tile, so the tiles
+/// must be asked for early enough to cover the memory latency, and 8 tiles ahead (4 KiB) does
+/// (fewer leave the kernel waiting on memory). Past the end of the weight is fine: a prefetch
+/// never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(block: &Tile) {
+    let ahead = (block as *const Tile as *const u8).wrapping_add(8 * std::mem::size_of::<Tile>());
+    for line in 0..9 {
+        crate::simd::prefetch(ahead.wrapping_add(64 * line));
+    }
+}
+
+/// Rows `first..first + M` of `x` against the 16 weight rows of `tile`, written with the bias to
+/// `out` (`[m, n]`). Per block, `vpdpbusd` of the offset weights and the activations, four bytes
+/// of one activation row broadcast to all 16 weight rows; the sums start at `−128·Σx` to undo the
+/// offset.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, FMA and F16C; `out` holds `m` rows of the weight's `n` outputs,
+/// whose tile `tile` no other thread writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+#[inline]
+unsafe fn tile_rows<const M: usize>(
+    (packed, bias): &(&Packed, &[f32]),
+    tile: usize,
+    x: &Input,
+    first: usize,
+    out: *mut f32,
+) -> usize {
+    use std::arch::x86_64::*;
+    let kb = packed.k / QK8_0;
+    let tiles = &packed.tiles[tile * kb..][..kb];
+    assert!(x.d.len() >= (first + M) * kb);
+    // SAFETY: the caller's CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract); `x` holds rows
+    // `first..first + M` (asserted: its values, scales and sums), the loads read one [`Tile`] and
+    // 16 biases of the tile's rows, and the stores write rows `first..first + M` of `out`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); M];
+        for (b, block) in tiles.iter().enumerate() {
+            prefetch_ahead(block);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.d.as_ptr() as *const __m256i));
+            let mut sums: [__m512i; M] = std::array::from_fn(|r| {
+                _mm512_set1_epi32(-128 * *x.sums.get_unchecked((first + r) * kb + b))
+            });
+            for kk in 0..QK8_0 / 4 {
+                let weights = _mm512_loadu_si512(block.qs.as_ptr().add(64 * kk) as *const __m512i);
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                    let four = (x.qs.as_ptr().add(at) as *const i32).read_unaligned();
+                    *sums = _mm512_dpbusd_epi32(*sums, weights, _mm512_set1_epi32(four));
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.d.get_unchecked((first + r) * kb + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), scale, *acc);
+            }
+        }
+        let bias = _mm512_loadu_ps(bias.as_ptr().add(tile * TILE));
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(
+                out.add((first + r) * packed.n + tile * TILE),
+                _mm512_add_ps(*acc, bias),
+            );
+        }
+        M
+    }
+}
+
+/// [`tile_rows`] on AVX2 for tiles of signed values: each 256-bit load holds four values of 8
+/// weight rows; `vpmaddubsw` multiplies them by the broadcast activations' magnitudes with the
+/// activations' signs applied to the weights (`|x|·sign(w, x) = x·w`, at most 2·127·128 per pair,
+/// so the 16-bit sums cannot saturate), `vpmaddwd` widens to one sum per row.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C; `out` holds `m` rows of the weight's `n` outputs, whose tile
+/// `tile` no other thread writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_rows_avx2<const M: usize>(
+    (packed, bias): &(&Packed, &[f32]),
+    tile: usize,
+    x: &Input,
+    first: usize,
+    out: *mut f32,
+) -> usize {
+    use std::arch::x86_64::*;
+    let kb = packed.k / QK8_0;
+    let tiles = &packed.tiles[tile * kb..][..kb];
+    assert!(x.d.len() >= (first + M) * kb);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); `x` holds rows
+    // `first..first + M` (asserted: its values, scales and sums), the loads read one [`Tile`] and
+    // 16 biases of the tile's rows, and the stores write rows `first..first + M` of `out`.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        for (b, block) in tiles.iter().enumerate() {
+            prefetch_ahead(block);
+            let d = [
+                _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(block.d.as_ptr().add(8) as *const __m128i)),
+            ];
+            let mut sums = [[_mm256_setzero_si256(); 2]; M];
+            for kk in 0..QK8_0 / 4 {
+                let weights = [
+                    _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk) as *const __m256i),
+                    _mm256_loadu_si256(block.qs.as_ptr().add(64 * kk + 32) as *const __m256i),
+                ];
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                    let four = _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned());
+                    let magnitude = _mm256_sign_epi8(four, four);
+                    for (sum, &weights) in sums.iter_mut().zip(&weights) {
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(weights, four));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xd = _mm256_set1_ps(*x.d.get_unchecked((first + r) * kb + b));
+                for ((acc, sum), d) in acc.iter_mut().zip(&sums[r]).zip(&d) {
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*sum), _mm256_mul_ps(*d, xd), *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, acc) in acc.iter().enumerate() {
+                let bias = _mm256_loadu_ps(bias.as_ptr().add(tile * TILE + 8 * h));
+                _mm256_storeu_ps(
+                    out.add((first + r) * packed.n + tile * TILE + 8 * h),
+                    _mm256_add_ps(*acc, bias),
+                );
+            }
+        }
+        M
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_rows<const M: usize>(
+    _: &(&Packed, &[f32]),
+    _: usize,
+    _: &Input,
+    _: usize,
+    _: *mut f32,
+) -> usize {
+    unreachable!("q8_0 weights are packed only where the kernel runs")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile_rows_avx2<const M: usize>(
+    _: &(&Packed, &[f32]),
+    _: usize,
+    _: &Input,
+    _: usize,
+    _: *mut f32,
+) -> usize {
+    unreachable!("q8_0 weights are packed only where the kernel runs")
+}
