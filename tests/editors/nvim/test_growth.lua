@@ -100,7 +100,7 @@ lua([[
   require('phi_lsp').setup({
     cmd = { bin, '--stdio' },
     -- No speculation: the only generation after typing is the one watched.
-    settings = { model = model, maxNewTokens = max_new_tokens, deadlineMs = 60000, speculate = false },
+    settings = { model = model, maxNewTokens = max_new_tokens, deadlineMs = 60000, speculate = false, progressive = true },
     inline = mode,
   })
   -- Every phi-lsp/suggestionGrew the plugin receives, in order (the handler is looked up per call).
