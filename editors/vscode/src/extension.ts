@@ -1,21 +1,26 @@
 // The phi-lsp extension: starts the phi-lsp language server for Python files and shows its
-// suggestions as inline completions (ghost text). `restart` is the single way to (re)start it.
+// suggestions as inline completions (ghost text), refreshed as the server's suggestion grows.
+// `restart` is the single way to (re)start it.
 
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import * as vscode from "vscode";
 import {
+  ClientCapabilities,
+  FeatureState,
   LanguageClient,
   LanguageClientOptions,
   RequestType0,
   ServerOptions,
   State,
+  StaticFeature,
   TransportKind,
   WorkDoneProgressBegin,
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
+import { Caret, growthApplies, parseSuggestionGrew, SUGGESTION_GREW, SuggestionGrew, withGrowthCapability } from "./growth";
 import { binaryName, nodeEnvironment, resolveServerPath } from "./server-path";
 
 const SECTION = "phi-lsp";
@@ -236,6 +241,9 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
   // Inline completion (textDocument/inlineCompletion, LSP 3.18) is a proposed feature in
   // vscode-languageclient 9; its provider forwards VS Code's cancellation token to the request.
   created.registerProposedFeatures();
+  created.registerFeature(growthFeature);
+  // Registered before start: the client keeps it for the connection it opens.
+  created.onNotification(SUGGESTION_GREW, (params: unknown) => onSuggestionGrew(created, params));
   created.onDidChangeState((event) => {
     if (event.newState === State.Stopped && !stopping && client === created) {
       showError("the phi-lsp server stopped: see the log, then run “phi-lsp: Restart the server”");
@@ -253,6 +261,79 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     render();
   }
   scheduleStatus(0);
+}
+
+/** Declares `experimental.phiLsp.suggestionGrowth`, so that the server sends `phi-lsp/suggestionGrew`. */
+const growthFeature: StaticFeature = {
+  fillClientCapabilities(capabilities: ClientCapabilities) {
+    capabilities.experimental = withGrowthCapability(capabilities.experimental);
+  },
+  initialize() {},
+  getState(): FeatureState {
+    return { kind: "static" };
+  },
+  clear() {},
+};
+
+/** The newest growth not yet shown; a refresh in progress picks it up when it ends. */
+let grown: { client: LanguageClient; grew: SuggestionGrew } | undefined;
+let refreshing = false;
+
+/** Where the cursor is now, as the server names documents and positions. */
+function caret(current: LanguageClient): Caret | undefined {
+  const editor = vscode.window.activeTextEditor;
+  if (editor === undefined) {
+    return undefined;
+  }
+  const active = editor.selection.active;
+  return {
+    uri: current.code2ProtocolConverter.asUri(editor.document.uri),
+    version: editor.document.version,
+    line: active.line,
+    character: active.character,
+    single: editor.selections.length === 1 && editor.selection.isEmpty,
+  };
+}
+
+/**
+ * `phi-lsp/suggestionGrew`: the suggestion shown at the cursor has grown. VS Code asks again (the
+ * server answers from the generation still running, without recomputing); a notification for
+ * another document, version or position is stale and ignored.
+ */
+function onSuggestionGrew(from: LanguageClient, params: unknown) {
+  const grew = parseSuggestionGrew(params);
+  if (grew === undefined) {
+    log.appendLine(`phi-lsp: ${SUGGESTION_GREW} with unexpected params: ${JSON.stringify(params)}`);
+    return;
+  }
+  grown = { client: from, grew };
+  if (!refreshing) {
+    void refreshGhostText();
+  }
+}
+
+async function refreshGhostText() {
+  refreshing = true;
+  try {
+    while (grown !== undefined) {
+      const { client: from, grew } = grown;
+      grown = undefined;
+      if (from !== client || !enabled() || !growthApplies(grew, caret(from))) {
+        continue;
+      }
+      // VS Code does not ask a provider again at the position and document version of an answer it
+      // holds from an explicit request, so `trigger` alone would refresh once; hiding drops that
+      // answer first.
+      await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
+      if (growthApplies(grew, caret(from))) {
+        await vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+      }
+    }
+  } catch (error) {
+    log.appendLine(`phi-lsp: refreshing the ghost text: ${error}`);
+  } finally {
+    refreshing = false;
+  }
 }
 
 /** Follows the server's work-done progress (model loading). */

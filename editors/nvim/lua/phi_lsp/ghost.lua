@@ -1,7 +1,8 @@
 --- Ghost text for Neovim 0.10-0.11, which have no `vim.lsp.inline_completion`: asks the server's
 --- textDocument/inlineCompletion after a pause in typing and shows the first item as extmarks
---- (the first line inline at the cursor, the rest as virtual lines). It is cleared when the cursor
---- moves away and on leaving insert mode; accept() puts it in the buffer.
+--- (the first line inline at the cursor, the rest as virtual lines), redrawn as the server's
+--- suggestion grows (grow()). It is cleared when the cursor moves away and on leaving insert mode;
+--- accept() puts it in the buffer.
 local M = {}
 
 local api = vim.api
@@ -179,6 +180,15 @@ function M.request(bufnr)
   if ok then
     state.pending = id
   end
+end
+
+--- Shows a grown suggestion (`phi-lsp/suggestionGrew`) at the cursor, in place of the ghost text
+--- there; the caller checked that the buffer and the cursor are still where it was asked for.
+function M.grow(bufnr, row, col, text)
+  if not buffers[bufnr] or text == '' then
+    return
+  end
+  show(bufnr, row, col, text, { start_row = row, start_col = col, end_row = row, end_col = col })
 end
 
 --- Debounced request after typing or moving in insert mode; ghost text that no longer sits at the

@@ -81,6 +81,9 @@ local function wants_inline()
   return M.config.inline ~= false
 end
 
+--- The server's notification that the suggestion answered at a position has grown.
+M.SUGGESTION_GREW = 'phi-lsp/suggestionGrew'
+
 --- The client config: for `vim.lsp.config`/`vim.lsp.enable` on 0.11+, `vim.lsp.start` on 0.10.
 function M.lsp_config()
   local capabilities = vim.lsp.protocol.make_client_capabilities()
@@ -88,6 +91,11 @@ function M.lsp_config()
     -- Neovim 0.12 declares this itself; 0.10-0.11 get it from this plugin's ghost text.
     capabilities.textDocument.inlineCompletion = capabilities.textDocument.inlineCompletion
       or { dynamicRegistration = false }
+    -- Progressive suggestions: the server answers with the first line and then sends
+    -- phi-lsp/suggestionGrew as the suggestion grows (handled below).
+    capabilities.experimental = vim.tbl_extend('force', capabilities.experimental or {}, {
+      phiLsp = { suggestionGrowth = true },
+    })
   else
     capabilities.textDocument.inlineCompletion = nil
   end
@@ -96,6 +104,11 @@ function M.lsp_config()
     filetypes = M.config.filetypes,
     root_markers = M.config.root_markers,
     capabilities = capabilities,
+    handlers = {
+      [M.SUGGESTION_GREW] = function(...)
+        return M.on_suggestion_grew(...)
+      end,
+    },
     settings = { ['phi-lsp'] = M.server_settings() },
     -- initializationOptions follow the final settings, however they were configured, so that the
     -- right model loads first rather than after a reload.
@@ -154,6 +167,75 @@ function M.on_attach(client, bufnr)
       end
       return key
     end, { buffer = bufnr, expr = true, desc = 'phi-lsp: accept the suggestion' })
+  end
+end
+
+--- Asks 0.12's native inline completion again in a buffer, as typing would; the server answers
+--- from the generation still running. Neovim has no public call for it: its completor's request
+--- when it is there, else the autocommand through which typing asks (debounced).
+local function refresh_native(bufnr)
+  local ok, capability = pcall(require, 'vim.lsp._capability')
+  local class = ok and type(capability.all) == 'table' and capability.all.inline_completion
+  local completor = type(class) == 'table' and type(class.active) == 'table' and class.active[bufnr]
+  if type(completor) == 'table' and type(completor.request) == 'function' then
+    completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
+    return
+  end
+  pcall(vim.api.nvim_exec_autocmds, 'CursorMovedI', {
+    group = 'nvim.lsp.inline_completion:' .. bufnr,
+    buffer = bufnr,
+    modeline = false,
+  })
+end
+
+--- Whether a `phi-lsp/suggestionGrew` still concerns what the user sees: the current buffer, at
+--- the version of the request, in insert mode, with the cursor where the request was made. Returns
+--- the buffer, row and byte column, or nil for a stale notification (the user moved or typed).
+---@return integer?, integer?, integer?
+local function growth_target(client, params)
+  if type(params) ~= 'table' or type(params.text) ~= 'string' then
+    return nil
+  end
+  local doc, pos = params.textDocument, params.position
+  if type(doc) ~= 'table' or type(pos) ~= 'table' then
+    return nil
+  end
+  local bufnr = vim.api.nvim_get_current_buf()
+  if
+    not client.attached_buffers[bufnr]
+    or vim.uri_from_bufnr(bufnr) ~= doc.uri
+    or vim.lsp.util.buf_versions[bufnr] ~= doc.version
+    or vim.api.nvim_get_mode().mode:sub(1, 1) ~= 'i'
+  then
+    return nil
+  end
+  local cursor = vim.api.nvim_win_get_cursor(0)
+  local row, col = cursor[1] - 1, cursor[2]
+  local encoding = client.offset_encoding or 'utf-16'
+  if row ~= pos.line or vim.lsp.util.character_offset(bufnr, row, col, encoding) ~= pos.character then
+    return nil
+  end
+  return bufnr, row, col
+end
+
+--- Handler of `phi-lsp/suggestionGrew` (sent after each new line of a suggestion and when its
+--- generation ends): refreshes the ghost text where the notification still matches, ignores it
+--- where it does not.
+function M.on_suggestion_grew(_, params, ctx)
+  local client = M.enabled and vim.lsp.get_client_by_id(ctx.client_id)
+  if not client then
+    return
+  end
+  local bufnr, row, col = growth_target(client, params)
+  if not bufnr then
+    return
+  end
+  local kind = M.inline_kind()
+  if kind == 'native' then
+    refresh_native(bufnr)
+  elseif kind == 'plugin' then
+    -- The text is what a re-request would answer: shown without asking.
+    require('phi_lsp.ghost').grow(bufnr, row, col, params.text)
   end
 end
 
