@@ -315,37 +315,20 @@ impl Completions {
     /// Records `suggestion` as the one shown in `key`, for typing through it.
     fn show(&self, key: &str, prepared: &Prepared, suggestion: &Option<String>, growth: Option<Growth>) {
         let mut state = lock(&self.state);
-        match suggestion {
-            Some(text) => {
-                state.shown.insert(
-                    key.to_string(),
-                    Shown {
-                        start_char: prepared.window.start_char,
-                        before: prepared.window.text.clone(),
-                        after: prepared.window.after.clone(),
-                        suggestion: text.clone(),
-                        growth,
-                    },
-                );
-            }
-            None if growth.is_some() => {
-                // Nothing yet (the deadline came first), but it may grow: typing through it
-                // starts once it has text.
-                state.shown.insert(
-                    key.to_string(),
-                    Shown {
-                        start_char: prepared.window.start_char,
-                        before: prepared.window.text.clone(),
-                        after: prepared.window.after.clone(),
-                        suggestion: String::new(),
-                        growth,
-                    },
-                );
-            }
-            None => {
-                state.shown.remove(key);
-            }
+        // With nothing yet (the deadline came first) a growing suggestion is still kept: typing
+        // through it starts once it has text.
+        if suggestion.is_none() && growth.is_none() {
+            state.shown.remove(key);
+            return;
         }
+        let shown = Shown {
+            start_char: prepared.window.start_char,
+            before: prepared.window.text.clone(),
+            after: prepared.window.after.clone(),
+            suggestion: suggestion.clone().unwrap_or_default(),
+            growth,
+        };
+        state.shown.insert(key.to_string(), shown);
     }
 
     /// Document `key` is now `rope`. A growing generation for it survives only an edit that types
