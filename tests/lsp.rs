@@ -116,7 +116,7 @@ fn check_inline(client: &mut LspClient, uri: &str, utf8: bool) {
         );
         let got = inline_text(&result);
         let want = expected(SOURCE, byte_offset(SOURCE, line, byte_col));
-        assert_eq!(got, want, "at {line}:{byte_col}");
+        assert_eq!(got, want, "at {line}:{byte_col}; status: {}", client.status());
         if let Some(item) = result.as_array().and_then(|a| a.first()) {
             assert_eq!(
                 item["range"]["start"],

@@ -176,9 +176,10 @@ impl Backend {
             let session = lock(&self.session);
             (session.settings.clone(), session.client.work_done_progress)
         };
-        if !settings.model.is_local() {
-            self.completions.forget_all();
-        }
+        // Before the load, not after: once the new backend is installed, requests may already be
+        // generating on it. (Until then the host has no backend; what a request that started
+        // earlier computes is not kept.)
+        self.completions.forget_all();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let forward = async {
             let mut progress = None;
@@ -204,7 +205,6 @@ impl Backend {
         let (outcome, ()) = tokio::join!(self.host.load(&settings, tx), forward);
         match outcome {
             LoadOutcome::Ready(message) => {
-                self.completions.forget_all();
                 self.client
                     .log_message(MessageType::INFO, format!("phi-lsp: {message}"))
                     .await;

@@ -118,6 +118,8 @@ struct State {
     /// By document. Progressive answers keep one at a time: each fresh generation cancels the rest.
     growing: HashMap<String, Growing>,
     last: Option<LastCompletion>,
+    /// Counts [`Completions::forget_all`]: what a request started before one computes is not kept.
+    epoch: u64,
 }
 
 #[derive(Default)]
@@ -158,6 +160,7 @@ impl Completions {
             settings,
         } = request;
         let prepared = prepared::prepare(rope, cursor, settings);
+        let epoch = lock(&self.state).epoch;
 
         if let Some(rest) = self.type_through(key, &prepared) {
             self.record(LastCompletion {
@@ -185,7 +188,7 @@ impl Completions {
             last.from_cache = true;
             last.stop = "speculated".into();
             self.record(last);
-            self.show(key, &prepared, &suggestion, None);
+            self.show(epoch, key, &prepared, &suggestion, None);
             if let (Some(text), true) = (&suggestion, settings.speculate && backend.speculates()) {
                 speculate(&self.state, backend, key, rope, cursor, text, settings);
             }
@@ -196,7 +199,7 @@ impl Completions {
         let (growth, from_cache) = match self.running_generation(key, &prepared) {
             Some(growth) => (growth, true),
             None => (
-                self.generate(backend, key, rope, cursor, place, &prepared, settings),
+                self.generate(epoch, backend, key, rope, cursor, place, &prepared, settings),
                 false,
             ),
         };
@@ -221,7 +224,7 @@ impl Completions {
         self.record(last);
         let suggestion = snapshot.suggestion;
         let growth = (!growth.is_finished()).then_some(growth);
-        self.show(key, &prepared, &suggestion, growth);
+        self.show(epoch, key, &prepared, &suggestion, growth);
         Ok(suggestion)
     }
 
@@ -235,11 +238,12 @@ impl Completions {
     }
 
     /// Starts a fresh generation for `prepared`, which replaces (cancels) any other one, and keeps
-    /// it growing until it ends. Once it ends without being cut short, the next suggestion is
-    /// speculated.
+    /// it growing until it ends (unless everything was forgotten since `epoch`). Once it ends
+    /// without being cut short, the next suggestion is speculated.
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
+        epoch: u64,
         backend: Arc<dyn Backend>,
         key: &str,
         rope: &Rope,
@@ -266,6 +270,11 @@ impl Completions {
         let (result, cancel) = backend.start(request).into_parts();
         {
             let mut state = lock(&self.state);
+            if state.epoch != epoch {
+                drop(state);
+                drop(cancel);
+                return growth;
+            }
             state.speculation = None;
             if settings.progressive {
                 state.growing.clear();
@@ -312,9 +321,20 @@ impl Completions {
         lock(&self.state).last = Some(last);
     }
 
-    /// Records `suggestion` as the one shown in `key`, for typing through it.
-    fn show(&self, key: &str, prepared: &Prepared, suggestion: &Option<String>, growth: Option<Growth>) {
+    /// Records `suggestion` as the one shown in `key`, for typing through it, unless everything
+    /// was forgotten since the request started at `epoch`.
+    fn show(
+        &self,
+        epoch: u64,
+        key: &str,
+        prepared: &Prepared,
+        suggestion: &Option<String>,
+        growth: Option<Growth>,
+    ) {
         let mut state = lock(&self.state);
+        if state.epoch != epoch {
+            return;
+        }
         // With nothing yet (the deadline came first) a growing suggestion is still kept: typing
         // through it starts once it has text.
         if suggestion.is_none() && growth.is_none() {
@@ -354,6 +374,9 @@ impl Completions {
     /// After a new model, backend or settings, no earlier suggestion may be served from memory.
     pub fn forget_all(&self) {
         let mut state = lock(&self.state);
+        state.epoch += 1;
+        // Counts as a request: a speculation waiting to start is called off.
+        state.requests += 1;
         state.shown.clear();
         state.speculation = None;
         state.growing.clear();
@@ -487,4 +510,157 @@ fn last_of(key: &str, stats: &phi_engine::GenerationStats, started: Instant) -> 
 
 fn elapsed_ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::ModelSpec;
+    use phi_engine::{GenerationStats, StopReason};
+    use tokio::sync::oneshot;
+
+    /// A backend that answers every request with `text` once the test opens its gate, and
+    /// remembers the prompts it was asked for.
+    struct Scripted {
+        text: String,
+        gates: Mutex<Vec<oneshot::Sender<()>>>,
+        prompts: Mutex<Vec<String>>,
+    }
+
+    impl Scripted {
+        fn new(text: &str) -> Arc<Self> {
+            Arc::new(Scripted {
+                text: text.into(),
+                gates: Mutex::default(),
+                prompts: Mutex::default(),
+            })
+        }
+
+        fn open_gates(&self) {
+            for gate in lock(&self.gates).drain(..) {
+                let _ = gate.send(());
+            }
+        }
+
+        fn prompts(&self) -> Vec<String> {
+            lock(&self.prompts).clone()
+        }
+    }
+
+    impl Backend for Scripted {
+        fn start(&self, mut request: GenerationRequest) -> Pending {
+            let (tx, rx) = oneshot::channel();
+            let (gate, opened) = oneshot::channel();
+            lock(&self.gates).push(gate);
+            lock(&self.prompts).push(request.prompt.clone());
+            let text = self.text.clone();
+            tokio::spawn(async move {
+                if opened.await.is_ok() {
+                    (request.stop)(&text);
+                    let _ = tx.send(Ok(Some(Generated {
+                        text,
+                        stop: StopReason::EndOfText,
+                        stats: GenerationStats::default(),
+                    })));
+                }
+            });
+            Pending::new(rx, ())
+        }
+
+        fn speculates(&self) -> bool {
+            true
+        }
+    }
+
+    use backend::GenerationRequest;
+
+    fn settings() -> Settings {
+        Settings::new(ModelSpec {
+            model: "scripted".into(),
+            tokenizer: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            backend: "local".into(),
+        })
+    }
+
+    const KEY: &str = "file:///a.py";
+
+    async fn ask(completions: &Completions, rope: &Rope, backend: &Arc<Scripted>) -> Option<String> {
+        let settings = settings();
+        let request = Request {
+            key: KEY,
+            rope,
+            cursor: rope.len_chars(),
+            place: Place::default(),
+            settings: &settings,
+        };
+        let backend: Arc<dyn Backend> = backend.clone();
+        completions
+            .suggest(request, Some(backend))
+            .await
+            .expect("answers")
+    }
+
+    /// What a request computed while everything was forgotten (a new model loaded meanwhile) is
+    /// answered but not kept: typing through it asks the backend again.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_from_before_forget_all_is_not_typed_through() {
+        let completions = Arc::new(Completions::new(None));
+        let backend = Scripted::new("total = 0\n");
+        let rope = Rope::from_str("def f(xs):\n    ");
+        let asking = {
+            let (completions, rope, backend) = (completions.clone(), rope.clone(), backend.clone());
+            tokio::spawn(async move { ask(&completions, &rope, &backend).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(backend.prompts().len(), 1);
+        completions.forget_all();
+        backend.open_gates();
+        assert_eq!(asking.await.expect("joins").as_deref(), Some("total = 0"));
+
+        let typed = Rope::from_str("def f(xs):\n    tot");
+        let answering = {
+            let (completions, backend) = (completions.clone(), backend.clone());
+            tokio::spawn(async move { ask(&completions, &typed, &backend).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(backend.prompts().len(), 2, "computed afresh, not typed through");
+        backend.open_gates();
+        answering.await.expect("joins");
+    }
+
+    /// A request that comes after an answer keeps the speculation for the old place from starting
+    /// while its own generation runs (it would supersede it); once its answer is out and the user
+    /// is idle, the speculation for the new place starts.
+    #[tokio::test(start_paused = true)]
+    async fn the_speculation_waits_for_the_generation_in_progress() {
+        let completions = Arc::new(Completions::new(None));
+        let backend = Scripted::new("total = 0\n");
+        let first = Rope::from_str("def f(xs):\n    ");
+        let asking = {
+            let (completions, first, backend) = (completions.clone(), first.clone(), backend.clone());
+            tokio::spawn(async move { ask(&completions, &first, &backend).await })
+        };
+        tokio::task::yield_now().await;
+        backend.open_gates();
+        assert_eq!(asking.await.expect("joins").as_deref(), Some("total = 0"));
+        // The next request, elsewhere, while the model works on it.
+        let second = Rope::from_str("def g(ys):\n    ");
+        let answering = {
+            let (completions, backend) = (completions.clone(), backend.clone());
+            tokio::spawn(async move { ask(&completions, &second, &backend).await })
+        };
+        tokio::time::sleep(SPECULATE_AFTER_IDLE * 4).await;
+        let prompts = backend.prompts();
+        assert_eq!(prompts.len(), 2, "{prompts:?}");
+        assert!(prompts[1].starts_with("def g"), "{prompts:?}");
+        backend.open_gates();
+        answering.await.expect("joins");
+        // Once that answer is out and the user is idle, its speculation starts.
+        tokio::time::sleep(SPECULATE_AFTER_IDLE * 4).await;
+        let prompts = backend.prompts();
+        assert_eq!(prompts.len(), 3, "{prompts:?}");
+        assert_eq!(prompts[2], "def g(ys):\n    total = 0");
+    }
 }
