@@ -735,7 +735,12 @@ mod tests {
         flate2::read::GzDecoder::new(file)
             .read_to_string(&mut jsonl)
             .expect("gzip");
+        let tokenizer =
+            phi_engine::PhiTokenizer::from_file(std::path::Path::new("../assets/phi-1/tokenizer.json"))
+                .expect("assets/phi-1/tokenizer.json parses");
+        let n_tokens = |text: &str| tokenizer.encode(text).expect("encodes").len();
         let mut n_problems = 0;
+        let mut longest = (0, String::new());
         let mut failures = Vec::new();
         for line in jsonl.lines().filter(|line| !line.trim().is_empty()) {
             let problem: serde_json::Value = serde_json::from_str(line).expect("one JSON object per line");
@@ -746,6 +751,12 @@ mod tests {
                 .expect("canonical_solution");
             n_problems += 1;
 
+            // The tokens the model writes for the body and the start of the line after it, which
+            // the stop rules need to see: all within the default cap, so none is cut.
+            let body_tokens = n_tokens(&format!("{prompt}{solution}\n\ndef check")) - n_tokens(prompt);
+            if body_tokens > longest.0 {
+                longest = (body_tokens, task_id.to_string());
+            }
             let ctx = context(&format!("{prompt}$0"));
             let expected = trim_lines(solution);
             for continuation in CONTINUATIONS {
@@ -765,6 +776,14 @@ mod tests {
             }
         }
         assert_eq!(n_problems, 164);
+        assert!(
+            longest.0 <= crate::settings::DEFAULT_MAX_NEW_TOKENS,
+            "{} needs {} tokens, over the default cap",
+            longest.1,
+            longest.0
+        );
+        // A real count: the longest body (HumanEval/81) needs 299 with the stop.
+        assert!(longest.0 > 250, "{longest:?}");
         assert!(
             failures.is_empty(),
             "{} failures:\n{}",
