@@ -162,12 +162,12 @@ impl Completions {
         let prepared = prepared::prepare(rope, cursor, settings);
         let epoch = lock(&self.state).epoch;
 
-        if let Some(rest) = self.type_through(key, &prepared) {
+        if let Some((rest, stop)) = self.type_through(key, &prepared) {
             self.record(LastCompletion {
                 uri: key.to_string(),
                 total_ms: elapsed_ms(started),
                 from_cache: true,
-                stop: "typed-through".into(),
+                stop: stop.into(),
                 ..Default::default()
             });
             return Ok(Some(rest));
@@ -395,8 +395,10 @@ impl Completions {
         lock(&self.state).last.clone()
     }
 
-    /// When the text typed since the last suggestion is a prefix of it, the rest is the answer.
-    fn type_through(&self, key: &str, prepared: &Prepared) -> Option<String> {
+    /// When the text typed since the last suggestion is a prefix of it, the rest is the answer,
+    /// with what served it: `typed-through`, or `running-generation` when nothing was typed and the
+    /// suggestion is still growing (the client asking again at the same place).
+    fn type_through(&self, key: &str, prepared: &Prepared) -> Option<(String, &'static str)> {
         let state = lock(&self.state);
         let last = state.shown.get(key)?;
         let window = &prepared.window;
@@ -407,7 +409,12 @@ impl Completions {
         let suggestion = last.suggestion();
         let rest = suggestion.strip_prefix(typed)?;
         // Nothing typed (the client asking again at the same place) serves the same suggestion.
-        (!rest.trim().is_empty()).then(|| rest.to_string())
+        let served_by = if typed.is_empty() && last.growth.is_some() {
+            "running-generation"
+        } else {
+            "typed-through"
+        };
+        (!rest.trim().is_empty()).then(|| (rest.to_string(), served_by))
     }
 
     /// `Some` when `prepared` is where the speculation was computed for: its generation (waiting for
