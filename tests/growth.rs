@@ -93,19 +93,54 @@ fn grew_texts(client: &LspClient) -> Vec<(String, bool)> {
         .collect()
 }
 
-#[test]
-fn a_declaring_client_sees_the_suggestion_grow_line_by_line() {
+/// A progressive server (`declares_growth` as its client), `growing.json`'s text open as `uri`,
+/// and the first answer at its end.
+struct Asked {
+    client: LspClient,
+    text: String,
+    want: String,
+    line: u32,
+    col: u32,
+    first: String,
+}
+
+fn ask_at_the_end(declares_growth: bool, uri: &str) -> Asked {
     let Growing { text, .. } = growing();
     let want = whole(&text);
-    let mut client = server(true, 40);
-    let uri = "file:///grow.py";
+    let mut client = server(declares_growth, 40);
     client.open(uri, &text);
     let (line, col) = end_of(&text);
     let first = inline_text(&client.inline(uri, line, col)).expect("a first answer");
+    Asked {
+        client,
+        text,
+        want,
+        line,
+        col,
+        first,
+    }
+}
+
+/// The first answer is some of the suggestion's lines, not all of them: the rest is still growing.
+fn assert_first_part(first: &str, want: &str) {
     assert!(
-        is_line_prefix(&first, &want) && first != want,
+        is_line_prefix(first, want) && first != want,
         "first {first:?} of {want:?}"
     );
+}
+
+#[test]
+fn a_declaring_client_sees_the_suggestion_grow_line_by_line() {
+    let uri = "file:///grow.py";
+    let Asked {
+        mut client,
+        want,
+        line,
+        col,
+        first,
+        ..
+    } = ask_at_the_end(true, uri);
+    assert_first_part(&first, &want);
     assert_eq!(client.status()["last"]["stop"], "growing");
 
     let done = client.wait_for("the last growth", |m| {
@@ -132,17 +167,16 @@ fn a_declaring_client_sees_the_suggestion_grow_line_by_line() {
 
 #[test]
 fn a_client_without_the_notification_gets_the_longer_text_by_asking_again() {
-    let Growing { text, .. } = growing();
-    let want = whole(&text);
-    let mut client = server(false, 40);
     let uri = "file:///ask.py";
-    client.open(uri, &text);
-    let (line, col) = end_of(&text);
-    let first = inline_text(&client.inline(uri, line, col)).expect("a first answer");
-    assert!(
-        is_line_prefix(&first, &want) && first != want,
-        "first {first:?} of {want:?}"
-    );
+    let Asked {
+        mut client,
+        want,
+        line,
+        col,
+        first,
+        ..
+    } = ask_at_the_end(false, uri);
+    assert_first_part(&first, &want);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut answers = vec![first];
@@ -172,13 +206,15 @@ fn a_client_without_the_notification_gets_the_longer_text_by_asking_again() {
 
 #[test]
 fn typing_through_keeps_it_growing_and_an_edit_elsewhere_cancels_it() {
-    let Growing { text, .. } = growing();
-    let want = whole(&text);
-    let mut client = server(true, 40);
     let uri = "file:///edit.py";
-    client.open(uri, &text);
-    let (line, col) = end_of(&text);
-    let first = inline_text(&client.inline(uri, line, col)).expect("a first answer");
+    let Asked {
+        mut client,
+        text,
+        want,
+        line,
+        col,
+        first,
+    } = ask_at_the_end(true, uri);
 
     // Typing its first character: the same generation goes on, and the typed-through answer is the
     // rest of what it has.
