@@ -117,6 +117,31 @@ if not check(attached ~= nil, 'phi_lsp attaches to a Python buffer', lua('return
   finish()
 end
 
+if kind == 'plugin' then
+  -- Records, in order, the answers to inlineCompletion requests and the client's $/cancelRequest
+  -- notifications: a cancel of a request already answered means the plugin lost track of it.
+  lua([[
+    local client = vim.lsp.get_client_by_id(...)
+    _G.phi_test_events = {}
+    local notify = client.rpc.notify
+    client.rpc.notify = function(method, params, ...)
+      if method == '$/cancelRequest' then
+        table.insert(_G.phi_test_events, { 'cancel', params.id })
+      end
+      return notify(method, params, ...)
+    end
+    vim.api.nvim_create_autocmd('LspRequest', {
+      callback = function(args)
+        local request = args.data.request
+        if args.data.client_id == client.id and request and request.type == 'complete'
+            and request.method == 'textDocument/inlineCompletion' then
+          table.insert(_G.phi_test_events, { 'answered', args.data.request_id })
+        end
+      end,
+    })
+  ]], attached.id)
+end
+
 local status = wait_for(60000, function()
   local s = lua([[
     local s = require('phi_lsp').status(nil, 2000)
@@ -218,6 +243,17 @@ if kind == 'plugin' then
     return state.col == character - 1 and state or nil
   end)
   check(cleared and cleared.marks == 0, 'moving the cursor clears the ghost text', vim.inspect(cleared))
+  local events = lua('return _G.phi_test_events')
+  local answered, stale = {}, {}
+  for _, event in ipairs(events) do
+    if event[1] == 'answered' then
+      answered[event[2]] = true
+    elseif answered[event[2]] then
+      stale[#stale + 1] = event[2]
+    end
+  end
+  check(next(answered) ~= nil and #stale == 0, 'no $/cancelRequest for a request already answered',
+    ('stale cancels: %s\nevents: %s'):format(vim.inspect(stale), vim.inspect(events)))
   vim.rpcrequest(child, 'nvim_input', '<End>')
   check(wait_for(60000, ghost) ~= nil, 'ghost text comes back at the end of the line')
   vim.rpcrequest(child, 'nvim_input', '<Esc>')

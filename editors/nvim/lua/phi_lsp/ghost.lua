@@ -135,7 +135,10 @@ function M.request(bufnr)
   params.context = { triggerKind = 2 } -- Automatic
   local tick = api.nvim_buf_get_changedtick(bufnr)
   local row, col = cursor_of(win)
-  local ok, id = require('phi_lsp')._call(client, 'request', 'textDocument/inlineCompletion', params, function(err, result)
+  -- Declared before the call: a local is not in scope in its own initializer, so the callback
+  -- would otherwise compare with the global `id` and never clear `pending`.
+  local ok, id
+  ok, id = require('phi_lsp')._call(client, 'request', 'textDocument/inlineCompletion', params, function(err, result)
     if state.pending == id then
       state.pending = nil
     end
