@@ -477,3 +477,48 @@ fn stdin_closing_ends_the_process() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn custom_requests_take_empty_null_or_absent_params() {
+    let mut client = server();
+    client.initialize(neovim_capabilities(), options());
+    client.wait_ready();
+    // Ids well above the client's own counter, so the responses cannot be confused.
+    let forms = [
+        (
+            "{}",
+            json!({"jsonrpc": "2.0", "id": 9001, "method": "phi-lsp/status", "params": {}}),
+        ),
+        (
+            "[]",
+            json!({"jsonrpc": "2.0", "id": 9002, "method": "phi-lsp/status", "params": []}),
+        ),
+        (
+            "null",
+            json!({"jsonrpc": "2.0", "id": 9003, "method": "phi-lsp/status", "params": null}),
+        ),
+        (
+            "absent",
+            json!({"jsonrpc": "2.0", "id": 9004, "method": "phi-lsp/status"}),
+        ),
+    ];
+    for (what, message) in &forms {
+        client.send(message);
+        let id = message["id"].as_i64().expect("id");
+        let response = client.response(id);
+        assert!(response.get("error").is_none(), "params {what}: {response}");
+        assert_eq!(response["result"]["state"], "ready", "params {what}: {response}");
+    }
+    // Parameters it does not take are still refused, and the server's own notification with
+    // nothing in it is logged as a malformed message with an unknown reason, not dropped.
+    client.send(&json!({"jsonrpc": "2.0", "id": 9005, "method": "phi-lsp/status", "params": {"x": 1}}));
+    assert_eq!(client.response(9005)["error"]["code"], -32602);
+    client.send(&json!({"jsonrpc": "2.0", "method": "phi-lsp/malformedMessage"}));
+    client.wait_for("the log line for a malformed message without params", |m| {
+        m["method"] == "window/logMessage"
+            && m["params"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("malformed message: unknown"))
+    });
+    assert!(client.shutdown().success());
+}

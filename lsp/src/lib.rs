@@ -16,6 +16,7 @@ pub mod hub;
 pub mod loading;
 pub mod lsp_client;
 pub mod memory;
+pub mod params;
 pub mod proto;
 pub mod quantize;
 pub mod remote;

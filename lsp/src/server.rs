@@ -44,7 +44,7 @@ pub struct Backend {
 
 pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::ClientSocket) {
     LspService::build(|client| Backend::new(client, settings))
-        .custom_method("phi-lsp/status", Backend::status)
+        .custom_method(status::METHOD, Backend::status)
         .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
         .custom_method(crate::framing::MALFORMED_METHOD, Backend::malformed_message)
         .finish()
@@ -72,6 +72,8 @@ where
             tracing::warn!("reading stdin failed: {e}");
         }
     });
+    // Custom methods take `{}`, `[]`, `null` or nothing alike where they have no parameters.
+    let service = crate::params::LenientParams(service);
     let serve = tower_lsp_server::Server::new(server_input, output, socket).serve(service);
     tokio::pin!(serve);
     tokio::select! {

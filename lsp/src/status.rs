@@ -8,6 +8,9 @@ use crate::host::{ModelHost, ModelState};
 use crate::proto::{self, ClientFacts};
 use crate::settings::Settings;
 
+/// The request's method.
+pub const METHOD: &str = "phi-lsp/status";
+
 pub fn status(
     settings: &Settings,
     client: ClientFacts,

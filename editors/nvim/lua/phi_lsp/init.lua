@@ -272,7 +272,7 @@ function M.status(client, timeout_ms)
   if not client then
     return nil, 'no phi_lsp client is running: open a Python file'
   end
-  -- No params at all: the server rejects `{}`.
+  -- No params (the server takes `{}` and `null` too).
   local response, err = call(client, 'request_sync', 'phi-lsp/status', nil, timeout_ms or 2000, 0)
   if not response then
     return nil, 'phi-lsp/status: ' .. tostring(err)
