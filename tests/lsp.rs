@@ -522,3 +522,53 @@ fn custom_requests_take_empty_null_or_absent_params() {
     });
     assert!(client.shutdown().success());
 }
+
+/// The server's whole log (stderr) from a session on a server started with `env` and without the
+/// log variables otherwise: initialize, load, open, ask, a malformed message, shutdown and exit.
+fn session_log(env: &[(&str, &str)]) -> String {
+    let mut command = phi_lsp();
+    command
+        .args(["--stdio", "--model"])
+        .arg(fixture_dir())
+        .env_remove("PHI_LSP_LOG")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied());
+    let mut client = LspClient::spawn_capturing_stderr(command);
+    client.initialize(neovim_capabilities(), options());
+    client.wait_ready();
+    client.open("file:///log.py", "def add(a, b):\n    return a");
+    client.inline("file:///log.py", 1, 12);
+    client.send_raw(b"Content-Length: 12\r\n\r\n{not json!!}");
+    client.wait_log("malformed message from the client");
+    let (status, log) = client.shutdown_with_log();
+    assert!(status.success(), "{log}");
+    log
+}
+
+/// Editors show a server's stderr as errors: by default it has warnings and errors only.
+#[test]
+fn the_server_logs_warnings_only_unless_asked_for_more() {
+    let quiet = session_log(&[]);
+    let lines: Vec<&str> = quiet.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("malformed message")),
+        "a warning still shows by default:\n{quiet}"
+    );
+    let chatty: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(" INFO ") || l.contains(" DEBUG ") || l.contains(" TRACE "))
+        .collect();
+    assert!(
+        chatty.is_empty(),
+        "no INFO, DEBUG or TRACE lines by default: {chatty:#?}"
+    );
+    for (var, value) in [("PHI_LSP_LOG", "info"), ("RUST_LOG", "info")] {
+        let log = session_log(&[(var, value)]);
+        assert!(
+            log.lines().any(|l| l.contains(" INFO ") && l.contains("loading")),
+            "{var}={value} shows the INFO lines (the model loading):\n{log}"
+        );
+    }
+}

@@ -46,11 +46,16 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
+/// The server's log level unless `PHI_LSP_LOG` or `RUST_LOG` says otherwise. Editors show
+/// everything a server writes to stderr as errors (Neovim's lsp.log, Helix's log), so the default
+/// is warnings and errors only; what users should see anyway goes to `window/logMessage`.
+pub const DEFAULT_LOG_FILTER: &str = "warn";
+
 /// Logs go to stderr (stdout is the LSP transport), filtered by `PHI_LSP_LOG` or `RUST_LOG`.
 fn init_logging() {
     let filter = std::env::var("PHI_LSP_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_string());
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -313,6 +313,26 @@ impl LspClient {
             .context("phi-lsp did not exit after shutdown/exit")
     }
 
+    /// [`LspClient::shutdown`], then the server's whole log: its stderr read to the end, when
+    /// spawned with [`LspClient::spawn_capturing_stderr`] (None otherwise).
+    pub fn shutdown_with_log(mut self) -> Result<(ExitStatus, Option<String>)> {
+        let log = self.log.take();
+        let status = self.shutdown()?;
+        let Some(log) = log else {
+            return Ok((status, None));
+        };
+        // The reader thread drops its handle at the end of stderr.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&log) > 1 {
+            if Instant::now() >= deadline {
+                bail!("the server's stderr did not end after it exited");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let text = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok((status, Some(text)))
+    }
+
     /// The server's process id (for /proc/PID/status).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -171,6 +171,12 @@ impl LspClient {
         ok(self.0.shutdown())
     }
 
+    /// `shutdown` and `exit`, then the server's whole log (spawned with `spawn_capturing_stderr`).
+    pub fn shutdown_with_log(self) -> (ExitStatus, String) {
+        let (status, log) = ok(self.0.shutdown_with_log());
+        (status, log.expect("spawned with spawn_capturing_stderr"))
+    }
+
     /// The exit status, once the process has exited within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         ok(self.0.wait_exit(timeout))
