@@ -333,6 +333,37 @@ local said = lua([[
   return table.concat(messages, '\n')
 ]])
 check(said:find('phi%-lsp ready') ~= nil and said:find('last suggestion') ~= nil, ':PhiLsp status reports the model and the last suggestion', said)
+-- The latency in whole milliseconds, and the source of the answer as the server's status says it.
+local last = lua([[local s = require('phi_lsp').status(nil, 2000); return s and s.last]])
+local latency = said:match('last suggestion (%S+) ms')
+check(latency ~= nil and (latency == '<1' or latency:match('^%d+$') ~= nil),
+  ':PhiLsp status shows the latency in whole milliseconds', said)
+check(not report:find('last suggestion [%d.]*%.%d') , ':checkhealth shows the latency in whole milliseconds', report)
+local sources = { ['typed-through'] = 'from the cache', speculated = 'from the speculation',
+  ['running-generation'] = 'from the generation still running' }
+local source = type(last) == 'table' and sources[last.stop]
+check(type(last) == 'table' and (source and said:find(source, 1, true) ~= nil
+    or not source and said:find('generated') ~= nil and not said:find('from the', 1, true)),
+  ':PhiLsp status says where the last answer came from (' .. tostring(type(last) == 'table' and last.stop) .. ')',
+  ('status.last: %s\nsaid: %s'):format(vim.inspect(last), said))
+-- Both kinds of answer, from figures as the server reports them.
+local lines = lua([[
+  local phi = require('phi_lsp')
+  local base = { state = 'ready', model = 'm', device = 'cpu', dtype = 'q8_0' }
+  local function with(last) return phi.describe(vim.tbl_extend('force', base, { last = last })) end
+  return {
+    speculated = with({ total_ms = 0.057615, from_cache = true, stop = 'speculated', prompt_tokens = 0 }),
+    typed = with({ total_ms = 2.5, from_cache = true, stop = 'typed-through' }),
+    model = with({ total_ms = 419.6, from_cache = false, stop = 'EndOfText', prompt_tokens = 40,
+      reused_tokens = 32, generated_tokens = 8 }),
+  }
+]])
+check(lines.speculated:find('last suggestion <1 ms (from the speculation)', 1, true) ~= nil,
+  'a speculated answer of 0.057615 ms reads "<1 ms (from the speculation)"', lines.speculated)
+check(lines.typed:find('last suggestion 3 ms (from the cache', 1, true) ~= nil,
+  'a typed-through answer of 2.5 ms reads "3 ms (from the cache ...)"', lines.typed)
+check(lines.model:find('last suggestion 420 ms (40 prompt tokens, 32 reused, 8 generated)', 1, true) ~= nil,
+  'a generated answer of 419.6 ms reads "420 ms" with its tokens', lines.model)
 vim.rpcrequest(child, 'nvim_command', 'PhiLsp restart')
 local restarted = wait_for(30000, function()
   return lua([[

@@ -283,6 +283,40 @@ function M.status(client, timeout_ms)
   return response.result
 end
 
+--- Milliseconds as a whole number ('<1' for an answer under a millisecond, '?' for none).
+local function whole_ms(ms)
+  if type(ms) ~= 'number' then
+    return '?'
+  end
+  if ms > 0 and ms < 1 then
+    return '<1'
+  end
+  return tostring(math.floor(ms + 0.5))
+end
+
+--- What served an answer without the model, by the status's `last.stop`.
+local served_by = {
+  ['typed-through'] = 'from the cache: typed through the suggestion shown',
+  speculated = 'from the speculation',
+  ['running-generation'] = 'from the generation still running',
+}
+
+--- The last suggestion's figures: its latency and where the answer came from.
+local function describe_last(last)
+  local ms = whole_ms(last.total_ms)
+  local source = served_by[last.stop] or (last.from_cache == true and 'from the cache' or nil)
+  if source then
+    return ('last suggestion %s ms (%s)'):format(ms, source)
+  end
+  return ('last suggestion %s ms (%s prompt tokens, %s reused, %s generated%s)'):format(
+    ms,
+    last.prompt_tokens or '?',
+    last.reused_tokens or '?',
+    last.generated_tokens or '?',
+    last.stop == 'growing' and ', still growing' or ''
+  )
+end
+
 --- One line about the server's state.
 function M.describe(status)
   local line = ('%s: %s on %s, %s'):format(
@@ -296,13 +330,7 @@ function M.describe(status)
   end
   local last = status.last
   if type(last) == 'table' then
-    line = line
-      .. ('; last suggestion %s ms (%s prompt tokens, %s reused, %s generated)'):format(
-        last.total_ms or '?',
-        last.prompt_tokens or '?',
-        last.reused_tokens or '?',
-        last.generated_tokens or '?'
-      )
+    line = line .. '; ' .. describe_last(last)
   end
   return line
 end
