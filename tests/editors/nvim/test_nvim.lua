@@ -295,22 +295,32 @@ check(tabbed ~= nil, 'with no suggestion <Tab> is a plain <Tab>', vim.inspect(lu
 lua([[require('phi_lsp').set_enabled(true)]])
 vim.rpcrequest(child, 'nvim_input', '<Esc>')
 
--- The vimdoc: tags build without error and :help finds the plugin's pages.
+-- The vimdoc, after the by-hand setup of :help phi-lsp-setup on a copy of the plugin (so that no
+-- tags file lands in the repository): 'runtimepath' appended, then :helptags on its doc/. Then
+-- :help phi-lsp opens the file at the *phi-lsp* tag, and the other tags are found.
 local help = lua([[
   local doc_dir, out = ...
   vim.fn.mkdir(out .. '/doc', 'p')
   vim.fn.writefile(vim.fn.readfile(doc_dir .. '/doc/phi-lsp.txt', 'b'), out .. '/doc/phi-lsp.txt', 'b')
-  local ok, err = pcall(vim.cmd.helptags, out .. '/doc')
+  vim.opt.runtimepath:append(out)
+  local ok, err = pcall(vim.cmd, 'helptags ' .. vim.fn.fnameescape(out .. '/doc'))
   if not ok then return 'helptags: ' .. err end
-  vim.opt.runtimepath:prepend(out)
-  for _, tag in ipairs({ 'phi-lsp', 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options' }) do
-    local found, e = pcall(vim.cmd.help, tag)
+  local found, e = pcall(vim.cmd.help, 'phi-lsp')
+  if not found then return ':help phi-lsp: ' .. e end
+  local line = vim.api.nvim_get_current_line()
+  local name = vim.fs.basename(vim.api.nvim_buf_get_name(0))
+  vim.cmd.helpclose()
+  if name ~= 'phi-lsp.txt' or not line:find('*phi-lsp*', 1, true) then
+    return (':help phi-lsp opened %s at %q, not the *phi-lsp* tag'):format(name, line)
+  end
+  for _, tag in ipairs({ 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options' }) do
+    found, e = pcall(vim.cmd.help, tag)
     if not found then return tag .. ': ' .. e end
     vim.cmd.helpclose()
   end
   return 'ok'
 ]], plugin_dir, tmp .. '/help')
-check(help == 'ok', 'the vimdoc builds tags and :help finds them', help)
+check(help == 'ok', 'after the documented setup (:helptags) :help phi-lsp opens at *phi-lsp*', help)
 
 -- :checkhealth phi_lsp
 local health = lua([[
