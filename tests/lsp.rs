@@ -572,3 +572,55 @@ fn the_server_logs_warnings_only_unless_asked_for_more() {
         );
     }
 }
+
+/// VS Code shows the percentage of `$/progress`: every loading message carries one, from 0 at the
+/// begin, never going down, the first forward after reading the weights.
+#[test]
+fn loading_progress_carries_a_rising_percentage() {
+    let mut client = server();
+    client.initialize(vscode_capabilities(), options());
+    client.wait_for("progress end", |m| {
+        m["method"] == "$/progress" && m["params"]["value"]["kind"] == "end"
+    });
+    let values: Vec<Value> = client
+        .notifications
+        .iter()
+        .filter(|m| m["method"] == "$/progress")
+        .map(|m| m["params"]["value"].clone())
+        .collect();
+    let kinds: Vec<&str> = values.iter().filter_map(|v| v["kind"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"begin"), "{values:#?}");
+    assert_eq!(kinds.last(), Some(&"end"), "{values:#?}");
+    assert_eq!(values[0]["percentage"], 0, "{values:#?}");
+    let reports: Vec<&Value> = values.iter().filter(|v| v["kind"] == "report").collect();
+    assert!(
+        reports.len() >= 2,
+        "reading the weights, then the first forward: {values:#?}"
+    );
+    let mut previous = 0;
+    for report in &reports {
+        let percentage = report["percentage"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a report without a percentage: {report}"));
+        assert!((previous..=100).contains(&percentage), "{values:#?}");
+        previous = percentage;
+    }
+    let warm_up = reports
+        .iter()
+        .find(|r| r["message"].as_str().is_some_and(|m| m.contains("first forward")))
+        .expect("a warm-up report");
+    let reading = reports
+        .iter()
+        .find(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reading weights"))
+        })
+        .expect("a reading report");
+    assert!(
+        warm_up["percentage"].as_u64() > reading["percentage"].as_u64(),
+        "{values:#?}"
+    );
+    client.wait_ready();
+    assert!(client.shutdown().success());
+}

@@ -58,8 +58,36 @@ pub enum LoadProgress {
         seq: u64,
         description: String,
     },
-    Report(String),
+    /// A step, and how far the load is (percent, for `$/progress`; see [`load_percent`]).
+    Report {
+        message: String,
+        percentage: u32,
+    },
     End(String),
+}
+
+/// How far a load is, in percent. Downloading the weights (when they are not in the cache) is
+/// most of a first load, then the first forward; a cached model goes from reading its weights
+/// straight to the first forward.
+pub mod load_percent {
+    /// Reading the weights (from the cache or a folder), and small files being downloaded.
+    pub const READING: u32 = 5;
+    /// The end of a weights download: between `READING` and this, by the file's bytes.
+    pub const DOWNLOADED: u32 = 80;
+    /// The first forward (warm-up).
+    pub const WARM_UP: u32 = 85;
+    const _RISING: () = assert!(READING < DOWNLOADED && DOWNLOADED < WARM_UP && WARM_UP < 100);
+    /// Files smaller than this (config, tokenizer, index) do not move the percentage.
+    const WEIGHTS_FILE_BYTES: u64 = 16 << 20;
+
+    /// While downloading a file: `done` of `total` bytes.
+    pub fn downloading(done: u64, total: u64) -> u32 {
+        if total < WEIGHTS_FILE_BYTES {
+            return READING;
+        }
+        let span = u64::from(DOWNLOADED - READING);
+        READING + (span * done.min(total) / total) as u32
+    }
 }
 
 struct Installed {
@@ -136,7 +164,10 @@ impl ModelHost {
             seq,
             description: description.clone(),
         });
-        let _ = progress.send(LoadProgress::Report(format!("reading weights of {}", spec.model)));
+        let _ = progress.send(LoadProgress::Report {
+            message: format!("reading weights of {}", spec.model),
+            percentage: load_percent::READING,
+        });
 
         let context_tokens = settings.context_tokens;
         let test_panic = self.test_panic;
@@ -245,16 +276,16 @@ fn load_local(
     progress: &UnboundedSender<LoadProgress>,
 ) -> anyhow::Result<LocalModel> {
     let mut report = |file: &str, done: u64, total: u64| {
-        let _ = progress.send(LoadProgress::Report(format!(
-            "downloading {file}: {} / {} MB",
-            done >> 20,
-            total >> 20
-        )));
+        let _ = progress.send(LoadProgress::Report {
+            message: format!("downloading {file}: {} / {} MB", done >> 20, total >> 20),
+            percentage: load_percent::downloading(done, total),
+        });
     };
     let engine = loading::load(spec, Some(&mut report))?;
-    let _ = progress.send(LoadProgress::Report(
-        "preparing the weights (a first forward)".into(),
-    ));
+    let _ = progress.send(LoadProgress::Report {
+        message: "preparing the weights (a first forward)".into(),
+        percentage: load_percent::WARM_UP,
+    });
     let started = std::time::Instant::now();
     engine.model.warm_up()?;
     tracing::info!(
@@ -274,4 +305,25 @@ fn load_local(
         dtype,
         max_slots: options.max_slots,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_percent::*;
+
+    #[test]
+    fn a_weights_download_moves_the_percentage_from_reading_to_downloaded() {
+        let total = 2_800 << 20; // model.safetensors of Phi-1, about 2.8 GB
+        assert_eq!(downloading(0, total), READING);
+        assert_eq!(downloading(total / 2, total), (READING + DOWNLOADED) / 2);
+        assert_eq!(downloading(total, total), DOWNLOADED);
+        assert_eq!(downloading(total + 1, total), DOWNLOADED, "never past the end");
+    }
+
+    #[test]
+    fn small_files_do_not_move_the_percentage() {
+        // config.json and tokenizer.json: done at once, so 100 % of them would jump ahead.
+        assert_eq!(downloading(2_100_000, 2_100_000), READING);
+        assert_eq!(downloading(0, 0), READING);
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tower_lsp_server::jsonrpc::{Error, Result};
 use tower_lsp_server::ls_types::*;
-use tower_lsp_server::{Client, LanguageServer, LspService, NotCancellable, OngoingProgress, Unbounded};
+use tower_lsp_server::{Bounded, Client, LanguageServer, LspService, NotCancellable, OngoingProgress};
 
 use crate::completion::backend::BackendError;
 use crate::completion::growth::{Grew, Place};
@@ -185,15 +185,18 @@ impl Backend {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let forward = async {
             let mut progress = None;
+            // $/progress percentages must not go down (a sharded download restarts per file).
+            let mut shown_percentage = 0;
             while let Some(event) = rx.recv().await {
                 match event {
                     LoadProgress::Begin { seq, description } if progress_supported => {
                         progress = self.begin_progress(seq, description).await;
                     }
                     LoadProgress::Begin { .. } => {}
-                    LoadProgress::Report(message) => {
+                    LoadProgress::Report { message, percentage } => {
+                        shown_percentage = percentage.clamp(shown_percentage, 100);
                         if let Some(progress) = &progress {
-                            progress.report(message).await;
+                            progress.report_with_message(message, shown_percentage).await;
                         }
                     }
                     LoadProgress::End(message) => {
@@ -224,12 +227,13 @@ impl Backend {
         &self,
         seq: u64,
         description: String,
-    ) -> Option<OngoingProgress<Unbounded, NotCancellable>> {
+    ) -> Option<OngoingProgress<Bounded, NotCancellable>> {
         let token = ProgressToken::String(format!("phi-lsp/load/{seq}"));
         match self.client.create_work_done_progress(token.clone()).await {
             Ok(()) => Some(
                 self.client
                     .progress(token, "phi-lsp: loading Phi-1")
+                    .with_percentage(0)
                     .with_message(description)
                     .begin()
                     .await,

@@ -437,7 +437,7 @@ function render() {
       ];
       if (s.last) {
         lines.push(
-          `last suggestion: ${s.last.total_ms ?? "?"} ms, ${s.last.prompt_tokens ?? "?"} prompt tokens ` +
+          `last suggestion: ${s.last.total_ms === undefined ? "?" : Math.round(s.last.total_ms)} ms, ${s.last.prompt_tokens ?? "?"} prompt tokens ` +
             `(${s.last.reused_tokens ?? 0} reused), ${s.last.generated_tokens ?? "?"} generated` +
             `${s.last.from_cache ? " (from cache)" : ""}`,
         );
