@@ -227,7 +227,11 @@ fn helix_gets_the_suggestion_in_the_completion_menu() {
             Some(want) => {
                 non_empty += 1;
                 let item = &items[0];
-                assert!(item["label"].as_str().expect("label").ends_with("(phi-1)"));
+                // Helix shows no labelDetails: the marker comes first, before a short label.
+                let label = item["label"].as_str().expect("label");
+                assert!(label.starts_with("(phi-1) "), "{label}");
+                assert!(label.chars().count() <= "(phi-1) ".len() + 41, "{label}");
+                assert!(item.get("labelDetails").is_none_or(Value::is_null), "{item}");
                 // The edit replaces the word being typed with the word plus the suggestion.
                 let edit = &item["textEdit"];
                 let start = edit["range"]["start"]["character"].as_u64().expect("start") as usize;
@@ -622,5 +626,73 @@ fn loading_progress_carries_a_rising_percentage() {
         "{values:#?}"
     );
     client.wait_ready();
+    assert!(client.shutdown().success());
+}
+
+/// Editors pass settings without a shell: `~/...` in `model` and `tokenizer` is the home folder.
+#[cfg(unix)]
+#[test]
+fn a_leading_tilde_in_model_and_tokenizer_is_the_home_folder() {
+    let home = tempfile::tempdir().expect("temp dir");
+    std::os::unix::fs::symlink(fixture_dir(), home.path().join("tiny-phi")).expect("symlink");
+    let mut command = phi_lsp();
+    command
+        .args(["--stdio", "--model", "~/nowhere"])
+        .env("HOME", home.path());
+    let mut client = LspClient::spawn(command);
+    client.initialize(
+        helix_capabilities(),
+        json!({"model": "~/tiny-phi", "tokenizer": "~/tiny-phi/tokenizer.json",
+               "maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000}),
+    );
+    let status = client.wait_ready();
+    assert_eq!(status["state"], "ready", "{status}");
+    client.open("file:///tilde.py", SOURCE);
+    let (line, byte_col) = cursors()[0];
+    let result = client.request(
+        "textDocument/completion",
+        json!({"textDocument": {"uri": "file:///tilde.py"}, "position": {"line": line, "character": byte_col}}),
+    );
+    let want = expected(SOURCE, byte_offset(SOURCE, line, byte_col));
+    assert_eq!(
+        result["items"].as_array().map(Vec::len),
+        Some(usize::from(want.is_some())),
+        "{result}"
+    );
+    assert!(client.shutdown().success());
+}
+
+/// A client that shows `labelDetails` gets the marker there and a label of the first line alone.
+#[test]
+fn menu_clients_with_label_details_get_the_marker_there() {
+    let mut client = server();
+    let mut caps = helix_capabilities();
+    caps["textDocument"]["completion"]["completionItem"]["labelDetailsSupport"] = json!(true);
+    client.initialize(caps, options());
+    client.wait_ready();
+    client.open("file:///details.py", SOURCE);
+    let mut seen = 0;
+    for (line, byte_col) in cursors() {
+        let result = client.request(
+            "textDocument/completion",
+            json!({"textDocument": {"uri": "file:///details.py"}, "position": {"line": line, "character": byte_col}}),
+        );
+        let Some(item) = result["items"].as_array().and_then(|items| items.first()) else {
+            continue;
+        };
+        seen += 1;
+        assert_eq!(item["labelDetails"]["description"], "(phi-1)", "{item}");
+        let label = item["label"].as_str().expect("label");
+        assert!(!label.contains("(phi-1)"), "{label}");
+        let new_text = item["textEdit"]["newText"].as_str().expect("newText");
+        let first = new_text
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        let shown = label.trim_end_matches('…');
+        assert!(first.starts_with(shown) && !shown.is_empty(), "{label} / {first}");
+    }
+    assert!(seen >= 2, "the fixture suggests at two cursors at least");
     assert!(client.shutdown().success());
 }

@@ -83,9 +83,11 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
-/// Finds the model's files: a model folder that exists, else a Hub id resolved through the
-/// Hugging Face cache (downloaded when missing unless `HF_HUB_OFFLINE` is set).
+/// Finds the model's files (a leading `~` is the home folder): a model folder that exists, else a
+/// Hub id resolved through the Hugging Face cache (downloaded when missing unless `HF_HUB_OFFLINE`
+/// is set).
 pub fn resolve(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<ModelFiles> {
+    let spec = &spec.with_home_expanded();
     let tokenizer = spec.tokenizer.as_deref().map(Path::new);
     let path = PathBuf::from(&spec.model);
     if path.exists() || spec.model.starts_with('/') || spec.model.starts_with('.') {
@@ -116,6 +118,7 @@ const PHI_1_TOKENIZER: &[u8] = include_bytes!("../../assets/phi-1/tokenizer.json
 /// Loads what `spec` names. `progress` receives download progress (the server turns it into
 /// `$/progress`); without it a download draws a progress bar on stderr.
 pub fn load(spec: &ModelSpec, progress: Option<hub::ProgressFn>) -> Result<Engine> {
+    let spec = &spec.with_home_expanded();
     let device = parse_device(&spec.device)?;
     let dtype = resolve_dtype(&spec.dtype, &device)?;
     if spec.model == SYNTHETIC_PHI_1 {

@@ -23,7 +23,7 @@ const DTYPES: [WeightDType; 5] = [
 /// The config of the model named by `--model`, without loading weights. microsoft/phi-1 that is
 /// not in the cache uses its published config.
 fn config(model: &str) -> Result<(PhiConfig, String)> {
-    let path = PathBuf::from(model);
+    let path = PathBuf::from(crate::settings::expand_home(model));
     if path.is_dir() {
         let file = path.join("config.json");
         return Ok((PhiConfig::from_file(&file)?, file.display().to_string()));

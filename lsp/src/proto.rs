@@ -20,6 +20,8 @@ pub struct ClientFacts {
     pub work_done_progress: bool,
     /// It declared `experimental.phiLsp.suggestionGrowth`: it wants [`SuggestionGrew`].
     pub growth: bool,
+    /// It shows a completion item's `labelDetails` (`completionItem.labelDetailsSupport`).
+    pub label_details: bool,
 }
 
 impl ClientFacts {
@@ -41,6 +43,13 @@ impl ClientFacts {
                 .as_ref()
                 .and_then(|e| e.pointer("/phiLsp/suggestionGrowth"))
                 .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            label_details: capabilities
+                .text_document
+                .as_ref()
+                .and_then(|t| t.completion.as_ref())
+                .and_then(|c| c.completion_item.as_ref())
+                .and_then(|i| i.label_details_support)
                 .unwrap_or(false),
         }
     }
@@ -164,13 +173,30 @@ pub fn inline_response(suggestion: Option<Suggestion>, position: Position) -> In
 pub fn completion_response(
     suggestion: Option<Suggestion>,
     position: Position,
-    encoding: PositionEncoding,
+    client: ClientFacts,
 ) -> CompletionResponse {
-    let items = suggestion.map(|s| menu_item(&s.rope, s.cursor, &s.text, position, encoding));
+    let items = suggestion.map(|s| menu_item(&s.rope, s.cursor, &s.text, position, client));
     CompletionResponse::List(CompletionList {
         is_incomplete: true,
         items: items.into_iter().collect(),
     })
+}
+
+/// The longest label of a menu item, in characters (then `…`): menus are as wide as their longest
+/// label, and on a long first line the marker and the kind column fell off the screen.
+pub const MENU_LABEL_CHARS: usize = 40;
+
+/// What marks the item as phi-lsp's: its `labelDetails.description`, or the start of its label for
+/// clients that do not show `labelDetails` (Helix).
+pub const MENU_MARKER: &str = "(phi-1)";
+
+/// A menu item's label: the first non-blank line of `text`, trimmed, cut at [`MENU_LABEL_CHARS`].
+pub fn menu_label(text: &str) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    match line.char_indices().nth(MENU_LABEL_CHARS) {
+        Some((cut, _)) => format!("{}…", line[..cut].trim_end()),
+        None => line.to_string(),
+    }
 }
 
 fn menu_item(
@@ -178,22 +204,28 @@ fn menu_item(
     cursor: usize,
     text: &str,
     position: Position,
-    encoding: PositionEncoding,
+    client: ClientFacts,
 ) -> CompletionItem {
+    let encoding = client.encoding;
     let line_start = rope.line_to_char(rope.char_to_line(cursor));
     let prefix: String = rope.slice(line_start..cursor).chars().collect();
     let range_start = line_start + word_start(&prefix);
     let word = rope.slice(range_start..cursor).to_string();
     let start = convert::char_to_pos(rope, range_start, encoding);
     let new_text = format!("{word}{text}");
-    let first_line = new_text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let short = menu_label(&new_text);
+    let (label, label_details) = if client.label_details {
+        let details = CompletionItemLabelDetails {
+            detail: None,
+            description: Some(MENU_MARKER.into()),
+        };
+        (short, Some(details))
+    } else {
+        (format!("{MENU_MARKER} {short}"), None)
+    };
     CompletionItem {
-        label: format!("{first_line} (phi-1)"),
+        label,
+        label_details,
         kind: Some(CompletionItemKind::TEXT),
         detail: Some("Phi-1 suggestion".into()),
         documentation: Some(Documentation::MarkupContent(MarkupContent {
@@ -226,6 +258,49 @@ fn word_start(line_prefix: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn menu_labels_are_the_first_line_trimmed_and_cut() {
+        assert_eq!(menu_label("\n    return a + b\n"), "return a + b");
+        let long = format!("    total = {}\n", "value + ".repeat(20));
+        let label = menu_label(&long);
+        assert!(label.chars().count() <= MENU_LABEL_CHARS + 1, "{label}");
+        assert!(
+            label.starts_with("total = value + ") && label.ends_with('…'),
+            "{label}"
+        );
+        // Cut at a character, not a byte, and without a space before the ellipsis.
+        let accents = "é".repeat(MENU_LABEL_CHARS + 5);
+        assert_eq!(menu_label(&accents), format!("{}…", "é".repeat(MENU_LABEL_CHARS)));
+        assert_eq!(
+            menu_label(&format!("{} b", "a".repeat(MENU_LABEL_CHARS - 1))),
+            format!("{}…", "a".repeat(MENU_LABEL_CHARS - 1))
+        );
+        assert_eq!(menu_label(""), "");
+    }
+
+    #[test]
+    fn the_marker_goes_in_label_details_or_first() {
+        let rope = Rope::from_str("def f():\n    ret");
+        let cursor = rope.len_chars();
+        let facts = |label_details| ClientFacts {
+            encoding: PositionEncoding::Utf8,
+            inline: false,
+            work_done_progress: false,
+            growth: false,
+            label_details,
+        };
+        let at = Position::new(1, 7);
+        let item = menu_item(&rope, cursor, "urn 1", at, facts(false));
+        assert_eq!(item.label, "(phi-1) return 1");
+        assert_eq!(item.label_details, None);
+        let item = menu_item(&rope, cursor, "urn 1", at, facts(true));
+        assert_eq!(item.label, "return 1");
+        assert_eq!(
+            item.label_details.and_then(|d| d.description).as_deref(),
+            Some("(phi-1)")
+        );
+    }
 
     #[test]
     fn word_start_finds_the_identifier_being_typed() {
@@ -289,6 +364,7 @@ mod tests {
             inline,
             work_done_progress: false,
             growth: false,
+            label_details: false,
         };
         let offered = |caps: ServerCapabilities| {
             (

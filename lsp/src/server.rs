@@ -97,6 +97,7 @@ impl Backend {
                 inline: false,
                 work_done_progress: false,
                 growth: false,
+                label_details: false,
             },
             settings_error: None,
         };
@@ -487,11 +488,8 @@ impl LanguageServer for Backend {
             }
             let doc = &params.text_document_position;
             let suggestion = self.suggest(&doc.text_document.uri, doc.position).await?;
-            Ok(Some(proto::completion_response(
-                suggestion,
-                doc.position,
-                self.encoding(),
-            )))
+            let client = lock(&self.session).client;
+            Ok(Some(proto::completion_response(suggestion, doc.position, client)))
         })
         .await
     }

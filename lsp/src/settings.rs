@@ -55,6 +55,41 @@ impl ModelSpec {
     pub fn is_local(&self) -> bool {
         self.backend.trim().eq_ignore_ascii_case("local")
     }
+
+    /// The spec with a leading `~` of the model and tokenizer paths expanded (see
+    /// [`expand_home`]), for loading them in this process. Editors pass settings without a shell,
+    /// so `~/models/phi-1` arrives as written.
+    pub fn with_home_expanded(&self) -> ModelSpec {
+        ModelSpec {
+            model: expand_home(&self.model),
+            tokenizer: self.tokenizer.as_deref().map(expand_home),
+            ..self.clone()
+        }
+    }
+}
+
+/// `path` with a leading `~` (alone, or before a separator) replaced by the home folder: `$HOME`,
+/// else `%USERPROFILE%`. Anything else, `~user/...` included, and any path when neither variable
+/// is set, is returned unchanged.
+pub fn expand_home(path: &str) -> String {
+    let home = std::env::var_os("HOME")
+        .or_else(|| std::env::var_os("USERPROFILE"))
+        .filter(|h| !h.is_empty());
+    expand_home_in(path, home.as_deref().map(std::path::Path::new))
+}
+
+fn expand_home_in(path: &str, home: Option<&std::path::Path>) -> String {
+    let (Some(rest), Some(home)) = (path.strip_prefix('~'), home) else {
+        return path.to_string();
+    };
+    match rest.chars().next() {
+        None => home.display().to_string(),
+        Some(c) if std::path::is_separator(c) => home
+            .join(rest.trim_start_matches(std::path::is_separator))
+            .display()
+            .to_string(),
+        Some(_) => path.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -202,6 +237,44 @@ mod tests {
             .expect("valid");
         assert_eq!((s.model.model.as_str(), s.deadline_ms), ("/models/phi-1", 900));
         s.apply(&serde_json::Value::Null).expect("null is no change");
+    }
+
+    #[test]
+    fn a_leading_tilde_is_the_home_folder() {
+        let home = Some(std::path::Path::new("/home/ada"));
+        assert_eq!(expand_home_in("~/models/phi-1", home), "/home/ada/models/phi-1");
+        assert_eq!(expand_home_in("~", home), "/home/ada");
+        assert_eq!(expand_home_in("~/", home), "/home/ada/");
+        // Not a home folder of ours, or no tilde at the start: as written.
+        assert_eq!(expand_home_in("~bob/phi-1", home), "~bob/phi-1");
+        assert_eq!(expand_home_in("/models/~/phi-1", home), "/models/~/phi-1");
+        assert_eq!(expand_home_in("microsoft/phi-1", home), "microsoft/phi-1");
+        assert_eq!(expand_home_in("~/phi-1", None), "~/phi-1");
+    }
+
+    #[test]
+    fn the_model_and_tokenizer_paths_expand_and_the_rest_stays() {
+        let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) else {
+            return; // expand_home_in above covers the logic
+        };
+        let home = std::path::PathBuf::from(home);
+        let spec = ModelSpec {
+            model: "~/models/phi-1".into(),
+            tokenizer: Some("~/tok/tokenizer.json".into()),
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            backend: "local".into(),
+        };
+        let expanded = spec.with_home_expanded();
+        assert_eq!(expanded.model, home.join("models/phi-1").display().to_string());
+        assert_eq!(
+            expanded.tokenizer,
+            Some(home.join("tok/tokenizer.json").display().to_string())
+        );
+        assert_eq!(
+            (expanded.device, expanded.dtype, expanded.backend),
+            (spec.device, spec.dtype, spec.backend)
+        );
     }
 
     #[test]
