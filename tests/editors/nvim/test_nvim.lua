@@ -295,6 +295,56 @@ check(tabbed ~= nil, 'with no suggestion <Tab> is a plain <Tab>', vim.inspect(lu
 lua([[require('phi_lsp').set_enabled(true)]])
 vim.rpcrequest(child, 'nvim_input', '<Esc>')
 
+-- Neovim 0.12's native inline completion keeps the previous item, minus what was typed, until the
+-- new answer comes (200 ms debounce plus latency). <Tab> right after a keystroke that does not
+-- match it must not insert it at the old place; the new suggestion is then accepted at the cursor.
+if kind == 'native' then
+  lua([[vim.api.nvim_buf_set_lines(0, 0, -1, false, { 'def area(r):', '    """Area of a circle of radius r, café."""' })]])
+  local prefix, typed = '    ', ' S'
+  vim.rpcrequest(child, 'nvim_input', 'GA<CR>' .. prefix)
+  local function ghost_at(col)
+    return function()
+      local g = ghost()
+      if type(g) ~= 'table' then
+        return nil -- (vim.NIL over RPC when there is none)
+      end
+      return g.row == 2 and g.col == col and g or nil
+    end
+  end
+  local function line3()
+    return lua([[return vim.api.nvim_buf_get_lines(0, 2, 3, false)[1] or '']])
+  end
+  local old = wait_for(60000, ghost_at(#prefix))
+  if check(old ~= nil, 'a suggestion at the start of the function body') then
+    local old_first = vim.split(old.text, '\n')[1]
+    -- Keys in one input: the <Tab> comes before Neovim's debounce ends.
+    vim.rpcrequest(child, 'nvim_input', typed .. '<Tab>')
+    vim.wait(300)
+    local fits = old_first:sub(1, #typed) == typed
+    local want = fits and prefix .. old_first or prefix .. typed
+    check(line3() == want, ('<Tab> right after %q does not insert the old suggestion at the old place'):format(typed),
+      ('line:  %q\nwant:  %q\nold suggestion: %q'):format(line3(), want, old.text))
+    if not fits then
+      local col = lua('return vim.api.nvim_win_get_cursor(0)[2]')
+      check(col == #prefix + #typed, 'the cursor stays after the typed text', tostring(col))
+      local new = wait_for(60000, ghost_at(#prefix + #typed))
+      if check(new ~= nil, 'the suggestion is asked for again at the cursor') then
+        vim.rpcrequest(child, 'nvim_input', '<Tab>')
+        local want_lines = vim.split(prefix .. typed .. new.text, '\n')
+        local function rest()
+          return lua([[return vim.api.nvim_buf_get_lines(0, 2, -1, false)]])
+        end
+        local got = wait_for(5000, function()
+          return vim.deep_equal(rest(), want_lines) or nil
+        end)
+        check(got ~= nil, '<Tab> then accepts the new suggestion at the cursor',
+          ('buffer: %s\nwant:   %s'):format(vim.inspect(rest()), vim.inspect(want_lines)))
+      end
+    end
+  end
+  vim.rpcrequest(child, 'nvim_input', '<Esc>')
+end
+
 -- The vimdoc, after the by-hand setup of :help phi-lsp-setup on a copy of the plugin (so that no
 -- tags file lands in the repository): 'runtimepath' appended, then :helptags on its doc/. Then
 -- :help phi-lsp opens the file at the *phi-lsp* tag, and the other tags are found.

@@ -173,11 +173,18 @@ end
 --- Asks 0.12's native inline completion again in a buffer, as typing would; the server answers
 --- from the generation still running. Neovim has no public call for it: its completor's request
 --- when it is there, else the autocommand through which typing asks (debounced).
-local function refresh_native(bufnr)
+--- 0.12's completor of a buffer (its current item, its request), from Neovim's internals: nil
+--- when they are not as expected.
+local function native_completor(bufnr)
   local ok, capability = pcall(require, 'vim.lsp._capability')
   local class = ok and type(capability.all) == 'table' and capability.all.inline_completion
   local completor = type(class) == 'table' and type(class.active) == 'table' and class.active[bufnr]
-  if type(completor) == 'table' and type(completor.request) == 'function' then
+  return type(completor) == 'table' and completor or nil
+end
+
+local function refresh_native(bufnr)
+  local completor = native_completor(bufnr)
+  if completor and type(completor.request) == 'function' then
     completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
     return
   end
@@ -239,6 +246,70 @@ function M.on_suggestion_grew(_, params, ctx)
   end
 end
 
+--- Where a native item (plain text with a range) goes now: {row, start_col, end_col} (byte
+--- columns) when it still fits the text at the cursor, nil when it does not. It fits when the
+--- cursor is on the row of the item's range, at or after its start, and what lies between the
+--- start and the cursor (typed since the request) begins the suggestion. It then replaces from its
+--- start to the later of its end and the cursor, so typed characters are not repeated.
+---@return { row: integer, start_col: integer, end_col: integer }?
+local function native_fit(bufnr, item)
+  local range = item.range
+  local start, stop = range.start, range.end_
+  local win = vim.fn.bufwinid(bufnr)
+  if win == -1 or type(start) ~= 'table' or type(stop) ~= 'table' then
+    return nil
+  end
+  local cursor = vim.api.nvim_win_get_cursor(win)
+  local row, col = cursor[1] - 1, cursor[2]
+  if start.row ~= row or stop.row ~= row or start.col > col then
+    return nil
+  end
+  local typed = vim.api.nvim_buf_get_text(bufnr, row, start.col, row, col, {})[1] or ''
+  if item.insert_text:sub(1, #typed) ~= typed then
+    return nil
+  end
+  return { row = row, start_col = start.col, end_col = math.max(stop.col, col) }
+end
+
+--- Accepts 0.12's native item, but only where it still fits the text at the cursor (native_fit):
+--- after a keystroke that does not match it, Neovim keeps the old item until the new answer
+--- comes, and would insert it at the old place. Such an item is dropped and asked for again (the
+--- key is still taken: the user meant to accept). Snippets and items without a range go to
+--- Neovim.
+local function accept_native(bufnr)
+  local completor = native_completor(bufnr)
+  local item = completor and completor.current
+  if type(item) ~= 'table' or type(item.insert_text) ~= 'string' or type(item.range) ~= 'table' then
+    return vim.lsp.inline_completion.get({ bufnr = bufnr })
+  end
+  -- Scheduled: an <expr> mapping may not change the text.
+  vim.schedule(function()
+    if completor.current ~= item or not vim.api.nvim_buf_is_valid(bufnr) then
+      return
+    end
+    local fit = native_fit(bufnr, item)
+    completor:abort()
+    if not fit then
+      completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
+      return
+    end
+    local lines = vim.split(item.insert_text, '\n', { plain = true })
+    vim.api.nvim_buf_set_text(bufnr, fit.row, fit.start_col, fit.row, fit.end_col, lines)
+    local win = vim.fn.bufwinid(bufnr)
+    if win ~= -1 then
+      local last_col = (#lines == 1 and fit.start_col or 0) + #lines[#lines]
+      vim.api.nvim_win_set_cursor(win, { fit.row + #lines, last_col })
+    end
+    if item.command then
+      local client = vim.lsp.get_client_by_id(item.client_id)
+      if client then
+        call(client, 'exec_cmd', item.command, { bufnr = bufnr })
+      end
+    end
+  end)
+  return true
+end
+
 --- Accepts the ghost text shown in a buffer; false when there is none.
 function M.accept(bufnr)
   bufnr = bufnr or vim.api.nvim_get_current_buf()
@@ -246,7 +317,7 @@ function M.accept(bufnr)
     return false
   end
   if M.inline_kind() == 'native' then
-    return vim.lsp.inline_completion.get({ bufnr = bufnr })
+    return accept_native(bufnr)
   end
   return require('phi_lsp.ghost').accept(bufnr)
 end
