@@ -67,9 +67,18 @@ where
     // Input passes through the framing guard, so one malformed message cannot end the transport.
     let (guarded, server_input) = tokio::io::duplex(1 << 16);
     let input = tokio::io::BufReader::new(input);
+    // Once the session is over (`exit`), a read that fails as the runtime stops (tokio's stdin
+    // reads on a blocking thread: "task was cancelled") is the normal end, not a warning, which
+    // editors would file as an error in their logs.
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended_seen = ended.clone();
     let mut guard = tokio::spawn(async move {
         if let Err(e) = crate::framing::guard(input, guarded).await {
-            tracing::warn!("reading stdin failed: {e}");
+            if ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::debug!("reading stdin after the session ended: {e}");
+            } else {
+                tracing::warn!("reading stdin failed: {e}");
+            }
         }
     });
     // Custom methods take `{}`, `[]`, `null` or nothing alike where they have no parameters.
@@ -85,6 +94,7 @@ where
             let _ = tokio::time::timeout(STDIN_CLOSED_GRACE, &mut serve).await;
         }
     }
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
     guard.abort();
 }
 
