@@ -253,10 +253,9 @@ end
 --- start to the later of its end and the cursor, so typed characters are not repeated.
 ---@return { row: integer, start_col: integer, end_col: integer }?
 local function native_fit(bufnr, item)
-  local range = item.range
-  local start, stop = range.start, range.end_
+  local start, stop = item.range.start, item.range.end_
   local win = vim.fn.bufwinid(bufnr)
-  if win == -1 or type(start) ~= 'table' or type(stop) ~= 'table' then
+  if win == -1 then
     return nil
   end
   local cursor = vim.api.nvim_win_get_cursor(win)
@@ -279,7 +278,14 @@ end
 local function accept_native(bufnr)
   local completor = native_completor(bufnr)
   local item = completor and completor.current
-  if type(item) ~= 'table' or type(item.insert_text) ~= 'string' or type(item.range) ~= 'table' then
+  local range = type(item) == 'table' and item.range
+  if
+    type(item) ~= 'table'
+    or type(item.insert_text) ~= 'string'
+    or type(range) ~= 'table'
+    or type(range.start) ~= 'table'
+    or type(range.end_) ~= 'table'
+  then
     return vim.lsp.inline_completion.get({ bufnr = bufnr })
   end
   -- Scheduled: an <expr> mapping may not change the text.
