@@ -69,8 +69,8 @@ pub struct Settings {
     /// suggestion is accepted) while the user is idle.
     pub speculate: bool,
     /// Answer as soon as the first line is complete and let the suggestion grow in the background
-    /// (clients that declared `experimental.phiLsp.suggestionGrowth` are told when it grows). Off:
-    /// the answer is the whole suggestion, cut at `deadlineMs`.
+    /// (clients that declared `experimental.phiLsp.suggestionGrowth` are told when it grows); the
+    /// default. Off: the answer is the whole suggestion, cut at `deadlineMs`.
     pub progressive: bool,
 }
 
@@ -93,7 +93,7 @@ impl Settings {
             context_tokens: 1536,
             completion_mode: CompletionMode::Auto,
             speculate: true,
-            progressive: false,
+            progressive: true,
         }
     }
 

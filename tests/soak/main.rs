@@ -40,8 +40,9 @@ const MAX_NEW_TOKENS: usize = 8;
 /// document outgrows it and its start moves, at half the cost per request of the default 1024.
 const SOAK_CONTEXT_TOKENS: usize = 256;
 
+/// Whole suggestions (`progressive` off): every answer is compared with a fresh computation.
 fn options(context_tokens: usize) -> Value {
-    json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000, "contextTokens": context_tokens})
+    json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000, "contextTokens": context_tokens, "progressive": false})
 }
 
 /// VS Code's: UTF-16 positions.
