@@ -97,6 +97,31 @@ impl Slot {
         }
     }
 
+    /// Runs `next` and `drafts` after the cache in one [`PhiModel::forward_alone`] pass and
+    /// records them: logits `[1 + drafts, vocab]`, `None` when `cancelled` fired first.
+    fn forward_alone(
+        &mut self,
+        model: &PhiModel,
+        next: &[u32],
+        drafts: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
+        let ids = [next, drafts].concat();
+        let before = self.cache.len();
+        match model.forward_alone(&ids, &mut self.cache, cancelled) {
+            Ok(Some(logits)) => {
+                self.ids.extend_from_slice(&ids);
+                self.positions_run += ids.len() as u64;
+                Ok(Some(logits))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.cache.truncate(before);
+                Err(e)
+            }
+        }
+    }
+
     /// Brings the cache to `prompt`: keeps the longest common prefix of ids (never text: BPE is not
     /// prefix-stable), drops the rest, and runs only the new positions — at least the last one, for
     /// its logits.
@@ -159,7 +184,16 @@ pub struct GenerateParams {
     pub sampling: Sampling,
     /// Generation stops at this instant with what it has.
     pub deadline: Option<Instant>,
+    /// Most prompt-lookup drafts ([`crate::draft`]) verified with each decode step, in one pass
+    /// that computes every row as a decode step does ([`PhiModel::forward_alone`]): the tokens are
+    /// those of plain greedy decoding, in fewer passes where the text repeats what came before.
+    /// 0 decodes one token per pass. Applies to greedy sampling where
+    /// [`PhiModel::verifies_alone`]; elsewhere generation decodes one token per pass.
+    pub draft: usize,
 }
+
+/// [`GenerateParams::draft`]'s default.
+pub const DEFAULT_DRAFT: usize = 7;
 
 impl Default for GenerateParams {
     fn default() -> Self {
@@ -167,6 +201,7 @@ impl Default for GenerateParams {
             max_new_tokens: 64,
             sampling: Sampling::default(),
             deadline: None,
+            draft: DEFAULT_DRAFT,
         }
     }
 }
@@ -191,6 +226,11 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// Draft tokens verified, and those of them accepted (greedy chose them).
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
+    /// Forward passes after the prefill (decode steps, each with its drafts).
+    pub decode_passes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -335,6 +375,14 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling, tokenizer.size());
     let mut stream = TextStream::default();
+    let draft = if params.sampling.temperature <= 0.0 && model.verifies_alone() {
+        params.draft.min(PhiModel::MAX_ALONE - 1)
+    } else {
+        0
+    };
+    // Logits of positions already in the cache (accepted drafts) that no token was sampled from
+    // yet, oldest first.
+    let mut ahead: std::collections::VecDeque<Tensor> = std::collections::VecDeque::new();
     let reason = loop {
         if generation.tokens.len() >= params.max_new_tokens {
             break StopReason::MaxTokens;
@@ -360,14 +408,52 @@ pub fn generate(
         if cancelled() {
             break StopReason::Cancelled;
         }
+        if let Some(known) = ahead.pop_front() {
+            // `next` is an accepted draft: its position and logits are computed already.
+            logits = known;
+            continue;
+        }
         if slot.ids().len() + 1 > slot.capacity() {
             break StopReason::ContextFull;
         }
-        logits = match slot.forward(model, &[next], &|| false)? {
-            Some(logits) => logits,
+        // Drafts beyond the tokens still wanted, or the cache's room, are never used.
+        let wanted = params.max_new_tokens - generation.tokens.len() - 1;
+        let room = slot.capacity() - slot.ids().len() - 1;
+        let mut history = slot.ids().to_vec();
+        history.push(next);
+        let drafted = crate::draft::lookup(&history, draft.min(wanted).min(room)).to_vec();
+        stats.decode_passes += 1;
+        if drafted.is_empty() {
+            logits = match slot.forward(model, &[next], &|| false)? {
+                Some(logits) => logits,
+                None => break StopReason::Cancelled,
+            };
+            continue;
+        }
+        let rows = match slot.forward_alone(model, &history[history.len() - 1..], &drafted, cancelled)? {
+            Some(rows) => rows,
             None => break StopReason::Cancelled,
         };
+        // Row i holds the logits after `next` and the first i drafts; greedy accepts draft i
+        // where row i chooses it.
+        let mut accepted = 0;
+        while accepted < drafted.len() {
+            if sampler.sample(&rows.get(accepted)?)? != drafted[accepted] {
+                break;
+            }
+            accepted += 1;
+        }
+        slot.truncate(slot.ids().len() - (drafted.len() - accepted));
+        stats.drafted_tokens += drafted.len();
+        stats.accepted_tokens += accepted;
+        for row in 1..=accepted {
+            ahead.push_back(rows.get(row)?);
+        }
+        logits = rows.get(0)?;
     };
+    // Accepted drafts not reached (a stop rule fired first) leave the cache as plain decoding
+    // would: without them.
+    slot.truncate(slot.ids().len() - ahead.len());
     stats.generated_tokens = generation.tokens.len();
     stats.decode_ms = ms(decode_start.elapsed());
     generation.text = stream.finish(tokenizer)?;
