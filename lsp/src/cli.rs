@@ -165,6 +165,7 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
     let worker = one_slot_worker(engine, capacity)?;
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
+        draft: args.draft,
         ..Default::default()
     };
     let job = Job {
