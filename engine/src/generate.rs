@@ -193,7 +193,7 @@ pub struct GenerateParams {
 }
 
 /// [`GenerateParams::draft`]'s default.
-pub const DEFAULT_DRAFT: usize = 7;
+pub const DEFAULT_DRAFT: usize = 3;
 
 impl Default for GenerateParams {
     fn default() -> Self {

@@ -47,6 +47,9 @@ pub struct LastCompletion {
     pub reused_tokens: usize,
     pub prefilled_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt-lookup drafts verified while decoding, and how many of them greedy chose.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub total_ms: f64,
@@ -508,6 +511,8 @@ fn last_of(key: &str, stats: &phi_engine::GenerationStats, started: Instant) -> 
         reused_tokens: stats.reused_tokens,
         prefilled_tokens: stats.prefilled_tokens,
         generated_tokens: stats.generated_tokens,
+        drafted_tokens: stats.drafted_tokens,
+        accepted_tokens: stats.accepted_tokens,
         prefill_ms: stats.prefill_ms,
         decode_ms: stats.decode_ms,
         total_ms: elapsed_ms(started),
