@@ -159,6 +159,13 @@ pub struct GenerateParams {
     pub sampling: Sampling,
     /// Generation stops at this instant with what it has.
     pub deadline: Option<Instant>,
+    /// Token healing: bytes the generated text must begin with (the text of the prompt's last
+    /// token, which the caller dropped from the prompt). Until they are written, each token is
+    /// chosen among those that [`heals`](crate::tokenizer::heals) what is left of them, never a
+    /// special token nor an id the tokenizer lacks; then generation goes on as usual. Empty: no
+    /// constraint. The tokens that write it count towards `max_new_tokens`, and the stop rule and
+    /// the result's text see them.
+    pub prefix: Vec<u8>,
 }
 
 impl Default for GenerateParams {
@@ -167,6 +174,7 @@ impl Default for GenerateParams {
             max_new_tokens: 64,
             sampling: Sampling::default(),
             deadline: None,
+            prefix: Vec::new(),
         }
     }
 }
@@ -226,6 +234,36 @@ impl Sampler {
             return Ok(argmax(valid));
         }
         Ok(self.sample_top_p(valid))
+    }
+
+    /// Like [`Sampler::sample`], among `allowed` ids only (increasing; ids outside the vocabulary
+    /// are skipped). Greedy takes the first largest logit among them, as `argmax` over logits with
+    /// every other id at -inf does; `None` when no allowed id is in the vocabulary.
+    pub fn sample_among(&mut self, logits: &Tensor, allowed: &[u32]) -> Result<Option<u32>> {
+        let logits: Vec<f32> = logits.to_vec1()?;
+        let n_valid = self.n_valid.min(logits.len());
+        let allowed: Vec<u32> = allowed
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < n_valid)
+            .collect();
+        if allowed.is_empty() {
+            return Ok(None);
+        }
+        if self.sampling.temperature <= 0.0 {
+            let mut best = allowed[0];
+            for &id in &allowed[1..] {
+                if logits[id as usize] > logits[best as usize] {
+                    best = id;
+                }
+            }
+            return Ok(Some(best));
+        }
+        let mut masked = vec![f32::NEG_INFINITY; n_valid];
+        for &id in &allowed {
+            masked[id as usize] = logits[id as usize];
+        }
+        Ok(Some(self.sample_top_p(&masked)))
     }
 
     fn sample_top_p(&mut self, logits: &[f32]) -> u32 {
@@ -335,11 +373,25 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling, tokenizer.size());
     let mut stream = TextStream::default();
+    // What of the healed prefix is still to be written.
+    let mut remaining: &[u8] = &params.prefix;
     let reason = loop {
         if generation.tokens.len() >= params.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits)?;
+        let next = if remaining.is_empty() {
+            sampler.sample(&logits)?
+        } else {
+            let allowed = tokenizer.healing_ids(remaining);
+            let Some(next) = sampler.sample_among(&logits, &allowed)? else {
+                return Err(crate::EngineError::Request(
+                    "no token of the vocabulary writes the healed text".into(),
+                ));
+            };
+            let written = tokenizer.token_bytes(next).map_or(0, <[u8]>::len);
+            remaining = remaining.get(written..).unwrap_or_default();
+            next
+        };
         if Some(next) == tokenizer.eos_id() {
             break StopReason::EndOfText;
         }
@@ -413,6 +465,30 @@ mod tests {
         let mut sampler = Sampler::new(hot, 4);
         for _ in 0..200 {
             assert!(sampler.sample(&logits).expect("samples") < 4);
+        }
+    }
+
+    #[test]
+    fn sampling_among_allowed_ids() {
+        let device = candle_core::Device::Cpu;
+        let logits = Tensor::new(&[0.0f32, 5.0, 2.0, 2.0, 9.0], &device).expect("tensor");
+        let mut greedy = Sampler::new(Sampling::default(), 4);
+        // Id 1 is the best of all but not allowed; 2 and 3 tie, and the first one wins.
+        assert_eq!(
+            greedy.sample_among(&logits, &[0, 2, 3]).expect("samples"),
+            Some(2)
+        );
+        // Id 4 is outside the vocabulary, so nothing allowed is left.
+        assert_eq!(greedy.sample_among(&logits, &[4]).expect("samples"), None);
+        let hot = Sampling {
+            temperature: 5.0,
+            top_p: 1.0,
+            seed: 3,
+        };
+        let mut sampler = Sampler::new(hot, 4);
+        for _ in 0..100 {
+            let id = sampler.sample_among(&logits, &[0, 3]).expect("samples");
+            assert!(matches!(id, Some(0 | 3)), "{id:?}");
         }
     }
 
