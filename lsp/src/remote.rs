@@ -184,6 +184,7 @@ impl Remote {
             _ => StopReason::EndOfText,
         });
         Ok(Generated {
+            healed: None,
             stats: GenerationStats {
                 prompt_tokens: out.prompt_tokens,
                 generated_tokens: out.completion_tokens.unwrap_or(out.chunks),
