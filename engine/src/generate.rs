@@ -190,6 +190,13 @@ pub struct GenerateParams {
     /// 0 decodes one token per pass. Applies to greedy sampling where
     /// [`PhiModel::verifies_alone`]; elsewhere generation decodes one token per pass.
     pub draft: usize,
+    /// Token healing: bytes the generated text must begin with (the text of the prompt's last
+    /// token, which the caller dropped from the prompt). Until they are written, each token is
+    /// chosen among those that [`heals`](crate::tokenizer::heals) what is left of them, never a
+    /// special token nor an id the tokenizer lacks; then generation goes on as usual. Empty: no
+    /// constraint. The tokens that write it count towards `max_new_tokens`, and the stop rule and
+    /// the result's text see them.
+    pub prefix: Vec<u8>,
 }
 
 /// [`GenerateParams::draft`]'s default.
@@ -202,6 +209,7 @@ impl Default for GenerateParams {
             sampling: Sampling::default(),
             deadline: None,
             draft: DEFAULT_DRAFT,
+            prefix: Vec::new(),
         }
     }
 }
@@ -266,6 +274,36 @@ impl Sampler {
             return Ok(argmax(valid));
         }
         Ok(self.sample_top_p(valid))
+    }
+
+    /// Like [`Sampler::sample`], among `allowed` ids only (increasing; ids outside the vocabulary
+    /// are skipped). Greedy takes the first largest logit among them, as `argmax` over logits with
+    /// every other id at -inf does; `None` when no allowed id is in the vocabulary.
+    pub fn sample_among(&mut self, logits: &Tensor, allowed: &[u32]) -> Result<Option<u32>> {
+        let logits: Vec<f32> = logits.to_vec1()?;
+        let n_valid = self.n_valid.min(logits.len());
+        let allowed: Vec<u32> = allowed
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < n_valid)
+            .collect();
+        if allowed.is_empty() {
+            return Ok(None);
+        }
+        if self.sampling.temperature <= 0.0 {
+            let mut best = allowed[0];
+            for &id in &allowed[1..] {
+                if logits[id as usize] > logits[best as usize] {
+                    best = id;
+                }
+            }
+            return Ok(Some(best));
+        }
+        let mut masked = vec![f32::NEG_INFINITY; n_valid];
+        for &id in &allowed {
+            masked[id as usize] = logits[id as usize];
+        }
+        Ok(Some(self.sample_top_p(&masked)))
     }
 
     fn sample_top_p(&mut self, logits: &[f32]) -> u32 {
@@ -383,11 +421,25 @@ pub fn generate(
     // Logits of positions already in the cache (accepted drafts) that no token was sampled from
     // yet, oldest first.
     let mut ahead: std::collections::VecDeque<Tensor> = std::collections::VecDeque::new();
+    // What of the healed prefix is still to be written.
+    let mut remaining: &[u8] = &params.prefix;
     let reason = loop {
         if generation.tokens.len() >= params.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits)?;
+        let next = if remaining.is_empty() {
+            sampler.sample(&logits)?
+        } else {
+            let allowed = tokenizer.healing_ids(remaining);
+            let Some(next) = sampler.sample_among(&logits, &allowed)? else {
+                return Err(crate::EngineError::Request(
+                    "no token of the vocabulary writes the healed text".into(),
+                ));
+            };
+            let written = tokenizer.token_bytes(next).map_or(0, <[u8]>::len);
+            remaining = remaining.get(written..).unwrap_or_default();
+            next
+        };
         if Some(next) == tokenizer.eos_id() {
             break StopReason::EndOfText;
         }
@@ -421,7 +473,14 @@ pub fn generate(
         let room = slot.capacity() - slot.ids().len() - 1;
         let mut history = slot.ids().to_vec();
         history.push(next);
-        let drafted = crate::draft::lookup(&history, draft.min(wanted).min(room)).to_vec();
+        // No drafts while healing: their verification would need the constrained choice, and the
+        // healed text is a token or two.
+        let drafts = if remaining.is_empty() {
+            draft.min(wanted).min(room)
+        } else {
+            0
+        };
+        let drafted = crate::draft::lookup(&history, drafts).to_vec();
         stats.decode_passes += 1;
         if drafted.is_empty() {
             logits = match slot.forward(model, &[next], &|| false)? {
@@ -499,6 +558,30 @@ mod tests {
         let mut sampler = Sampler::new(hot, 4);
         for _ in 0..200 {
             assert!(sampler.sample(&logits).expect("samples") < 4);
+        }
+    }
+
+    #[test]
+    fn sampling_among_allowed_ids() {
+        let device = candle_core::Device::Cpu;
+        let logits = Tensor::new(&[0.0f32, 5.0, 2.0, 2.0, 9.0], &device).expect("tensor");
+        let mut greedy = Sampler::new(Sampling::default(), 4);
+        // Id 1 is the best of all but not allowed; 2 and 3 tie, and the first one wins.
+        assert_eq!(
+            greedy.sample_among(&logits, &[0, 2, 3]).expect("samples"),
+            Some(2)
+        );
+        // Id 4 is outside the vocabulary, so nothing allowed is left.
+        assert_eq!(greedy.sample_among(&logits, &[4]).expect("samples"), None);
+        let hot = Sampling {
+            temperature: 5.0,
+            top_p: 1.0,
+            seed: 3,
+        };
+        let mut sampler = Sampler::new(hot, 4);
+        for _ in 0..100 {
+            let id = sampler.sample_among(&logits, &[0, 3]).expect("samples");
+            assert!(matches!(id, Some(0 | 3)), "{id:?}");
         }
     }
 

@@ -97,6 +97,9 @@ pub struct CompletionOptions {
     pub deadline_ms: Option<u64>,
     #[arg(long)]
     pub context_tokens: Option<usize>,
+    /// Heal the prompt's last token inside a word or after a dot (`tokenHealing`): `true` or `false`.
+    #[arg(long)]
+    pub token_healing: Option<bool>,
 }
 
 #[derive(Args, Debug)]
