@@ -87,8 +87,9 @@ EMBEDDING_STD = 1.0
 BIAS_STD = 0.1
 NORM_STD = 0.1
 
-# Files the fixture consists of; anything else save_pretrained writes is removed.
-KEPT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "reference.json")
+# Files the fixture consists of (healing.json is make_healing_reference.py's); anything else
+# save_pretrained writes is removed.
+KEPT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "reference.json", "healing.json")
 
 
 def parse_args():

@@ -309,12 +309,14 @@ fn bench_reports_every_measurement_and_keystrokes_reuse_the_cache() {
             );
         }
         assert_eq!(report["prefill_tokens"], 256);
-        // In process and through the server, each keystroke (one character) prefills one token
-        // and reuses the rest of the document's cache.
+        // In process and through the server, each keystroke (one character) prefills a token or
+        // two and reuses the rest of the document's cache. The server heals the prompt's last
+        // token (the keystrokes type inside a word): its cache holds the 256-token document less
+        // that token.
         assert_eq!(numbers(&report["keystroke_prefilled_tokens_cached"]), [1, 1]);
         let server = &report["server"];
         let reused = numbers(&server["last_reused_tokens"]);
-        assert!(!reused.is_empty() && reused.iter().all(|&n| n >= 256), "{server}");
+        assert!(!reused.is_empty() && reused.iter().all(|&n| n >= 255), "{server}");
         assert!(
             numbers(&server["last_prefilled_tokens"]).iter().all(|&n| n <= 2),
             "{server}"

@@ -19,8 +19,9 @@ use serde_json::{json, Value};
 
 const MAX_NEW_TOKENS: usize = 24;
 
+/// Whole suggestions (`progressive` off), so each answer can be compared with `phi-lsp complete`.
 fn options() -> Value {
-    json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000})
+    json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000, "progressive": false})
 }
 
 /// VS Code's: UTF-16 positions, like `phi-lsp complete`'s.

@@ -43,7 +43,7 @@ fn capabilities(declares_growth: bool) -> Value {
     caps
 }
 
-/// A progressive server whose tokens take `delay_ms` each.
+/// A server with the default settings (progressive) whose tokens take `delay_ms` each.
 fn server(declares_growth: bool, delay_ms: u64) -> LspClient {
     let mut command = phi_lsp();
     command
@@ -52,7 +52,8 @@ fn server(declares_growth: bool, delay_ms: u64) -> LspClient {
         .arg(fixture_dir())
         .env("PHI_LSP_TEST_TOKEN_DELAY_MS", delay_ms.to_string());
     let mut client = LspClient::spawn(command);
-    let options = json!({"maxNewTokens": growing().max_new_tokens, "deadlineMs": 60000, "progressive": true});
+    // `progressive` is the default.
+    let options = json!({"maxNewTokens": growing().max_new_tokens, "deadlineMs": 60000});
     client.initialize(capabilities(declares_growth), options);
     client.wait_ready();
     client

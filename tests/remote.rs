@@ -243,13 +243,15 @@ fn backend_failures_are_one_line_errors() {
     assert!(one_line_error(&output).contains("--backend"));
 }
 
-fn remote_server(url: &str) -> LspClient {
+/// A server on the backend at `url`. `progressive: false` makes every answer the whole
+/// suggestion, which the tests of exact answers need; `true` is the default.
+fn remote_server(url: &str, progressive: bool) -> LspClient {
     let mut command = phi_lsp();
     command.args(["--stdio", "--model", "served-phi", "--backend", url]);
     let mut client = LspClient::spawn(command);
     client.initialize(
         json!({"textDocument": {"inlineCompletion": {}}}),
-        json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 20000}),
+        json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 20000, "progressive": progressive}),
     );
     client
 }
@@ -261,7 +263,7 @@ fn the_server_serves_remote_completions_and_survives_failures() {
         Reply::Status(503, r#"{"error": {"message": "overloaded"}}"#),
         Reply::Stream(BODY_CHUNKS.to_vec(), Duration::ZERO),
     ]);
-    let mut client = remote_server(&server.url);
+    let mut client = remote_server(&server.url, false);
     let status = client.wait_ready();
     assert_eq!(
         (&status["device"], &status["dtype"]),
@@ -306,7 +308,7 @@ fn the_server_serves_remote_completions_and_survives_failures() {
 #[test]
 fn a_silent_backend_is_an_empty_answer_at_the_deadline() {
     let server = scripted(vec![Reply::Silent(Duration::from_secs(10))]);
-    let mut client = remote_server(&server.url);
+    let mut client = remote_server(&server.url, false);
     client.wait_ready();
     client.notify(
         "workspace/didChangeConfiguration",
@@ -331,7 +333,7 @@ fn a_silent_backend_is_an_empty_answer_at_the_deadline() {
 fn cancelling_a_request_closes_its_connection() {
     let chunks = vec!["x"; 200];
     let server = scripted(vec![Reply::Stream(chunks, Duration::from_millis(20))]);
-    let mut client = remote_server(&server.url);
+    let mut client = remote_server(&server.url, false);
     client.wait_ready();
     let uri = "file:///add.py";
     client.open(uri, SOURCE);
@@ -350,6 +352,71 @@ fn cancelling_a_request_closes_its_connection() {
     assert!(seen.client_closed, "the connection was closed by phi-lsp");
     assert!(
         seen.written < 200 && cancelled_at.elapsed() < Duration::from_secs(3),
+        "closed after {} of 200 chunks",
+        seen.written
+    );
+    assert!(client.shutdown().success());
+}
+
+/// With the default `progressive`, the deadline bounds the first answer, not the generation: a
+/// backend that says nothing gets an empty answer in time and the suggestion keeps growing.
+#[test]
+fn a_silent_backend_is_an_empty_first_answer_and_the_growth_goes_on() {
+    let server = scripted(vec![Reply::Silent(Duration::from_secs(10))]);
+    let mut client = remote_server(&server.url, true);
+    client.wait_ready();
+    client.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"phi-lsp": {"deadlineMs": 500}}}),
+    );
+    let uri = "file:///add.py";
+    client.open(uri, SOURCE);
+    let started = Instant::now();
+    let id = client.inline_async(uri, 2, 0);
+    let response = client
+        .response_within(id, Duration::from_secs(5))
+        .expect("an answer, not a hang");
+    assert_eq!(inline_text(&response["result"]), None, "{response}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let status = client.status();
+    assert_eq!(status["last"]["stop"], "growing", "{status}");
+    assert_eq!(status["state"], "ready", "{status}");
+    assert!(client.shutdown().success());
+}
+
+/// A growing suggestion outlives the cancel of the request that started it (the client may ask
+/// again there), but an edit ends it, and with it the backend's connection.
+#[test]
+fn an_edit_closes_the_connection_of_a_growing_suggestion() {
+    let server = scripted(vec![Reply::Stream(
+        vec!["    x += 1\n"; 200],
+        Duration::from_millis(20),
+    )]);
+    let mut client = remote_server(&server.url, true);
+    client.wait_ready();
+    client.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"phi-lsp": {"maxNewTokens": 512}}}),
+    );
+    let uri = "file:///add.py";
+    client.open(uri, SOURCE);
+    let id = client.inline_async(uri, 2, 0);
+    let first = inline_text(&client.response(id)["result"]).expect("the first line");
+    assert!(first.starts_with("    x += 1"), "{first:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        server.seen.try_recv().is_err(),
+        "the stream goes on after the first answer"
+    );
+    let edited_at = Instant::now();
+    client.insert(uri, 2, 0, 0, "# ");
+    let seen = server
+        .seen
+        .recv_timeout(Duration::from_secs(3))
+        .expect("the stream ended");
+    assert!(seen.client_closed, "the connection was closed by phi-lsp");
+    assert!(
+        seen.written < 200 && edited_at.elapsed() < Duration::from_secs(3),
         "closed after {} of 200 chunks",
         seen.written
     );
@@ -486,7 +553,14 @@ fn llama_cpp_server_completions_equal_local_ones() {
                     .arg(&tokenizer)
                     .arg(&file)
                     .args(["--line", &line.to_string(), "--character", &character.to_string()])
-                    .args(["--max-new-tokens", "16", "--json"]),
+                    .args(["--max-new-tokens", "16", "--json"])
+                    // The remote backend does not heal the prompt's last token (README): compare
+                    // the local model unhealed too ("def f(x):\n    return" ends in a word).
+                    .args(if backend == "local" {
+                        &["--token-healing", "false"][..]
+                    } else {
+                        &[][..]
+                    }),
             )
         };
         let local = run("local");

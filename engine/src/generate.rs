@@ -97,6 +97,31 @@ impl Slot {
         }
     }
 
+    /// Runs `next` and `drafts` after the cache in one [`PhiModel::forward_alone`] pass and
+    /// records them: logits `[1 + drafts, vocab]`, `None` when `cancelled` fired first.
+    fn forward_alone(
+        &mut self,
+        model: &PhiModel,
+        next: &[u32],
+        drafts: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
+        let ids = [next, drafts].concat();
+        let before = self.cache.len();
+        match model.forward_alone(&ids, &mut self.cache, cancelled) {
+            Ok(Some(logits)) => {
+                self.ids.extend_from_slice(&ids);
+                self.positions_run += ids.len() as u64;
+                Ok(Some(logits))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.cache.truncate(before);
+                Err(e)
+            }
+        }
+    }
+
     /// Brings the cache to `prompt`: keeps the longest common prefix of ids (never text: BPE is not
     /// prefix-stable), drops the rest, and runs only the new positions — at least the last one, for
     /// its logits.
@@ -159,7 +184,23 @@ pub struct GenerateParams {
     pub sampling: Sampling,
     /// Generation stops at this instant with what it has.
     pub deadline: Option<Instant>,
+    /// Most prompt-lookup drafts ([`crate::draft`]) verified with each decode step, in one pass
+    /// that computes every row as a decode step does ([`PhiModel::forward_alone`]): the tokens are
+    /// those of plain greedy decoding, in fewer passes where the text repeats what came before.
+    /// 0 decodes one token per pass. Applies to greedy sampling where
+    /// [`PhiModel::verifies_alone`]; elsewhere generation decodes one token per pass.
+    pub draft: usize,
+    /// Token healing: bytes the generated text must begin with (the text of the prompt's last
+    /// token, which the caller dropped from the prompt). Until they are written, each token is
+    /// chosen among those that [`heals`](crate::tokenizer::heals) what is left of them, never a
+    /// special token nor an id the tokenizer lacks; then generation goes on as usual. Empty: no
+    /// constraint. The tokens that write it count towards `max_new_tokens`, and the stop rule and
+    /// the result's text see them.
+    pub prefix: Vec<u8>,
 }
+
+/// [`GenerateParams::draft`]'s default.
+pub const DEFAULT_DRAFT: usize = 3;
 
 impl Default for GenerateParams {
     fn default() -> Self {
@@ -167,6 +208,8 @@ impl Default for GenerateParams {
             max_new_tokens: 64,
             sampling: Sampling::default(),
             deadline: None,
+            draft: DEFAULT_DRAFT,
+            prefix: Vec::new(),
         }
     }
 }
@@ -191,6 +234,11 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// Draft tokens verified, and those of them accepted (greedy chose them).
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
+    /// Forward passes after the prefill (decode steps, each with its drafts).
+    pub decode_passes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +274,36 @@ impl Sampler {
             return Ok(argmax(valid));
         }
         Ok(self.sample_top_p(valid))
+    }
+
+    /// Like [`Sampler::sample`], among `allowed` ids only (increasing; ids outside the vocabulary
+    /// are skipped). Greedy takes the first largest logit among them, as `argmax` over logits with
+    /// every other id at -inf does; `None` when no allowed id is in the vocabulary.
+    pub fn sample_among(&mut self, logits: &Tensor, allowed: &[u32]) -> Result<Option<u32>> {
+        let logits: Vec<f32> = logits.to_vec1()?;
+        let n_valid = self.n_valid.min(logits.len());
+        let allowed: Vec<u32> = allowed
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < n_valid)
+            .collect();
+        if allowed.is_empty() {
+            return Ok(None);
+        }
+        if self.sampling.temperature <= 0.0 {
+            let mut best = allowed[0];
+            for &id in &allowed[1..] {
+                if logits[id as usize] > logits[best as usize] {
+                    best = id;
+                }
+            }
+            return Ok(Some(best));
+        }
+        let mut masked = vec![f32::NEG_INFINITY; n_valid];
+        for &id in &allowed {
+            masked[id as usize] = logits[id as usize];
+        }
+        Ok(Some(self.sample_top_p(&masked)))
     }
 
     fn sample_top_p(&mut self, logits: &[f32]) -> u32 {
@@ -335,11 +413,33 @@ pub fn generate(
     let decode_start = Instant::now();
     let mut sampler = Sampler::new(params.sampling, tokenizer.size());
     let mut stream = TextStream::default();
+    let draft = if params.sampling.temperature <= 0.0 && model.verifies_alone() {
+        params.draft.min(PhiModel::MAX_ALONE - 1)
+    } else {
+        0
+    };
+    // Logits of positions already in the cache (accepted drafts) that no token was sampled from
+    // yet, oldest first.
+    let mut ahead: std::collections::VecDeque<Tensor> = std::collections::VecDeque::new();
+    // What of the healed prefix is still to be written.
+    let mut remaining: &[u8] = &params.prefix;
     let reason = loop {
         if generation.tokens.len() >= params.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits)?;
+        let next = if remaining.is_empty() {
+            sampler.sample(&logits)?
+        } else {
+            let allowed = tokenizer.healing_ids(remaining);
+            let Some(next) = sampler.sample_among(&logits, &allowed)? else {
+                return Err(crate::EngineError::Request(
+                    "no token of the vocabulary writes the healed text".into(),
+                ));
+            };
+            let written = tokenizer.token_bytes(next).map_or(0, <[u8]>::len);
+            remaining = remaining.get(written..).unwrap_or_default();
+            next
+        };
         if Some(next) == tokenizer.eos_id() {
             break StopReason::EndOfText;
         }
@@ -360,14 +460,59 @@ pub fn generate(
         if cancelled() {
             break StopReason::Cancelled;
         }
+        if let Some(known) = ahead.pop_front() {
+            // `next` is an accepted draft: its position and logits are computed already.
+            logits = known;
+            continue;
+        }
         if slot.ids().len() + 1 > slot.capacity() {
             break StopReason::ContextFull;
         }
-        logits = match slot.forward(model, &[next], &|| false)? {
-            Some(logits) => logits,
+        // Drafts beyond the tokens still wanted, or the cache's room, are never used.
+        let wanted = params.max_new_tokens - generation.tokens.len() - 1;
+        let room = slot.capacity() - slot.ids().len() - 1;
+        let mut history = slot.ids().to_vec();
+        history.push(next);
+        // No drafts while healing: their verification would need the constrained choice, and the
+        // healed text is a token or two.
+        let drafts = if remaining.is_empty() {
+            draft.min(wanted).min(room)
+        } else {
+            0
+        };
+        let drafted = crate::draft::lookup(&history, drafts).to_vec();
+        stats.decode_passes += 1;
+        if drafted.is_empty() {
+            logits = match slot.forward(model, &[next], &|| false)? {
+                Some(logits) => logits,
+                None => break StopReason::Cancelled,
+            };
+            continue;
+        }
+        let rows = match slot.forward_alone(model, &history[history.len() - 1..], &drafted, cancelled)? {
+            Some(rows) => rows,
             None => break StopReason::Cancelled,
         };
+        // Row i holds the logits after `next` and the first i drafts; greedy accepts draft i
+        // where row i chooses it.
+        let mut accepted = 0;
+        while accepted < drafted.len() {
+            if sampler.sample(&rows.get(accepted)?)? != drafted[accepted] {
+                break;
+            }
+            accepted += 1;
+        }
+        slot.truncate(slot.ids().len() - (drafted.len() - accepted));
+        stats.drafted_tokens += drafted.len();
+        stats.accepted_tokens += accepted;
+        for row in 1..=accepted {
+            ahead.push_back(rows.get(row)?);
+        }
+        logits = rows.get(0)?;
     };
+    // Accepted drafts not reached (a stop rule fired first) leave the cache as plain decoding
+    // would: without them.
+    slot.truncate(slot.ids().len() - ahead.len());
     stats.generated_tokens = generation.tokens.len();
     stats.decode_ms = ms(decode_start.elapsed());
     generation.text = stream.finish(tokenizer)?;
@@ -413,6 +558,30 @@ mod tests {
         let mut sampler = Sampler::new(hot, 4);
         for _ in 0..200 {
             assert!(sampler.sample(&logits).expect("samples") < 4);
+        }
+    }
+
+    #[test]
+    fn sampling_among_allowed_ids() {
+        let device = candle_core::Device::Cpu;
+        let logits = Tensor::new(&[0.0f32, 5.0, 2.0, 2.0, 9.0], &device).expect("tensor");
+        let mut greedy = Sampler::new(Sampling::default(), 4);
+        // Id 1 is the best of all but not allowed; 2 and 3 tie, and the first one wins.
+        assert_eq!(
+            greedy.sample_among(&logits, &[0, 2, 3]).expect("samples"),
+            Some(2)
+        );
+        // Id 4 is outside the vocabulary, so nothing allowed is left.
+        assert_eq!(greedy.sample_among(&logits, &[4]).expect("samples"), None);
+        let hot = Sampling {
+            temperature: 5.0,
+            top_p: 1.0,
+            seed: 3,
+        };
+        let mut sampler = Sampler::new(hot, 4);
+        for _ in 0..100 {
+            let id = sampler.sample_among(&logits, &[0, 3]).expect("samples");
+            assert!(matches!(id, Some(0 | 3)), "{id:?}");
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod config;
 pub mod cpu;
+pub mod draft;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -22,7 +23,7 @@ pub use config::PhiConfig;
 pub use error::{EngineError, Result};
 pub use generate::{
     generate, GenerateParams, Generation, GenerationStats, Sampling, Slot, StopReason, SyncOutcome,
-    SyncStats, Watch,
+    SyncStats, Watch, DEFAULT_DRAFT,
 };
 pub use model::PhiModel;
 pub use tokenizer::{PhiTokenizer, TextStream};

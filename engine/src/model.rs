@@ -9,7 +9,7 @@ use crate::cache::KvCache;
 use crate::config::PhiConfig;
 use crate::error::Result;
 use crate::kernels::{DecodeAttention, GeluNew};
-use crate::qmatmul::Weight;
+use crate::qmatmul::{Rows, Weight};
 
 /// A linear layer with bias whose weight is dense or quantized.
 #[derive(Debug, Clone)]
@@ -25,8 +25,8 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut outs = linear(&[(&self.weight, &self.bias)], xs)?;
+    fn forward(&self, xs: &Tensor, rows: Rows) -> Result<Tensor> {
+        let mut outs = linear_as(&[(&self.weight, &self.bias)], xs, rows)?;
         Ok(outs.remove(0))
     }
 }
@@ -34,7 +34,13 @@ impl Linear {
 /// `xs · wᵀ + bias` for each `(w, bias)` on one input: quantized weights on the CPU through
 /// [`crate::qmatmul`] (several sharing the input in one pass), the rest through candle.
 pub(crate) fn linear(layers: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Vec<Tensor>> {
-    if let Some(outs) = crate::qmatmul::linear_rows(layers, xs)? {
+    linear_as(layers, xs, Rows::Fastest)
+}
+
+/// [`linear`] through the kernels `rows` allows (candle's ops, where they serve, take any rows:
+/// [`PhiModel::verifies_alone`] says where they never do).
+fn linear_as(layers: &[(&Weight, &Tensor)], xs: &Tensor, rows: Rows) -> Result<Vec<Tensor>> {
+    if let Some(outs) = crate::qmatmul::linear_rows_as(layers, xs, rows)? {
         return Ok(outs);
     }
     layers
@@ -167,6 +173,7 @@ impl Attention {
         rotary: &Rotary,
         cache: &KvCache,
         layer_idx: usize,
+        rows: Rows,
     ) -> Result<Tensor> {
         let (b, n_tokens, _) = q.dims3()?;
         let start = cache.len();
@@ -181,7 +188,7 @@ impl Attention {
         let (k, v) = cache.append(layer_idx, &k, &v)?;
 
         let out = attention_core(&q, &k, &v, start)?;
-        self.dense.forward(&out)
+        self.dense.forward(&out, rows)
     }
 }
 
@@ -282,15 +289,22 @@ impl DecoderLayer {
 
     /// Attention and MLP run in parallel on one LayerNorm and both add to the residual; q, k, v
     /// and fc1 read that one input together.
-    fn forward(&self, xs: &Tensor, rotary: &Rotary, cache: &KvCache, layer_idx: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rotary: &Rotary,
+        cache: &KvCache,
+        layer_idx: usize,
+        rows: Rows,
+    ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(xs)?;
         let (attn, mlp) = (&self.self_attn, &self.mlp);
         let projections = [&attn.q_proj, &attn.k_proj, &attn.v_proj, &mlp.fc1].map(|l| (&l.weight, &l.bias));
-        let [q, k, v, up]: [Tensor; 4] = linear(&projections, &h)?
+        let [q, k, v, up]: [Tensor; 4] = linear_as(&projections, &h, rows)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("one output per projection expected".into()))?;
-        let attn = attn.forward([q, k, v], rotary, cache, layer_idx)?;
-        let ff = mlp.fc2.forward(&gelu_new(&up)?)?;
+        let attn = attn.forward([q, k, v], rotary, cache, layer_idx, rows)?;
+        let ff = mlp.fc2.forward(&gelu_new(&up)?, rows)?;
         Ok(((attn + ff)? + xs)?)
     }
 }
@@ -395,6 +409,53 @@ impl PhiModel {
         all_positions: bool,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Option<Tensor>> {
+        self.run(ids, cache, all_positions, Rows::Fastest, cancelled)
+    }
+
+    /// Most positions one [`Self::forward_alone`] takes.
+    pub const MAX_ALONE: usize = if crate::qmatmul::MAX_ALONE < DecodeAttention::MAX_QUERIES {
+        crate::qmatmul::MAX_ALONE
+    } else {
+        DecodeAttention::MAX_QUERIES
+    };
+
+    /// Whether [`Self::forward_alone`] computes each position exactly as a one-position forward
+    /// would: on the CPU with f32 activations, where every matmul takes the row kernels and
+    /// attention runs each query on its own ([`DecodeAttention`]); layer norm, RoPE, GELU and the
+    /// residual adds work on each position alone everywhere. Elsewhere (a GPU) its rows may
+    /// differ from single steps in the last bits.
+    pub fn verifies_alone(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    /// [`Self::forward_unless_cancelled`] over every position, f32 logits `[n, vocab]`, where each
+    /// position's arithmetic is the one-position forward's, bit for bit, where
+    /// [`Self::verifies_alone`]: what verifies speculative drafts (a decode step and the drafts
+    /// after it, in one pass that reads each weight once). At most [`Self::MAX_ALONE`] positions.
+    pub fn forward_alone(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
+        if ids.len() > Self::MAX_ALONE {
+            return Err(crate::EngineError::Request(format!(
+                "{} positions computed alone, at most {} are",
+                ids.len(),
+                Self::MAX_ALONE
+            )));
+        }
+        self.run(ids, cache, true, Rows::Alone, cancelled)
+    }
+
+    fn run(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_positions: bool,
+        rows: Rows,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Option<Tensor>> {
         let n_tokens = ids.len();
         if n_tokens == 0 {
             return Err(crate::EngineError::Request(
@@ -408,13 +469,18 @@ impl PhiModel {
             if cancelled() {
                 return Ok(None);
             }
-            xs = layer.forward(&xs, &self.rotary, cache, layer_idx)?;
+            xs = layer.forward(&xs, &self.rotary, cache, layer_idx, rows)?;
         }
         cache.advance(n_tokens);
         if !all_positions {
             xs = xs.narrow(1, n_tokens - 1, 1)?;
         }
         let xs = self.final_layernorm.forward(&xs)?;
-        Ok(Some(self.lm_head.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)?))
+        Ok(Some(
+            self.lm_head
+                .forward(&xs, rows)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?,
+        ))
     }
 }

@@ -48,11 +48,37 @@ impl Weight {
     }
 }
 
+/// Which kernels may take the rows of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// The fastest for the row count: tiles (AMX, AVX2 q4k tiles, dense panels) for many rows.
+    Fastest,
+    /// Every row computed exactly as it is alone (a one-row decode step): the row kernels, which
+    /// keep each activation row's sums apart and add them in the same order whatever the row
+    /// count, while reading each weight block once for all rows. At most [`MAX_ALONE`] rows
+    /// (the dense row kernels' limit): speculative drafts are verified this way, so a verified
+    /// row equals the decode step it stands for bit for bit.
+    Alone,
+}
+
+/// Most rows one [`Rows::Alone`] call takes.
+pub(crate) const MAX_ALONE: usize = dense::MAX_ROWS;
+
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
 /// tensor each. `None` where this path does not apply (another device or dtype, quantized weights
 /// that are neither q4k nor repacked q8_0, f32 weights beyond [`dense::MAX_ROWS`] rows): the
-/// caller uses candle's ops.
+/// caller uses candle's ops. (The model calls [`linear_rows_as`]; the tests call this.)
+#[cfg(test)]
 pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    linear_rows_as(linears, xs, Rows::Fastest)
+}
+
+/// [`linear_rows`] with the kernels `rows` allows.
+pub(crate) fn linear_rows_as(
+    linears: &[(&Weight, &Tensor)],
+    xs: &Tensor,
+    rows: Rows,
+) -> Result<Option<Vec<Tensor>>> {
     let dims = xs.dims().to_vec();
     let Some((_, batch)) = dims.split_last() else {
         return Ok(None);
@@ -60,6 +86,9 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
     let m: usize = batch.iter().product();
     if m == 0 || !xs.device().is_cpu() || xs.dtype() != DType::F32 {
         return Ok(None);
+    }
+    if rows == Rows::Alone && m > MAX_ALONE {
+        candle_core::bail!("{m} rows computed alone, at most {MAX_ALONE} are");
     }
     let dense: Option<Vec<(&Tensor, &Tensor)>> = linears
         .iter()
@@ -72,9 +101,9 @@ pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result
         return dense::linear(&dense, xs, &dims);
     }
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
-        return q8_0::linear(linears, xs, &dims).map(Some);
+        return q8_0::linear(linears, xs, &dims, rows).map(Some);
     }
-    q4k::linear(linears, xs, &dims)
+    q4k::linear(linears, xs, &dims, rows)
 }
 
 /// The first `len` values of a CPU f32 tensor's storage, borrowed; `None` on other devices.

@@ -97,6 +97,9 @@ pub struct CompletionOptions {
     pub deadline_ms: Option<u64>,
     #[arg(long)]
     pub context_tokens: Option<usize>,
+    /// Heal the prompt's last token inside a word or after a dot (`tokenHealing`): `true` or `false`.
+    #[arg(long)]
+    pub token_healing: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +110,9 @@ pub struct GenerateArgs {
     pub prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Prompt-lookup drafts verified per decode pass (0: one token per pass); the tokens are the same.
+    #[arg(long, default_value_t = phi_engine::DEFAULT_DRAFT)]
+    pub draft: usize,
     /// Print {"prompt_tokens":[..],"tokens":[..],"text":".."} on one line.
     #[arg(long)]
     pub json: bool,
@@ -147,6 +153,10 @@ pub struct BenchArgs {
     /// on a separate synthetic weight set, against the measured decode and prefill.
     #[arg(long)]
     pub profile: bool,
+    /// Prompt-lookup drafts per decode pass in every run (0: one token per pass); the decode with
+    /// and without drafts is also timed.
+    #[arg(long, default_value_t = phi_engine::DEFAULT_DRAFT)]
+    pub draft: usize,
 }
 
 impl ModelArgs {

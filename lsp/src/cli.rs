@@ -96,8 +96,9 @@ fn generate_local(settings: &Settings, prepared: &prepared::Prepared) -> Result<
         .context_tokens
         .min(engine.model.config().max_position_embeddings);
     let worker = one_slot_worker(engine, capacity)?;
-    let job = backend::job(&worker, capacity, prepared.request("cli", settings))?;
-    match backend::answer(worker.submit_and_wait(job)) {
+    let backend::LocalJob { job, healed } =
+        backend::job(&worker, capacity, prepared.request("cli", settings))?;
+    match backend::answer(worker.submit_and_wait(job), healed.as_deref()) {
         Ok(Some(generated)) => Ok(generated),
         Ok(None) => bail!("the completion was dropped"),
         Err(e) => bail!("the completion failed: {e:?}"),
@@ -126,6 +127,7 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
         "maxNewTokens": options.max_new_tokens,
         "deadlineMs": options.deadline_ms,
         "contextTokens": options.context_tokens,
+        "tokenHealing": options.token_healing,
     });
     settings.apply(&update).map_err(anyhow::Error::msg)?;
     let prepared = prepared::prepare(&rope, cursor, &settings);
@@ -143,6 +145,7 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
         let out = serde_json::json!({
             "text": text,
             "raw": generation.as_ref().map(|g| g.text.as_str()),
+            "healed": generation.as_ref().and_then(|g| g.healed.as_deref()),
             "prompt_tokens": generation.as_ref().map(|g| g.stats.prompt_tokens),
             "generated_tokens": generation.as_ref().map(|g| g.stats.generated_tokens),
             "stop": generation.as_ref().map(|g| format!("{:?}", g.stop)),
@@ -170,6 +173,7 @@ fn generate(model: &ModelArgs, args: GenerateArgs) -> Result<()> {
     let worker = one_slot_worker(engine, capacity)?;
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
+        draft: args.draft,
         ..Default::default()
     };
     let job = Job {

@@ -2,6 +2,9 @@
 //! Hugging Face TGI, the llama.cpp server) instead of the in-process model. The request is greedy
 //! and streamed; every chunk goes through the same stop rules as the local model, and the
 //! connection is dropped as soon as they say stop, the request is cancelled or the deadline passes.
+//! The prompt goes whole, unhealed (a request's `heal` is ignored): the server tokenizes it and no
+//! tokenizer is loaded here, so neither its last token nor the ids that agree with it (which
+//! `logit_bias` could favour) are known.
 
 use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +187,7 @@ impl Remote {
             _ => StopReason::EndOfText,
         });
         Ok(Generated {
+            healed: None,
             stats: GenerationStats {
                 prompt_tokens: out.prompt_tokens,
                 generated_tokens: out.completion_tokens.unwrap_or(out.chunks),

@@ -104,9 +104,12 @@ pub struct Settings {
     /// suggestion is accepted) while the user is idle.
     pub speculate: bool,
     /// Answer as soon as the first line is complete and let the suggestion grow in the background
-    /// (clients that declared `experimental.phiLsp.suggestionGrowth` are told when it grows). Off:
-    /// the answer is the whole suggestion, cut at `deadlineMs`.
+    /// (clients that declared `experimental.phiLsp.suggestionGrowth` are told when it grows); the
+    /// default. Off: the answer is the whole suggestion, cut at `deadlineMs`.
     pub progressive: bool,
+    /// Token healing: with the cursor inside a word or after a dot, the prompt's last token is
+    /// dropped and the model writes it again, constrained to agree with it (local model only).
+    pub token_healing: bool,
 }
 
 /// The default cap on a suggestion's tokens: a suggestion ends where the code says (the end of the
@@ -128,7 +131,8 @@ impl Settings {
             context_tokens: 1536,
             completion_mode: CompletionMode::Auto,
             speculate: true,
-            progressive: false,
+            progressive: true,
+            token_healing: true,
         }
     }
 
@@ -188,6 +192,9 @@ impl Settings {
         if let Some(speculate) = update.speculate {
             next.speculate = speculate;
         }
+        if let Some(token_healing) = update.token_healing {
+            next.token_healing = token_healing;
+        }
         *self = next;
         Ok(())
     }
@@ -207,6 +214,7 @@ struct Update {
     completion_mode: Option<CompletionMode>,
     speculate: Option<bool>,
     progressive: Option<bool>,
+    token_healing: Option<bool>,
 }
 
 #[cfg(test)]
@@ -227,11 +235,14 @@ mod tests {
     #[test]
     fn applies_plain_and_wrapped_objects() {
         let mut s = settings();
-        s.apply(&json!({"maxNewTokens": 32, "completionMode": "menu", "speculate": false}))
-            .expect("valid");
+        assert!(s.token_healing, "on by default");
+        s.apply(
+            &json!({"maxNewTokens": 32, "completionMode": "menu", "speculate": false, "tokenHealing": false}),
+        )
+        .expect("valid");
         assert_eq!(
-            (s.max_new_tokens, s.completion_mode, s.speculate),
-            (32, CompletionMode::Menu, false)
+            (s.max_new_tokens, s.completion_mode, s.speculate, s.token_healing),
+            (32, CompletionMode::Menu, false, false)
         );
         s.apply(&json!({"phi-lsp": {"model": "/models/phi-1", "deadlineMs": 900, "unknown": 1}}))
             .expect("valid");

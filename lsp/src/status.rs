@@ -34,6 +34,7 @@ pub fn status(
         "backend": settings.model.backend,
         "backendError": backend.as_ref().and_then(|b| b.last_error()),
         "speculate": settings.speculate,
+        "tokenHealing": settings.token_healing,
         "speculation": completions.speculation_state(),
         "last": completions.last(),
     });

@@ -118,6 +118,7 @@ function serverSettings(): Record<string, unknown> {
     contextTokens: c.get<number>("contextTokens", 1024),
     completionMode: c.get<string>("completionMode", "auto"),
     speculate: c.get<boolean>("speculate", true),
+    tokenHealing: c.get<boolean>("tokenHealing", true),
     // An empty string clears a tokenizer set before.
     tokenizer: expandHome(c.get<string>("tokenizer", "").trim()),
   };

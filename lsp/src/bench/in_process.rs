@@ -38,6 +38,12 @@ pub struct Runs {
     pub keystroke_prefill_uncached: Spread,
     pub keystroke_prefilled_cached: Vec<usize>,
     pub keystroke_generated: Vec<usize>,
+    /// Median ms of one verify pass (`forward_alone`) of 1, 4 and 8 rows after the prompt.
+    pub verify_rows_ms: Vec<(usize, f64)>,
+    /// Decode after the prompt with `--draft` drafts against without: time ratio (medians) and
+    /// the share of drafts accepted.
+    pub draft_speedup: f64,
+    pub draft_acceptance: f64,
 }
 
 /// Every in-process measurement of one dtype, on the loaded `engine`.
@@ -53,6 +59,7 @@ pub fn measure_in_process(
     let prompt = &text.prefix_ids;
     let params = |max_new_tokens: usize| GenerateParams {
         max_new_tokens,
+        draft: args.draft,
         ..Default::default()
     };
     let mut no_stop = |_: &str| false;
@@ -176,7 +183,52 @@ pub fn measure_in_process(
         ));
     }
 
+    // One verify pass of n rows after the prompt, rolled back after each run.
+    let mut cache = model.new_cache(SLOT_CAPACITY)?;
+    model.forward(prompt, &mut cache, false)?;
+    let mut verify_rows_ms = Vec::new();
+    for n in [1, 4, 8] {
+        let mut times = Vec::new();
+        for _ in 0..args.repeats.max(3) {
+            let start = Instant::now();
+            model.forward_alone(&prompt[..n], &mut cache, &never)?;
+            times.push(ms(start.elapsed()));
+            cache.truncate(prompt.len());
+        }
+        let median = Spread::of(&times).median;
+        progress(&format!("{name}: verify pass of {n} rows: {median:.1} ms"));
+        verify_rows_ms.push((n, median));
+    }
+    // Decode after the prompt without drafts and with `--draft`, in turn.
+    let (mut plain_ms, mut drafted_ms, mut drafted, mut accepted) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..args.repeats {
+        for draft in [0, args.draft.max(1)] {
+            slot.clear();
+            let p = GenerateParams {
+                max_new_tokens: args.decode_tokens,
+                draft,
+                ..Default::default()
+            };
+            let g = generate(engine, &mut slot, prompt, &p, watch(&mut no_stop))?;
+            if draft == 0 {
+                plain_ms.push(g.stats.decode_ms);
+            } else {
+                drafted_ms.push(g.stats.decode_ms);
+                drafted += g.stats.drafted_tokens;
+                accepted += g.stats.accepted_tokens;
+            }
+        }
+    }
+    let draft_speedup = Spread::of(&plain_ms).median / Spread::of(&drafted_ms).median;
+    let draft_acceptance = accepted as f64 / drafted.max(1) as f64;
+    progress(&format!(
+        "{name}: decode with drafts {draft_speedup:.2}x faster, {accepted} of {drafted} drafts accepted"
+    ));
+
     Ok(Runs {
+        verify_rows_ms,
+        draft_speedup,
+        draft_acceptance,
         prompt_tokens: prompt.len(),
         warmup_ms,
         prefill: Spread::of(&prefill),

@@ -92,6 +92,9 @@ impl Measured<'_> {
             "server_accept_ms": server.as_ref().and_then(|s| s.accept).map(|(ms, _)| round(ms)),
             "weights_bytes_resident_nominal": resident,
             "peak_rss_bytes": peak_rss,
+            "verify_rows_ms": runs.verify_rows_ms.iter().map(|(n, v)| (n.to_string(), json!(round(*v)))).collect::<serde_json::Map<_, _>>(),
+            "draft_decode_speedup": round(runs.draft_speedup),
+            "draft_acceptance": round(runs.draft_acceptance),
         });
         if let (Some(server), Value::Object(map)) = (&server, &mut report) {
             map.insert("server".into(), server.json());
@@ -156,6 +159,14 @@ pub fn table(r: &Value) -> String {
             num("keystroke_prefill_ms_uncached"),
             num("keystroke_prefill_ratio"),
             r["keystroke_prefilled_tokens_cached"],
+        ),
+        format!(
+            "  verify pass (1 / 4 / 8 rows) {} / {} / {} ms; decode with drafts {:.2}x, {:.0}% of drafts accepted",
+            r["verify_rows_ms"]["1"],
+            r["verify_rows_ms"]["4"],
+            r["verify_rows_ms"]["8"],
+            num("draft_decode_speedup"),
+            100.0 * num("draft_acceptance"),
         ),
     ];
     if let Some(server) = r.get("server") {

@@ -23,6 +23,9 @@ pub struct GenerationRequest {
     pub key: String,
     /// The text before the cursor that the model continues.
     pub prompt: String,
+    /// Heal the prompt's last token (see [`heal`]); local backends only: a remote one sends the
+    /// whole prompt and is not constrained.
+    pub heal: bool,
     pub max_new_tokens: usize,
     /// The generation stops here with what it has; `None` runs until a stop rule or the cap.
     pub deadline: Option<Instant>,
@@ -34,7 +37,10 @@ pub struct GenerationRequest {
 /// What a backend generated: the raw continuation, why it ended, and what it cost.
 #[derive(Debug, Clone)]
 pub struct Generated {
+    /// The continuation after the cursor: with token healing, without the dropped text.
     pub text: String,
+    /// The prompt's last token, dropped and written again by the model (token healing).
+    pub healed: Option<String>,
     /// Never `Cancelled`: a cancelled generation is no answer (`Ok(None)`).
     pub stop: StopReason,
     pub stats: GenerationStats,
@@ -58,6 +64,7 @@ pub type Outcome = Result<Option<Generated>, BackendError>;
 pub struct Pending {
     result: oneshot::Receiver<Outcome>,
     _cancel: Box<dyn Send + Sync>,
+    healed: Option<String>,
 }
 
 impl Pending {
@@ -65,7 +72,19 @@ impl Pending {
         Pending {
             result,
             _cancel: Box::new(cancel),
+            healed: None,
         }
+    }
+
+    /// The generation heals the prompt's last token, whose text this is.
+    pub fn with_healed(mut self, healed: Option<String>) -> Self {
+        self.healed = healed;
+        self
+    }
+
+    /// The text token healing dropped from the prompt, known as soon as the generation started.
+    pub fn healed(&self) -> Option<&str> {
+        self.healed.as_deref()
     }
 
     /// The answer is there (nothing has waited for it yet).
@@ -75,7 +94,7 @@ impl Pending {
 
     /// The answer: `Ok(None)` when the generation was dropped or cut short by a newer request.
     pub async fn wait(self) -> Outcome {
-        let Pending { result, _cancel } = self;
+        let Pending { result, _cancel, .. } = self;
         result.await.unwrap_or(Err(BackendError::Stopped))
     }
 
@@ -132,41 +151,101 @@ impl LocalBackend {
     }
 
     /// The engine job for `request`: the fitted token ids of its prompt.
-    pub fn job(&self, request: GenerationRequest) -> phi_engine::Result<Job> {
+    pub fn job(&self, request: GenerationRequest) -> phi_engine::Result<LocalJob> {
         job(&self.worker, self.slot_capacity, request)
     }
 }
 
+/// An engine job and the text token healing dropped from its prompt.
+pub struct LocalJob {
+    pub job: Job,
+    pub healed: Option<String>,
+}
+
 /// The engine job for `request` on `worker`, whose slots hold `slot_capacity` positions (also used by
-/// the one-shot `phi-lsp complete`).
-pub fn job(worker: &Worker, slot_capacity: usize, request: GenerationRequest) -> phi_engine::Result<Job> {
+/// the one-shot `phi-lsp complete`). With `request.heal`, the fitted prompt's last token is
+/// dropped and the job writes it again ([`heal`]); the stop rule then sees only the text after
+/// the cursor.
+pub fn job(
+    worker: &Worker,
+    slot_capacity: usize,
+    request: GenerationRequest,
+) -> phi_engine::Result<LocalJob> {
     let ids = worker.tokenizer().encode(&request.prompt)?;
     let ids = fit_tokens(&ids, slot_capacity, request.max_new_tokens)?.to_vec();
-    let stop = request.stop;
+    let (ids, healed) = match request.heal {
+        true => heal(worker.tokenizer(), ids),
+        false => (ids, None),
+    };
+    let mut stop = request.stop;
+    let stop: StopRule = match healed.clone() {
+        // Nothing is after the cursor until the dropped text is written again.
+        Some(dropped) => {
+            Box::new(move |text: &str| text.strip_prefix(dropped.as_str()).is_some_and(&mut stop))
+        }
+        None => stop,
+    };
     let progress = request.progress;
-    Ok(Job {
+    let job = Job {
         key: request.key,
         prompt: Prompt::Ids(ids),
         params: GenerateParams {
             max_new_tokens: request.max_new_tokens,
             deadline: request.deadline,
+            prefix: healed
+                .as_deref()
+                .map(|t| t.as_bytes().to_vec())
+                .unwrap_or_default(),
             ..Default::default()
         },
         stop: Some(stop),
         progress,
-    })
+    };
+    Ok(LocalJob { job, healed })
+}
+
+/// Token healing: a prompt that ends inside a word ends in a token the model rarely saw there
+/// (`ret`, not `return`), so its last token is dropped and the generation must write its text
+/// again, token by token, among the tokens that agree with it (the engine's
+/// `GenerateParams::prefix`). Returns the prompt to run and the dropped text; nothing is dropped
+/// from a one-token prompt, nor a token that is whitespace or not whole characters on its own.
+pub fn heal(tokenizer: &phi_engine::PhiTokenizer, mut ids: Vec<u32>) -> (Vec<u32>, Option<String>) {
+    let dropped = match ids.as_slice() {
+        [_, .., last] => tokenizer
+            .token_bytes(*last)
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
+            .filter(|text| !text.trim().is_empty())
+            .map(str::to_string),
+        _ => None,
+    };
+    if dropped.is_some() {
+        ids.pop();
+    }
+    (ids, dropped)
 }
 
 /// An engine outcome as an answer: a cancelled (superseded) generation is cut short, not the
-/// suggestion, and must not be shown or typed through.
-pub fn answer(outcome: phi_engine::Result<JobOutcome>) -> Outcome {
+/// suggestion, and must not be shown or typed through. With `healed` text, the answer is what
+/// follows it (nothing, if the generation ended before writing all of it).
+pub fn answer(outcome: phi_engine::Result<JobOutcome>, healed: Option<&str>) -> Outcome {
     match outcome {
         Ok(JobOutcome::Finished(generation)) if generation.stop == StopReason::Cancelled => Ok(None),
-        Ok(JobOutcome::Finished(generation)) => Ok(Some(Generated {
-            text: generation.text,
-            stop: generation.stop,
-            stats: generation.stats,
-        })),
+        Ok(JobOutcome::Finished(generation)) => {
+            let text = match healed {
+                Some(dropped) => generation
+                    .text
+                    .strip_prefix(dropped)
+                    .unwrap_or_default()
+                    .to_string(),
+                None => generation.text,
+            };
+            Ok(Some(Generated {
+                text,
+                healed: healed.map(str::to_string),
+                stop: generation.stop,
+                stats: generation.stats,
+            }))
+        }
         Ok(JobOutcome::Dropped) => Ok(None),
         Err(e) => Err(BackendError::Failed(e.to_string())),
     }
@@ -188,7 +267,7 @@ impl Backend for LocalBackend {
                 stop(text)
             });
         }
-        let mut job = match self.job(request) {
+        let LocalJob { mut job, healed } = match self.job(request) {
             Ok(job) => job,
             Err(e) => {
                 let _ = tx.send(Err(BackendError::Failed(e.to_string())));
@@ -199,16 +278,17 @@ impl Backend for LocalBackend {
             job.stop = Some(Box::new(|_: &str| TestPanic::Worker.fire()));
         }
         let exit_worker = test_panic == Some(TestPanic::WorkerExit);
+        let pending_healed = healed.clone();
         let reply = Box::new(move |outcome| {
             if exit_worker {
                 TestPanic::WorkerExit.fire();
             }
-            let _ = tx.send(answer(outcome));
+            let _ = tx.send(answer(outcome, healed.as_deref()));
         });
         // Every job's reply is called unless the model thread dies with the job queued or in hand;
         // then the sender is dropped and `wait` says `Stopped`.
         let ticket = self.worker.submit(job, reply);
-        Pending::new(rx, ticket)
+        Pending::new(rx, ticket).with_healed(pending_healed)
     }
 
     fn speculates(&self) -> bool {
@@ -221,5 +301,42 @@ impl Backend for LocalBackend {
 
     fn worker_stats(&self) -> Option<WorkerStats> {
         Some(self.worker.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heal;
+    use phi_engine::PhiTokenizer;
+    use std::path::Path;
+
+    fn root() -> &'static Path {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    }
+
+    /// The token dropped from a prompt is its last Phi-1 token, as the Python tokenizers library
+    /// encodes it (`tests/fixtures/phi-1-healing.json`).
+    #[test]
+    fn heal_drops_the_last_phi_1_token() {
+        let tokenizer = PhiTokenizer::from_file(&root().join("assets/phi-1/tokenizer.json")).expect("loads");
+        let text = std::fs::read_to_string(root().join("tests/fixtures/phi-1-healing.json")).expect("reads");
+        let reference: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        let prompts = reference["prompts"].as_array().expect("prompts");
+        assert!(prompts.len() >= 4);
+        for case in prompts {
+            let prompt = case["prompt"].as_str().expect("prompt");
+            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).expect("ids");
+            let encoded = tokenizer.encode(prompt).expect("encodes");
+            assert_eq!(encoded, ids);
+            let (kept, dropped) = heal(&tokenizer, encoded);
+            assert_eq!(kept, ids[..ids.len() - 1], "{prompt:?}");
+            assert_eq!(dropped.as_deref(), case["last_text"].as_str(), "{prompt:?}");
+        }
+        // Whitespace is not healed, nor a prompt of one token.
+        let spaces = tokenizer.encode("def f():\n    ").expect("encodes");
+        let (kept, dropped) = heal(&tokenizer, spaces.clone());
+        assert_eq!((kept, dropped), (spaces, None));
+        let one = tokenizer.encode("return").expect("encodes");
+        assert_eq!(heal(&tokenizer, one.clone()), (one, None));
     }
 }

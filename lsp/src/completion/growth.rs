@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub stats: GenerationStats,
     /// How the generation ended; `None` while it runs.
     pub finished: Option<Finished>,
+    /// The text token healing dropped from the prompt.
+    pub healed: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +79,7 @@ struct State {
     finished: Option<Finished>,
     /// The first answer has gone out: from now on every change is sent as a [`Grew`].
     answered: bool,
+    healed: Option<String>,
 }
 
 impl Growth {
@@ -110,6 +113,11 @@ impl Growth {
         let complete = &raw[..raw.rfind('\n').map_or(0, |i| i + 1)];
         let suggestion = postprocess::finish(&self.shared.context, complete);
         self.update(state, suggestion, false);
+    }
+
+    /// The generation heals the prompt's last token, whose text this is (for the status).
+    pub fn healed(&self, healed: Option<&str>) {
+        lock(&self.shared.state).healed = healed.map(str::to_string);
     }
 
     /// The figures so far (called after the prefill and after each token).
@@ -183,6 +191,7 @@ impl Growth {
             suggestion: state.suggestion.clone(),
             stats: state.stats.clone(),
             finished: state.finished.clone(),
+            healed: state.healed.clone(),
         }
     }
 
@@ -249,6 +258,7 @@ mod tests {
         growth.publish("total = 0\n    for x in xs:\n        total += x\n");
         growth.finish(
             Ok(Some(Generated {
+                healed: None,
                 text: "total = 0\n    for x in xs:\n        total += x\n    return total\n\ndef g():".into(),
                 stop: StopReason::Predicate,
                 stats: GenerationStats::default(),

@@ -47,6 +47,9 @@ pub struct LastCompletion {
     pub reused_tokens: usize,
     pub prefilled_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt-lookup drafts verified while decoding, and how many of them greedy chose.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub total_ms: f64,
@@ -57,6 +60,9 @@ pub struct LastCompletion {
     /// instead: `typed-through`, `speculated`, `running-generation`; `growing` when the answer went
     /// out while the generation goes on.
     pub stop: String,
+    /// The text token healing dropped from the end of the prompt and the model wrote again
+    /// (`None`: not healed, or no model work).
+    pub healed: Option<String>,
 }
 
 /// A completion request at `cursor` (a char index) of `rope`, the text of the document `key`.
@@ -187,6 +193,7 @@ impl Completions {
             let mut last = last_of(key, &generated.stats, started);
             last.from_cache = true;
             last.stop = "speculated".into();
+            last.healed = generated.healed.clone();
             self.record(last);
             self.show(epoch, key, &prepared, &suggestion, None);
             if let (Some(text), true) = (&suggestion, settings.speculate && backend.speculates()) {
@@ -213,6 +220,7 @@ impl Completions {
         std::mem::forget(abandon);
         let mut last = last_of(key, &snapshot.stats, started);
         last.from_cache = from_cache;
+        last.healed = snapshot.healed.clone();
         last.stop = match &snapshot.finished {
             Some(Finished::Failed(e)) => return Err(e.clone()),
             // Cut short by a newer request: that request's answer is the one that counts.
@@ -267,7 +275,9 @@ impl Completions {
         });
         let reporter = growth.clone();
         request.progress = Some(Box::new(move |stats| reporter.progress(stats)));
-        let (result, cancel) = backend.start(request).into_parts();
+        let pending = backend.start(request);
+        growth.healed(pending.healed());
+        let (result, cancel) = pending.into_parts();
         {
             let mut state = lock(&self.state);
             if state.epoch != epoch {
@@ -508,6 +518,8 @@ fn last_of(key: &str, stats: &phi_engine::GenerationStats, started: Instant) -> 
         reused_tokens: stats.reused_tokens,
         prefilled_tokens: stats.prefilled_tokens,
         generated_tokens: stats.generated_tokens,
+        drafted_tokens: stats.drafted_tokens,
+        accepted_tokens: stats.accepted_tokens,
         prefill_ms: stats.prefill_ms,
         decode_ms: stats.decode_ms,
         total_ms: elapsed_ms(started),
@@ -565,6 +577,7 @@ mod tests {
                 if opened.await.is_ok() {
                     (request.stop)(&text);
                     let _ = tx.send(Ok(Some(Generated {
+                        healed: None,
                         text,
                         stop: StopReason::EndOfText,
                         stats: GenerationStats::default(),

@@ -31,6 +31,7 @@ impl Prepared {
         GenerationRequest {
             key: key.to_string(),
             prompt: self.window.text.clone(),
+            heal: settings.token_healing && heals_at(&self.window.text),
             max_new_tokens: settings.max_new_tokens,
             deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),
             stop: Box::new(move |text: &str| postprocess::should_stop(&context, text)),
@@ -44,8 +45,33 @@ impl Prepared {
     }
 }
 
+/// Whether a prompt ending in `text` is worth healing: the cursor is inside or at the end of a
+/// word (`ret|`, `os.pa|`) or just after a dot (`os.|`), where the prompt's last token is most
+/// likely one the model would not have written there. After whitespace, brackets and operators it
+/// is not healed.
+pub fn heals_at(text: &str) -> bool {
+    text.chars()
+        .next_back()
+        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.')
+}
+
 /// What of `generated` goes in at a cursor with `context`. A character whose bytes were cut off by
 /// the token limit decodes as U+FFFD: it is dropped.
 pub fn suggestion(context: &Context, generated: &str) -> Option<String> {
     postprocess::finish(context, generated.trim_end_matches('\u{FFFD}'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heals_at;
+
+    #[test]
+    fn healing_inside_a_word_and_after_a_dot_only() {
+        for text in ["    ret", "os.pa", "os.", "x_1", "é", "print(are"] {
+            assert!(heals_at(text), "{text:?}");
+        }
+        for text in ["", "return ", "f(", "x = ", "    \n", "a + b)", "def f():"] {
+            assert!(!heals_at(text), "{text:?}");
+        }
+    }
 }

@@ -13,7 +13,7 @@ M.defaults = {
   filetypes = { 'python' },
   root_markers = { 'pyproject.toml', 'setup.py', 'setup.cfg', 'requirements.txt', '.git' },
   --- Server options, as the server names them: model, tokenizer, device, dtype, maxNewTokens,
-  --- deadlineMs, contextTokens, completionMode, speculate. Sent as initializationOptions and as
+  --- deadlineMs, contextTokens, completionMode, speculate, tokenHealing. Sent as initializationOptions and as
   --- workspace/didChangeConfiguration settings under "phi-lsp".
   settings = {},
   --- 'auto' (native on 0.12+, else the plugin's), 'native', 'plugin', or false for none (the

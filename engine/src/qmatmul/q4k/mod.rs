@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Tensor};
 
-use super::{cpu_f32, outputs, Result, Weight};
+use super::{cpu_f32, outputs, Result, Rows, Weight};
 use crate::cpu::{self, Implementation, Isa, Kernel};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -130,11 +130,13 @@ pub(super) struct Q4kLinear<'a> {
 
 /// `x · wᵀ + bias` for q4k `(w, bias)` pairs on one f32 CPU input `xs` (`dims`, rows of `k`), one
 /// tensor each. `None` where some weight is not q4k of that `k`, `k` is not whole blocks, or a
-/// bias is not f32 of the weight's `n`: the caller uses candle's ops.
+/// bias is not f32 of the weight's `n`: the caller uses candle's ops. Only the row kernels where
+/// `rows` says so.
 pub(super) fn linear(
     linears: &[(&Weight, &Tensor)],
     xs: &Tensor,
     dims: &[usize],
+    rows: Rows,
 ) -> Result<Option<Vec<Tensor>>> {
     let k = dims[dims.len() - 1];
     let m = xs.elem_count() / k;
@@ -185,7 +187,11 @@ pub(super) fn linear(
     };
     let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
-    multiply(tiles_for(&parts, m), &parts, &quantized, m, &mut outs);
+    let tiles = match rows {
+        Rows::Fastest => tiles_for(&parts, m),
+        Rows::Alone => None,
+    };
+    multiply(tiles, &parts, &quantized, m, &mut outs);
     drop(guard);
 
     outputs(outs, parts.iter().map(|p| p.n), dims).map(Some)

@@ -15,7 +15,7 @@
 
 use candle_core::Tensor;
 
-use super::{cpu_f32, outputs, Result, Weight};
+use super::{cpu_f32, outputs, Result, Rows, Weight};
 use crate::cpu::{self, Implementation, Isa, Kernel};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -122,8 +122,13 @@ impl Input {
 }
 
 /// `x · wᵀ + bias` for weights that are all [`Weight::Q8_0`] on one f32 CPU input `xs` (`dims`,
-/// rows of `k`): any number of rows.
-pub(super) fn linear(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
+/// rows of `k`): any number of rows, through the row kernels alone where `rows` says so.
+pub(super) fn linear(
+    linears: &[(&Weight, &Tensor)],
+    xs: &Tensor,
+    dims: &[usize],
+    rows: Rows,
+) -> Result<Vec<Tensor>> {
     let k = dims[dims.len() - 1];
     let m = xs.elem_count() / k;
     let biases = linears
@@ -150,7 +155,11 @@ pub(super) fn linear(linears: &[(&Weight, &Tensor)], xs: &Tensor, dims: &[usize]
         candle_core::bail!("q8_0 tiles need the input on the CPU")
     };
     let mut outs: Vec<Vec<f32>> = parts.iter().map(|(w, _)| vec![0f32; m * w.n]).collect();
-    multiply(tiles_for(&parts, m), &parts, input, m, &mut outs);
+    let tiles = match rows {
+        Rows::Fastest => tiles_for(&parts, m),
+        Rows::Alone => None,
+    };
+    multiply(tiles, &parts, input, m, &mut outs);
     drop(guard);
     outputs(outs, parts.iter().map(|(w, _)| w.n), dims)
 }
