@@ -324,3 +324,62 @@ fn bench_reports_every_measurement_and_keystrokes_reuse_the_cache() {
         assert_eq!(server["accept_speculated"], true, "{server}");
     }
 }
+
+/// `bench --replay humaneval` on the fixture: the first problems through the server's completion
+/// code with each token scripted to the canonical body, so every body arrives whole (the canonical
+/// solution is the reference), with and without drafts, and every figure of the replay is there.
+#[test]
+fn bench_replays_humaneval_bodies_through_the_completion_code() {
+    let output = phi_lsp()
+        .args(["bench", "--model"])
+        .arg(fixture_dir())
+        .args([
+            "--dtype",
+            "f32",
+            "--repeats",
+            "1",
+            "--keystrokes",
+            "1",
+            "--skip-server",
+        ])
+        .args(["--decode-tokens", "4", "--bandwidth-mib", "64", "--json"])
+        .args(["--replay", "humaneval", "--replay-limit", "3"])
+        .output()
+        .expect("phi-lsp runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("one JSON object");
+    assert_eq!(report["replay_problems"], 3, "{report}");
+    assert_eq!(report["replay_bodies_complete"], 1.0, "{stderr}");
+    // HumanEval/0..2's canonical bodies are tens of tokens with this tokenizer.
+    let tokens = report["replay_tokens_p50"].as_f64().expect("tokens");
+    assert!(tokens >= 8.0, "{report}");
+    for key in [
+        "replay_first_line_ms_p50",
+        "replay_first_line_ms_p90",
+        "replay_body_ms_p50",
+        "replay_body_ms_p90",
+        "replay_decode_tok_s",
+        "replay_speculative_speedup",
+    ] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+    }
+    let acceptance = report["replay_draft_acceptance"].as_f64().expect("acceptance");
+    assert!((0.0..=1.0).contains(&acceptance), "{report}");
+    assert!(
+        report["replay_first_line_ms_p50"].as_f64() <= report["replay_body_ms_p50"].as_f64(),
+        "{report}"
+    );
+
+    let output = phi_lsp()
+        .args(["bench", "--model"])
+        .arg(fixture_dir())
+        .args(["--replay", "mbpp"])
+        .output()
+        .expect("phi-lsp runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("humaneval"), "{stderr}");
+}

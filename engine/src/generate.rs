@@ -197,6 +197,10 @@ pub struct GenerateParams {
     /// constraint. The tokens that write it count towards `max_new_tokens`, and the stop rule and
     /// the result's text see them.
     pub prefix: Vec<u8>,
+    /// Teacher forcing, for `phi-lsp bench --replay` only: the tokens chosen are these, in order,
+    /// then end of text, whatever the logits say (every forward pass still runs, and drafts are
+    /// accepted where they agree with it). The server never sets it.
+    pub script: Option<std::sync::Arc<[u32]>>,
 }
 
 /// [`GenerateParams::draft`]'s default.
@@ -210,6 +214,7 @@ impl Default for GenerateParams {
             deadline: None,
             draft: DEFAULT_DRAFT,
             prefix: Vec::new(),
+            script: None,
         }
     }
 }
@@ -427,7 +432,12 @@ pub fn generate(
         if generation.tokens.len() >= params.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let next = if remaining.is_empty() {
+        let next = if let Some(script) = &params.script {
+            match script.get(generation.tokens.len()) {
+                Some(&token) => token,
+                None => break StopReason::EndOfText,
+            }
+        } else if remaining.is_empty() {
             sampler.sample(&logits)?
         } else {
             let allowed = tokenizer.healing_ids(remaining);
@@ -497,7 +507,11 @@ pub fn generate(
         // where row i chooses it.
         let mut accepted = 0;
         while accepted < drafted.len() {
-            if sampler.sample(&rows.get(accepted)?)? != drafted[accepted] {
+            let chosen = match &params.script {
+                Some(script) => script.get(generation.tokens.len() + accepted).copied(),
+                None => Some(sampler.sample(&rows.get(accepted)?)?),
+            };
+            if chosen != Some(drafted[accepted]) {
                 break;
             }
             accepted += 1;

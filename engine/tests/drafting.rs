@@ -253,3 +253,46 @@ fn full_phi_1_drafting_is_greedy() {
         }
     }
 }
+
+/// Teacher forcing (`bench --replay`): the tokens are the script's, then end of text, with or
+/// without drafts; a draft is accepted exactly where it agrees with the script, so a script that
+/// repeats the prompt accepts drafts and one of fresh tokens accepts none.
+#[test]
+fn a_script_chooses_the_tokens_and_decides_which_drafts_are_accepted() {
+    let engine = fixture(WeightDType::F32);
+    let vocab = engine.tokenizer.size() as u32 - 1;
+    let [repeated, distinct] = prompts(vocab);
+    for (script, repeats) in [(repeated[9..27].to_vec(), true), (distinct[..12].to_vec(), false)] {
+        for draft in [0, 3] {
+            let mut slot = Slot::new(&engine.model, 512).expect("slot");
+            let params = GenerateParams {
+                max_new_tokens: 64,
+                draft,
+                script: Some(script.clone().into()),
+                ..Default::default()
+            };
+            let generation = generate(
+                &engine,
+                &mut slot,
+                &repeated[..18],
+                &params,
+                Watch {
+                    stop: &mut |_: &str| false,
+                    cancelled: &never,
+                    progress: None,
+                },
+            )
+            .expect("generates");
+            assert_eq!(generation.tokens, script, "draft {draft}");
+            assert_eq!(generation.stop, phi_engine::StopReason::EndOfText);
+            let stats = &generation.stats;
+            if draft == 0 || !repeats {
+                assert_eq!(stats.accepted_tokens, 0, "draft {draft}, repeats {repeats}");
+            } else {
+                // Every draft after the first pass continues the repeated line, as the script does.
+                assert!(stats.accepted_tokens >= script.len() / 2, "{stats:?}");
+                assert!(stats.decode_passes < script.len(), "{stats:?}");
+            }
+        }
+    }
+}

@@ -157,6 +157,13 @@ pub struct BenchArgs {
     /// and without drafts is also timed.
     #[arg(long, default_value_t = phi_engine::DEFAULT_DRAFT)]
     pub draft: usize,
+    /// Also replay a problem set through the server's completion code, each next token scripted
+    /// to its canonical body (only `humaneval`: the built-in HumanEval), with and without drafts.
+    #[arg(long, value_name = "SET")]
+    pub replay: Option<String>,
+    /// Replay only the first N problems.
+    #[arg(long, value_name = "N")]
+    pub replay_limit: Option<usize>,
 }
 
 impl ModelArgs {

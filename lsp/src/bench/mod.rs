@@ -4,13 +4,15 @@
 //! results to stdout (a table, or one JSON object per dtype with `--json`).
 //!
 //! One module per job: [`target`] (what is benchmarked), [`machine`] (the CPU), [`bandwidth`],
-//! [`rss`], [`in_process`] and [`server`] (the runs), [`profile`], [`stats`] and [`report`].
+//! [`rss`], [`in_process`] and [`server`] (the runs), [`replay`] (HumanEval through the completion
+//! code), [`profile`], [`stats`] and [`report`].
 
 mod bandwidth;
 mod in_process;
 mod keystroke;
 mod machine;
 mod profile;
+mod replay;
 mod report;
 mod rss;
 mod server;
@@ -56,6 +58,9 @@ pub fn benchmark(model: &ModelArgs, args: BenchArgs) -> Result<()> {
         .split(',')
         .map(|name| loading::resolve_dtype(name.trim(), &device))
         .collect::<Result<Vec<_>>>()?;
+    if args.replay.as_deref().is_some_and(|set| set != "humaneval") {
+        bail!("--replay: the only problem set is `humaneval`");
+    }
     let target = Target::resolve(model, &args)?;
     let machine = Machine::detect();
     progress(&format!(
@@ -127,7 +132,20 @@ fn measure_dtype(
     )?;
     let runs = in_process::measure_in_process(&engine, dtype, args, &text)?;
     let peak_rss = rss::peak_rss_bytes(None);
-    drop(engine);
+    let replay = match &args.replay {
+        Some(_) => {
+            let problems = replay::humaneval(args.replay_limit)?;
+            progress(&format!(
+                "{name}: replaying {} HumanEval problems",
+                problems.len()
+            ));
+            Some(replay::replay(engine, &spec, &problems, args.draft.max(1))?.json())
+        }
+        None => {
+            drop(engine);
+            None
+        }
+    };
     let bandwidth_after = measure_bandwidth(args.bandwidth_mib, threads);
 
     let profile = if args.profile {
@@ -142,7 +160,7 @@ fn measure_dtype(
         Some(server::server_keystrokes(&spec, threads, args, &text)?)
     };
 
-    Ok(Measured {
+    let mut report = Measured {
         dtype,
         threads,
         machine,
@@ -157,7 +175,11 @@ fn measure_dtype(
         profile,
         server,
     }
-    .json())
+    .json();
+    if let (Some(Value::Object(replay)), Value::Object(map)) = (replay, &mut report) {
+        map.extend(replay);
+    }
+    Ok(report)
 }
 
 /// Progress goes to stderr (stdout holds the results).

@@ -189,6 +189,21 @@ pub fn table(r: &Value) -> String {
             server["accept_ms"], server["accept_speculated"],
         ));
     }
+    if r.get("replay_problems").is_some() {
+        lines.push(format!(
+            "  HumanEval replay ({} problems, {} tokens p50): first line {} / {} ms, body {} / {} ms (p50 / p90); {}% delivered whole; plain decoding {} tok/s; drafts {}x faster, {}% accepted",
+            r["replay_problems"],
+            r["replay_tokens_p50"],
+            r["replay_first_line_ms_p50"],
+            r["replay_first_line_ms_p90"],
+            r["replay_body_ms_p50"],
+            r["replay_body_ms_p90"],
+            100.0 * num("replay_bodies_complete"),
+            r["replay_decode_tok_s"],
+            r["replay_speculative_speedup"],
+            100.0 * num("replay_draft_acceptance"),
+        ));
+    }
     lines.push(format!(
         "  peak RSS                 {} bench{} (weights as stored {})",
         bytes("peak_rss_bytes"),

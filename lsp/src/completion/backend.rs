@@ -251,8 +251,11 @@ pub fn answer(outcome: phi_engine::Result<JobOutcome>, healed: Option<&str>) -> 
     }
 }
 
-impl Backend for LocalBackend {
-    fn start(&self, mut request: GenerationRequest) -> Pending {
+impl LocalBackend {
+    /// [`Backend::start`], with `adjust` applied to the engine job before it is submitted: how
+    /// `phi-lsp bench --replay` scripts the token choice and sets the drafts, through the same path
+    /// as every request. The server passes nothing.
+    pub fn start_with(&self, mut request: GenerationRequest, adjust: impl FnOnce(&mut Job)) -> Pending {
         let (tx, rx) = oneshot::channel();
         let test_panic = self
             .test_panic
@@ -274,6 +277,7 @@ impl Backend for LocalBackend {
                 return Pending::new(rx, ());
             }
         };
+        adjust(&mut job);
         if test_panic == Some(TestPanic::Worker) {
             job.stop = Some(Box::new(|_: &str| TestPanic::Worker.fire()));
         }
@@ -289,6 +293,12 @@ impl Backend for LocalBackend {
         // then the sender is dropped and `wait` says `Stopped`.
         let ticket = self.worker.submit(job, reply);
         Pending::new(rx, ticket).with_healed(pending_healed)
+    }
+}
+
+impl Backend for LocalBackend {
+    fn start(&self, request: GenerationRequest) -> Pending {
+        self.start_with(request, |_| {})
     }
 
     fn speculates(&self) -> bool {
