@@ -11,14 +11,15 @@ use std::thread::JoinHandle;
 
 use crate::config::PhiConfig;
 use crate::error::{EngineError, Result};
-use crate::generate::{generate, GenerateParams, Generation, GenerationStats, Slot, Watch};
+use crate::generate::{common_prefix, generate, GenerateParams, Generation, GenerationStats, Slot, Watch};
 use crate::model::PhiModel;
 use crate::tokenizer::PhiTokenizer;
 use crate::weights::Engine;
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerOptions {
-    /// Slots kept at once (one per recently used key); the least recently used one is reused.
+    /// Slots kept at once (for recently used keys, several places of one key apart); the least
+    /// recently used one is reused.
     pub max_slots: usize,
     /// Positions each slot can hold (prompt plus generated tokens).
     pub slot_capacity: usize,
@@ -297,7 +298,7 @@ impl WorkerState {
                 self.options.slot_capacity
             )));
         }
-        let slot = take_slot(&mut self.slots, self.options, &self.engine.model, &key)?;
+        let slot = take_slot(&mut self.slots, self.options, &self.engine.model, &key, &ids)?;
         let mut stop = stop;
         let mut never = |_: &str| false;
         let stop: &mut dyn FnMut(&str) -> bool = match stop.as_mut() {
@@ -321,19 +322,37 @@ impl WorkerState {
     }
 }
 
-/// The slot of `key`, made (or taken from the least recently used key) when it has none.
+/// A slot's window is kept for its place (instead of being overwritten by another place of the same
+/// key) only when it holds at least this many positions: fewer cost little to compute again.
+const PLACE_POSITIONS: usize = 64;
+
+/// A slot for the prompt `ids` of `key`, moved to the end (most recently used): of the slots `key`
+/// has, the one that shares the longest prefix with `ids`, if it shares at least half of them or
+/// holds less than [`PLACE_POSITIONS`]. Otherwise this is another place of the document (a jump far
+/// up or down, or a window whose start moved): a new slot, so the window left behind stays cached
+/// for when the user comes back, or — at the slot limit — the least recently used slot of any key,
+/// cleared.
 fn take_slot<'a>(
     slots: &'a mut Vec<(String, Slot)>,
     options: WorkerOptions,
     model: &PhiModel,
     key: &str,
+    ids: &[u32],
 ) -> Result<&'a mut Slot> {
-    let entry = match slots.iter().position(|(k, _)| k == key) {
-        Some(idx) => slots.remove(idx),
-        None if slots.len() < options.max_slots.max(1) => {
+    let best = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == key)
+        .map(|(idx, (_, slot))| (idx, common_prefix(slot.ids(), ids)))
+        .max_by_key(|&(idx, shared)| (shared, idx));
+    let entry = match best {
+        Some((idx, shared)) if 2 * shared >= ids.len() || slots[idx].1.ids().len() < PLACE_POSITIONS => {
+            slots.remove(idx)
+        }
+        _ if slots.len() < options.max_slots.max(1) => {
             (key.to_string(), Slot::new(model, options.slot_capacity)?)
         }
-        None => {
+        _ => {
             let (_, mut slot) = slots.remove(0);
             slot.clear();
             (key.to_string(), slot)

@@ -180,3 +180,36 @@ fn forget_frees_the_slot() {
     assert_eq!(worker.stats().slots, 1);
     worker.shutdown();
 }
+
+/// Two places far apart in one document (key): each keeps its own slot, so coming back to the
+/// first one reuses its cache instead of computing its window again; a place that shares its
+/// prefix with a slot's window keeps using that slot.
+#[test]
+fn places_far_apart_in_one_document_keep_their_own_caches() {
+    let worker = worker(3);
+    let body = |name: &str| -> String {
+        (0..12)
+            .map(|i| format!("def {name}_{i}(value):\n    return value * {i} + {}\n\n", i * 3))
+            .collect()
+    };
+    let (top, bottom) = (body("top"), body("bottom"));
+    let first = finished(worker.submit_and_wait(job("doc", &top, 2)).expect("runs"));
+    assert!(first.stats.prompt_tokens >= 64, "{:?}", first.stats);
+    // The user jumps to another window of the same document: a second slot.
+    let other = finished(worker.submit_and_wait(job("doc", &bottom, 2)).expect("runs"));
+    assert_eq!(other.stats.reused_tokens, 0, "{:?}", other.stats);
+    assert_eq!(worker.stats().slots, 2);
+    // Back at the first place, one character typed: its cache is still there.
+    let back = finished(
+        worker
+            .submit_and_wait(job("doc", &format!("{top}d"), 2))
+            .expect("runs"),
+    );
+    assert!(back.stats.prefilled_tokens <= 3, "{:?}", back.stats);
+    assert_eq!(worker.stats().slots, 2);
+    // Forgetting the document frees both.
+    worker.forget("doc");
+    let after = finished(worker.submit_and_wait(job("x", "x = 1\n", 2)).expect("runs"));
+    assert_eq!(after.stats.reused_tokens, 0);
+    assert_eq!(worker.stats().slots, 1);
+}

@@ -7,8 +7,8 @@
 //! is checked against a second `phi-lsp` server whose caches are defeated (each request's text is
 //! opened as a brand-new document and closed after it), and a deterministic sample (every 50th,
 //! and every first answer after a reopen) against fresh `phi-lsp complete` processes. Meanwhile the
-//! server's resident memory must stay flat after warm-up and `worker.slots` within the open
-//! documents and the slot limit. `SOAK_KEYSTROKES` (default 10000) and `SOAK_SEED` (default 7)
+//! server's resident memory must stay flat after warm-up and `worker.slots` within the slot limit
+//! (none once every document is closed). `SOAK_KEYSTROKES` (default 10000) and `SOAK_SEED` (default 7)
 //! change the replay.
 //!
 //! The other tests are about concurrency: two documents whose prompts share a long prefix never
