@@ -12,9 +12,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape};
 
-use crate::cpu::{Implementation, Isa, Kernel};
+use crate::cpu::{Implementation, Kernel};
 #[cfg(target_arch = "x86_64")]
-use crate::simd::sum8;
+use crate::{cpu::Isa, simd::sum8};
 
 type Result<T> = candle_core::Result<T>;
 

@@ -10,15 +10,17 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Storage, Tensor};
+#[cfg(target_arch = "x86_64")]
+use {candle_core::quantized::GgmlDType, std::sync::Arc};
 
 type Result<T> = candle_core::Result<T>;
 
 mod dense;
 mod q4k;
+// Its kernels are AVX-512 VNNI and AVX2 only: elsewhere candle keeps q8_0 weights.
+#[cfg(target_arch = "x86_64")]
 mod q8_0;
 
 /// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
@@ -26,11 +28,13 @@ mod q8_0;
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
     Candle(QMatMul),
+    #[cfg(target_arch = "x86_64")]
     Q8_0(Arc<q8_0::Packed>),
 }
 
 impl Weight {
     pub(crate) fn new(weight: QMatMul) -> Result<Weight> {
+        #[cfg(target_arch = "x86_64")]
         if let QMatMul::QTensor(w) = &weight {
             let (n, k) = w.shape().dims2()?;
             if w.dtype() == GgmlDType::Q8_0 && w.device().is_cpu() && q8_0::Packed::supported(n, k) {
@@ -100,6 +104,7 @@ pub(crate) fn linear_rows_as(
     if let Some(dense) = dense {
         return dense::linear(&dense, xs, &dims);
     }
+    #[cfg(target_arch = "x86_64")]
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
         return q8_0::linear(linears, xs, &dims, rows).map(Some);
     }
@@ -151,7 +156,7 @@ fn on_every_thread(total: usize, work: impl Fn(usize, usize) + Sync) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QTensor;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
 
     /// `n` values in `[-1, 1)` from a fixed generator, the same for the same seed.

@@ -1,6 +1,11 @@
 //! The engine against HF transformers: logits at every position and greedy tokens of the committed
 //! random checkpoint (`tests/fixtures/tiny-phi`, made by `scripts/make_fixture.py`), then the KV
 //! cache against fresh computations over random edit sequences.
+//!
+//! On the CPU in f32 by default. `PHI_ENGINE_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`, `metal`) and
+//! `PHI_ENGINE_TEST_DTYPE` (a `--dtype` name) run them elsewhere, as `scripts/gpu_check.sh` does
+//! (a GPU needs the crate's `cuda` or `metal` feature): the logit tolerance holds for f32 only, the
+//! greedy tokens are asked of f16 too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,10 +39,34 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-phi")
 }
 
+/// The device named by `PHI_ENGINE_TEST_DEVICE`, the CPU without it.
+fn device() -> Device {
+    let name = std::env::var("PHI_ENGINE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = match name.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        "metal" => Device::new_metal(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal),
+            _ => panic!("PHI_ENGINE_TEST_DEVICE={other:?}: use cpu, cuda, cuda:N or metal"),
+        },
+    };
+    device.unwrap_or_else(|e| panic!("PHI_ENGINE_TEST_DEVICE={name}: {e}"))
+}
+
+/// The dtype named by `PHI_ENGINE_TEST_DTYPE`, f32 without it.
+fn dtype() -> WeightDType {
+    match std::env::var("PHI_ENGINE_TEST_DTYPE") {
+        Ok(name) => WeightDType::parse(&name)
+            .unwrap_or_else(|| panic!("PHI_ENGINE_TEST_DTYPE={name:?}: use {}", WeightDType::NAMES)),
+        Err(_) => WeightDType::F32,
+    }
+}
+
 fn load() -> (Engine, Reference) {
     let dir = fixture_dir();
     let files = ModelFiles::from_dir(&dir, None).expect("fixture folder is complete");
-    let engine = Engine::load(&files, &Device::Cpu, WeightDType::F32).expect("fixture loads");
+    let engine = Engine::load(&files, &device(), dtype()).expect("fixture loads");
     let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
     let reference: Reference = serde_json::from_str(&text).expect("reference parses");
     (engine, reference)

@@ -38,6 +38,7 @@ enum Values<'a> {
 
 impl Values<'_> {
     /// Element kind, the const parameter of the SIMD kernels.
+    #[cfg(target_arch = "x86_64")]
     fn kind(self) -> u8 {
         match self {
             Values::F32(_) => F32,
@@ -47,6 +48,7 @@ impl Values<'_> {
     }
 
     /// Address of element `i` and the size of one element.
+    #[cfg(target_arch = "x86_64")]
     fn at(self, i: usize) -> (*const u8, usize) {
         match self {
             Values::F32(v) => (v[i..].as_ptr() as *const u8, 4),
@@ -65,6 +67,7 @@ impl Values<'_> {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn len(self) -> usize {
         match self {
             Values::F32(v) => v.len(),
@@ -82,8 +85,12 @@ impl Values<'_> {
     }
 }
 
+// The element kinds of [`Values::kind`].
+#[cfg(target_arch = "x86_64")]
 const F32: u8 = 0;
+#[cfg(target_arch = "x86_64")]
 const F16: u8 = 1;
+#[cfg(target_arch = "x86_64")]
 const BF16: u8 = 2;
 
 /// A dense linear layer: its weight `[n, k]` as stored, and the bias added to its outputs.

@@ -2,7 +2,9 @@
 //! rows widened to f32 as they stream from memory, four at a time against up to four activation
 //! rows held in registers, on AVX-512, AVX2 or portable code.
 
-use super::{DenseLinear, Values, BF16, F16, F32, MAX_ROWS};
+use super::{DenseLinear, Values, MAX_ROWS};
+#[cfg(target_arch = "x86_64")]
+use super::{BF16, F16, F32};
 use crate::cpu::{Implementation, Isa, Kernel};
 use crate::qmatmul::{on_every_thread, share};
 

@@ -16,13 +16,16 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Tensor};
 
 use super::{cpu_f32, outputs, Result, Rows, Weight};
-use crate::cpu::{self, Implementation, Isa, Kernel};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::Isa;
+use crate::cpu::{self, Implementation, Kernel};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
 pub(super) mod rows;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
 mod tiles_avx2;
 
 pub(super) const QK_K: usize = 256;
@@ -206,14 +209,22 @@ fn tiles_for(parts: &[Q4kLinear], m: usize) -> Option<Implementation> {
 }
 
 /// Whether `tiles`' kernel takes `m` rows against `parts` (every part whole 16-row tiles).
+#[cfg(target_arch = "x86_64")]
 fn tiles_fit(tiles: Implementation, parts: &[Q4kLinear], m: usize) -> bool {
     let whole_tiles = parts.iter().all(|p| p.n.is_multiple_of(16));
     match tiles.isa() {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        #[cfg(target_os = "linux")]
         Isa::Amx => m >= amx::MIN_ROWS && whole_tiles,
         Isa::Avx2 => m >= tiles_avx2::MIN_ROWS && whole_tiles,
         _ => false,
     }
+}
+
+/// [`tiles_fit`] where there are no tile kernels (not x86-64): the probe lists only the portable
+/// implementation, which is the row kernels in chunks.
+#[cfg(not(target_arch = "x86_64"))]
+fn tiles_fit(_: Implementation, _: &[Q4kLinear], _: usize) -> bool {
+    false
 }
 
 /// Every weight row of every part against the `m` rows of `x`, written with the bias into `outs`
@@ -229,6 +240,7 @@ fn multiply(
     match tiles.map(|imp| (imp, imp.isa())) {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Some((imp, Isa::Amx)) => amx::multiply(imp, parts, x, m, outs),
+        #[cfg(target_arch = "x86_64")]
         Some((imp, Isa::Avx2)) => tiles_avx2::multiply(imp, parts, x, m, outs),
         _ => rows::multiply(rows::chosen(), parts, x, m, outs),
     }

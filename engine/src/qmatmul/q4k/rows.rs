@@ -3,11 +3,11 @@
 //! activation rows and every 32-value product reduced horizontally (ggml's `q4_K·q8_K` dot
 //! product widened to several rows), on AVX-512 VNNI or AVX2, with a portable fallback.
 
-use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block, SUB_BLOCK_AT};
-use crate::cpu::{self, Implementation, Isa, Kernel};
+use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
+use crate::cpu::{self, Implementation, Kernel};
 use crate::qmatmul::{on_every_thread, share};
 #[cfg(target_arch = "x86_64")]
-use crate::simd::prefetch;
+use {super::SUB_BLOCK_AT, crate::cpu::Isa, crate::simd::prefetch};
 
 /// Most activation rows the row kernels take at once; more are run in chunks of this many, each
 /// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
@@ -17,6 +17,7 @@ use crate::simd::prefetch;
 pub(crate) const MAX_ROWS: usize = 31;
 
 /// How far ahead of the block it works on a kernel prefetches the weights.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 3072;
 
 /// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one

@@ -31,21 +31,14 @@ pub(super) fn multiply(
     assert_eq!(imp.isa(), Isa::Avx2, "{imp} is not AVX2");
     let total: usize = parts.iter().map(|p| p.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    #[cfg(target_arch = "x86_64")]
     // SAFETY: the probe lists AVX2 for this kernel only where the CPU has AVX2, FMA and F16C;
     // `imp` is AVX2 (asserted).
     on_every_thread(total, |start, end| unsafe {
         tiles_q4k(parts, x, m, &out_ptrs, start, end)
     });
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (total, out_ptrs, x, m, parts);
-        unreachable!("the probe lists AVX2 only on x86-64");
-    }
 }
 
 /// The 8×8 transpose of 32-bit lanes: lane `i` of output `j` is lane `j` of input `i`.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn transpose8(v: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
@@ -93,7 +86,6 @@ struct Unpacked {
 ///
 /// The CPU has AVX2, FMA and F16C; `outs` point to `[m, n]` outputs of `parts`, whose tiles
 /// `[start, end)` no other thread writes.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tiles_q4k(parts: &[Q4kLinear], x: &[Q8Block], m: usize, outs: &[usize], start: usize, end: usize) {
     use std::arch::x86_64::*;
@@ -177,7 +169,6 @@ unsafe fn tiles_q4k(parts: &[Q4kLinear], x: &[Q8Block], m: usize, outs: &[usize]
 /// # Safety
 ///
 /// The CPU has AVX2 and FMA; `acc` holds rows `first..first + M` of 16 sums.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn rows_of<const M: usize>(
