@@ -77,12 +77,14 @@ impl Remote {
     ) -> Result<Generated, RemoteError> {
         let GenerationRequest {
             prompt,
+            header,
             max_new_tokens,
             deadline,
             mut stop,
             ..
         } = request;
         let started = Instant::now();
+        let prompt = format!("{}{prompt}", header.text());
         let body = json!({
             "model": self.model,
             "prompt": &prompt,
@@ -240,7 +242,7 @@ impl Backend for Remote {
         let (tx, rx) = oneshot::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let (remote, flag) = (self.clone(), cancel.clone());
-        let prompt = request.prompt.clone();
+        let prompt = format!("{}{}", request.header.text(), request.prompt);
         tokio::task::spawn_blocking(move || {
             let run =
                 std::panic::AssertUnwindSafe(|| remote.generate(request, &|| flag.load(Ordering::Relaxed)));

@@ -11,7 +11,7 @@ use phi_engine::{
 };
 use tokio::sync::oneshot;
 
-use super::prompt::fit_tokens;
+use super::prompt::fit;
 use crate::faults::TestPanic;
 
 /// Says, after each token, whether the text generated so far is a whole suggestion.
@@ -21,8 +21,10 @@ pub type StopRule = Box<dyn FnMut(&str) -> bool + Send>;
 pub struct GenerationRequest {
     /// Which KV-cache slot (the document URI); a newer request with the same key supersedes this one.
     pub key: String,
-    /// The text before the cursor that the model continues.
+    /// The text before the cursor that the model continues (the window).
     pub prompt: String,
+    /// The file's structure that goes before `prompt` (empty when the window starts the file).
+    pub header: super::structure::Header,
     /// Heal the prompt's last token (see [`heal`]); local backends only: a remote one sends the
     /// whole prompt and is not constrained.
     pub heal: bool,
@@ -148,7 +150,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// The model thread in this process. Prompts are tokenized here and fitted to the slot's capacity
-/// by [`fit_tokens`], the one place that fits a prompt.
+/// by [`fit`], the one place that fits a prompt.
 pub struct LocalBackend {
     worker: Arc<Worker>,
     slot_capacity: usize,
@@ -189,8 +191,13 @@ pub fn job(
     slot_capacity: usize,
     request: GenerationRequest,
 ) -> phi_engine::Result<LocalJob> {
-    let ids = worker.tokenizer().encode(&request.prompt)?;
-    let ids = fit_tokens(&ids, slot_capacity, request.max_new_tokens)?.to_vec();
+    let ids = fit(
+        worker.tokenizer(),
+        &request.header,
+        &request.prompt,
+        slot_capacity,
+        request.max_new_tokens,
+    )?;
     let (ids, healed) = match request.heal {
         true => heal(worker.tokenizer(), ids),
         false => (ids, None),

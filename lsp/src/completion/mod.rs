@@ -9,6 +9,7 @@
 //! never held across an `await`.
 //!
 //! - [`prompt`]: the prompt window and its fitting to the context.
+//! - [`structure`]: the imports and enclosing headers above the window.
 //! - [`prepared`]: one completion's window, generation request and post-processing.
 //! - [`postprocess`]: the Python stop rules and trimming.
 //! - [`backend`]: the one trait local and remote generation sit behind.
@@ -19,6 +20,7 @@ pub mod growth;
 pub mod postprocess;
 pub mod prepared;
 pub mod prompt;
+pub mod structure;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

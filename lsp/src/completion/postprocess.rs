@@ -364,20 +364,20 @@ fn reindent_lines(indent: IndentStyle, text: &str, convert_first: bool) -> Strin
 
 /// One physical line, with what the lexer knew at its start and end.
 #[derive(Debug)]
-struct Line<'a> {
+pub(crate) struct Line<'a> {
     /// Byte index of the line's first char in the scanned text.
-    start: usize,
+    pub(crate) start: usize,
     /// The line without `\n` (and without the `\r` of a `\r\n`).
-    text: &'a str,
+    pub(crate) text: &'a str,
     /// A `\n` follows: the line is complete.
-    terminated: bool,
+    pub(crate) terminated: bool,
     /// Not inside brackets, a string or a backslash continuation: a new statement starts here.
-    starts_statement: bool,
-    starts_in_string: bool,
+    pub(crate) starts_statement: bool,
+    pub(crate) starts_in_string: bool,
     /// The statement is complete at the end of this line.
-    ends_statement: bool,
+    pub(crate) ends_statement: bool,
     /// The line's code, ignoring a trailing comment, ends with ':'.
-    opens_block: bool,
+    pub(crate) opens_block: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -399,7 +399,7 @@ impl LexState {
     }
 }
 
-fn split_lines(text: &str) -> Vec<Line<'_>> {
+pub(crate) fn split_lines(text: &str) -> Vec<Line<'_>> {
     let mut state = LexState::default();
     let mut lines = Vec::new();
     let mut start = 0;
@@ -482,7 +482,7 @@ fn lex_line(state: &mut LexState, line: &str) -> bool {
 }
 
 /// The line from its first non-blank char, or None for a blank line.
-fn first_code(line: &str) -> Option<&str> {
+pub(crate) fn first_code(line: &str) -> Option<&str> {
     let code = line.trim_start();
     (!code.is_empty()).then_some(code)
 }
@@ -492,7 +492,7 @@ fn leading_whitespace(line: &str) -> &str {
 }
 
 /// Indentation in columns, a tab advancing to the next multiple of `tab_width`.
-fn indent_width(line: &str, tab_width: usize) -> usize {
+pub(crate) fn indent_width(line: &str, tab_width: usize) -> usize {
     let mut width = 0;
     for ch in line.chars() {
         match ch {
