@@ -69,6 +69,12 @@ fn complete_heals_the_last_token_as_transformers_does() {
         let out = complete(&case.prompt, reference.max_new_tokens, &[]);
         assert_eq!(out["healed"].as_str(), Some(case.dropped_text.as_str()), "{out}");
         assert_eq!(out["prompt_tokens"], json!(case.prompt_ids.len()), "{out}");
+        // The prompt the model saw: the text without what transformers' healing dropped.
+        let seen = case
+            .prompt
+            .strip_suffix(&case.dropped_text)
+            .expect("ends with it");
+        assert_eq!(out["prompt"].as_str(), Some(seen), "{out}");
         let raw = out["raw"].as_str().expect("raw");
         // The Python stop rules may end the generation early: what it wrote is then the start of
         // transformers' continuation; otherwise all of it.
@@ -92,6 +98,7 @@ fn complete_heals_the_last_token_as_transformers_does() {
         );
         assert_eq!(plain["healed"], Value::Null);
         assert_eq!(plain["prompt_tokens"], json!(case.input_ids.len()));
+        assert_eq!(plain["prompt"].as_str(), Some(case.prompt.as_str()), "{plain}");
     }
     assert!(whole >= 4, "only {whole} cases ran to the token cap");
 }
@@ -127,6 +134,11 @@ fn the_server_suggests_the_healed_continuation() {
         let got = inline_text(&client.inline(&uri, line, character));
         let last = client.status()["last"].clone();
         assert_eq!(last["prompt_tokens"], json!(case.prompt_ids.len()), "{last}");
+        let seen = case
+            .prompt
+            .strip_suffix(&case.dropped_text)
+            .expect("ends with it");
+        assert_eq!(last["prompt"].as_str(), Some(seen), "{last}");
         assert_eq!(
             last["healed"].as_str(),
             Some(case.dropped_text.as_str()),

@@ -304,7 +304,8 @@ fn typing_reuses_the_cache_and_types_through() {
             // The first request prefills the whole prompt; keystrokes after it only their tokens.
             // (A speculated answer, computed while the test looked elsewhere, has its own stats.)
             if last["from_cache"] == true {
-                assert_eq!(last["stop"], "speculated");
+                let want = if got.is_some() { "speculated" } else { "empty" };
+                assert_eq!(last["stop"], want, "{last}");
             } else {
                 if !reused.is_empty() {
                     max_prefilled = max_prefilled.max(last["prefilled_tokens"].as_u64().expect("prefilled"));
@@ -350,9 +351,10 @@ fn accepting_a_suggestion_is_answered_from_the_speculation() {
             "round {round}"
         );
         if round > 0 {
+            let want = if got.is_some() { "speculated" } else { "empty" };
             assert_eq!(
                 (&last["from_cache"], &last["stop"]),
-                (&json!(true), &json!("speculated")),
+                (&json!(true), &json!(want)),
                 "round {round}: {last}"
             );
             speculated += 1;
@@ -466,12 +468,30 @@ fn a_model_that_fails_to_load_is_shown_and_the_server_stays_up() {
         json!({"textDocument": {"uri": "file:///x.py"}, "position": {"line": 1, "character": 0}, "context": {"triggerKind": 2}}),
     );
     assert_eq!(inline_text(&result), None);
+    // The status says why nothing came, and that no model saw a prompt.
+    let last = client.status()["last"].clone();
+    assert_eq!(
+        (&last["stop"], &last["prompt"], &last["uri"]),
+        (&json!("not-ready"), &Value::Null, &json!("file:///x.py")),
+        "{last}"
+    );
     // A configuration change to a good model loads it.
     client.notify(
         "workspace/didChangeConfiguration",
         json!({"settings": {"phi-lsp": {"model": fixture_dir().display().to_string()}}}),
     );
     client.wait_ready();
+    // Nothing before the cursor: no prompt, said so.
+    client.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": "file:///x.py"}, "position": {"line": 0, "character": 0}, "context": {"triggerKind": 2}}),
+    );
+    let last = client.status()["last"].clone();
+    assert_eq!(
+        (&last["stop"], &last["prompt"]),
+        (&json!("no-prompt"), &Value::Null),
+        "{last}"
+    );
     assert!(client.shutdown().success());
 }
 

@@ -96,9 +96,9 @@ fn generate_local(settings: &Settings, prepared: &prepared::Prepared) -> Result<
         .context_tokens
         .min(engine.model.config().max_position_embeddings);
     let worker = one_slot_worker(engine, capacity)?;
-    let backend::LocalJob { job, healed } =
+    let backend::LocalJob { job, healed, prompt } =
         backend::job(&worker, capacity, prepared.request("cli", settings))?;
-    match backend::answer(worker.submit_and_wait(job), healed.as_deref()) {
+    match backend::answer(worker.submit_and_wait(job), healed.as_deref(), &prompt) {
         Ok(Some(generated)) => Ok(generated),
         Ok(None) => bail!("the completion was dropped"),
         Err(e) => bail!("the completion failed: {e:?}"),
@@ -145,6 +145,7 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
         let out = serde_json::json!({
             "text": text,
             "raw": generation.as_ref().map(|g| g.text.as_str()),
+            "prompt": generation.as_ref().and_then(|g| g.prompt.as_deref()),
             "healed": generation.as_ref().and_then(|g| g.healed.as_deref()),
             "prompt_tokens": generation.as_ref().map(|g| g.stats.prompt_tokens),
             "generated_tokens": generation.as_ref().map(|g| g.stats.generated_tokens),

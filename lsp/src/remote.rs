@@ -77,15 +77,17 @@ impl Remote {
     ) -> Result<Generated, RemoteError> {
         let GenerationRequest {
             prompt,
+            header,
             max_new_tokens,
             deadline,
             mut stop,
             ..
         } = request;
         let started = Instant::now();
+        let prompt = format!("{}{prompt}", header.text());
         let body = json!({
             "model": self.model,
-            "prompt": prompt,
+            "prompt": &prompt,
             "max_tokens": max_new_tokens,
             "temperature": 0.0,
             // Greedy everywhere: the llama-cpp-python server applies a repetition penalty of 1.1
@@ -188,6 +190,8 @@ impl Remote {
         });
         Ok(Generated {
             healed: None,
+            // Sent whole: the server fits it to its own context, which is not known here.
+            prompt: Some(prompt),
             stats: GenerationStats {
                 prompt_tokens: out.prompt_tokens,
                 generated_tokens: out.completion_tokens.unwrap_or(out.chunks),
@@ -238,6 +242,7 @@ impl Backend for Remote {
         let (tx, rx) = oneshot::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let (remote, flag) = (self.clone(), cancel.clone());
+        let prompt = format!("{}{}", request.header.text(), request.prompt);
         tokio::task::spawn_blocking(move || {
             let run =
                 std::panic::AssertUnwindSafe(|| remote.generate(request, &|| flag.load(Ordering::Relaxed)));
@@ -245,7 +250,7 @@ impl Backend for Remote {
                 .unwrap_or_else(|_| Err(RemoteError("the request thread failed".into())));
             let _ = tx.send(remote.record(result));
         });
-        Pending::new(rx, CancelOnDrop(cancel))
+        Pending::new(rx, CancelOnDrop(cancel)).with_prompt(Some(prompt))
     }
 
     fn last_error(&self) -> Option<String> {

@@ -11,7 +11,7 @@ use phi_engine::{
 };
 use tokio::sync::oneshot;
 
-use super::prompt::fit_tokens;
+use super::prompt::fit;
 use crate::faults::TestPanic;
 
 /// Says, after each token, whether the text generated so far is a whole suggestion.
@@ -21,8 +21,10 @@ pub type StopRule = Box<dyn FnMut(&str) -> bool + Send>;
 pub struct GenerationRequest {
     /// Which KV-cache slot (the document URI); a newer request with the same key supersedes this one.
     pub key: String,
-    /// The text before the cursor that the model continues.
+    /// The text before the cursor that the model continues (the window).
     pub prompt: String,
+    /// The file's structure that goes before `prompt` (empty when the window starts the file).
+    pub header: super::structure::Header,
     /// Heal the prompt's last token (see [`heal`]); local backends only: a remote one sends the
     /// whole prompt and is not constrained.
     pub heal: bool,
@@ -41,6 +43,9 @@ pub struct Generated {
     pub text: String,
     /// The prompt's last token, dropped and written again by the model (token healing).
     pub healed: Option<String>,
+    /// The prompt exactly as the model got it: fitted to the context and, when healed, without the
+    /// dropped text (`None` where it is not known).
+    pub prompt: Option<String>,
     /// Never `Cancelled`: a cancelled generation is no answer (`Ok(None)`).
     pub stop: StopReason,
     pub stats: GenerationStats,
@@ -65,6 +70,7 @@ pub struct Pending {
     result: oneshot::Receiver<Outcome>,
     _cancel: Box<dyn Send + Sync>,
     healed: Option<String>,
+    prompt: Option<String>,
 }
 
 impl Pending {
@@ -73,6 +79,7 @@ impl Pending {
             result,
             _cancel: Box::new(cancel),
             healed: None,
+            prompt: None,
         }
     }
 
@@ -80,6 +87,17 @@ impl Pending {
     pub fn with_healed(mut self, healed: Option<String>) -> Self {
         self.healed = healed;
         self
+    }
+
+    /// The prompt as the model gets it (see [`Generated::prompt`]).
+    pub fn with_prompt(mut self, prompt: Option<String>) -> Self {
+        self.prompt = prompt;
+        self
+    }
+
+    /// The prompt as the model gets it, known as soon as the generation started.
+    pub fn prompt(&self) -> Option<&str> {
+        self.prompt.as_deref()
     }
 
     /// The text token healing dropped from the prompt, known as soon as the generation started.
@@ -132,7 +150,7 @@ pub trait Backend: Send + Sync {
 }
 
 /// The model thread in this process. Prompts are tokenized here and fitted to the slot's capacity
-/// by [`fit_tokens`], the one place that fits a prompt.
+/// by [`fit`], the one place that fits a prompt.
 pub struct LocalBackend {
     worker: Arc<Worker>,
     slot_capacity: usize,
@@ -156,10 +174,12 @@ impl LocalBackend {
     }
 }
 
-/// An engine job and the text token healing dropped from its prompt.
+/// An engine job, the text token healing dropped from its prompt, and the prompt the model gets.
 pub struct LocalJob {
     pub job: Job,
     pub healed: Option<String>,
+    /// The text of the job's ids: the request's prompt fitted to the slot, without `healed`.
+    pub prompt: String,
 }
 
 /// The engine job for `request` on `worker`, whose slots hold `slot_capacity` positions (also used by
@@ -171,12 +191,18 @@ pub fn job(
     slot_capacity: usize,
     request: GenerationRequest,
 ) -> phi_engine::Result<LocalJob> {
-    let ids = worker.tokenizer().encode(&request.prompt)?;
-    let ids = fit_tokens(&ids, slot_capacity, request.max_new_tokens)?.to_vec();
+    let ids = fit(
+        worker.tokenizer(),
+        &request.header,
+        &request.prompt,
+        slot_capacity,
+        request.max_new_tokens,
+    )?;
     let (ids, healed) = match request.heal {
         true => heal(worker.tokenizer(), ids),
         false => (ids, None),
     };
+    let prompt = ids_text(worker.tokenizer(), &ids);
     let mut stop = request.stop;
     let stop: StopRule = match healed.clone() {
         // Nothing is after the cursor until the dropped text is written again.
@@ -201,7 +227,19 @@ pub fn job(
         stop: Some(stop),
         progress,
     };
-    Ok(LocalJob { job, healed })
+    Ok(LocalJob { job, healed, prompt })
+}
+
+/// The text of `ids`, byte for byte what the tokenizer encoded (a char cut at the start of a fitted
+/// prompt shows as U+FFFD).
+fn ids_text(tokenizer: &phi_engine::PhiTokenizer, ids: &[u32]) -> String {
+    let bytes: Vec<u8> = ids
+        .iter()
+        .filter_map(|&id| tokenizer.token_bytes(id))
+        .flatten()
+        .copied()
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Token healing: a prompt that ends inside a word ends in a token the model rarely saw there
@@ -226,8 +264,9 @@ pub fn heal(tokenizer: &phi_engine::PhiTokenizer, mut ids: Vec<u32>) -> (Vec<u32
 
 /// An engine outcome as an answer: a cancelled (superseded) generation is cut short, not the
 /// suggestion, and must not be shown or typed through. With `healed` text, the answer is what
-/// follows it (nothing, if the generation ended before writing all of it).
-pub fn answer(outcome: phi_engine::Result<JobOutcome>, healed: Option<&str>) -> Outcome {
+/// follows it (nothing, if the generation ended before writing all of it). `prompt` is what the
+/// model got ([`LocalJob::prompt`]).
+pub fn answer(outcome: phi_engine::Result<JobOutcome>, healed: Option<&str>, prompt: &str) -> Outcome {
     match outcome {
         Ok(JobOutcome::Finished(generation)) if generation.stop == StopReason::Cancelled => Ok(None),
         Ok(JobOutcome::Finished(generation)) => {
@@ -242,6 +281,7 @@ pub fn answer(outcome: phi_engine::Result<JobOutcome>, healed: Option<&str>) -> 
             Ok(Some(Generated {
                 text,
                 healed: healed.map(str::to_string),
+                prompt: Some(prompt.to_string()),
                 stop: generation.stop,
                 stats: generation.stats,
             }))
@@ -270,7 +310,11 @@ impl LocalBackend {
                 stop(text)
             });
         }
-        let LocalJob { mut job, healed } = match self.job(request) {
+        let LocalJob {
+            mut job,
+            healed,
+            prompt,
+        } = match self.job(request) {
             Ok(job) => job,
             Err(e) => {
                 let _ = tx.send(Err(BackendError::Failed(e.to_string())));
@@ -282,17 +326,19 @@ impl LocalBackend {
             job.stop = Some(Box::new(|_: &str| TestPanic::Worker.fire()));
         }
         let exit_worker = test_panic == Some(TestPanic::WorkerExit);
-        let pending_healed = healed.clone();
+        let (pending_healed, pending_prompt) = (healed.clone(), prompt.clone());
         let reply = Box::new(move |outcome| {
             if exit_worker {
                 TestPanic::WorkerExit.fire();
             }
-            let _ = tx.send(answer(outcome, healed.as_deref()));
+            let _ = tx.send(answer(outcome, healed.as_deref(), &prompt));
         });
         // Every job's reply is called unless the model thread dies with the job queued or in hand;
         // then the sender is dropped and `wait` says `Stopped`.
         let ticket = self.worker.submit(job, reply);
-        Pending::new(rx, ticket).with_healed(pending_healed)
+        Pending::new(rx, ticket)
+            .with_healed(pending_healed)
+            .with_prompt(Some(pending_prompt))
     }
 }
 

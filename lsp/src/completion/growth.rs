@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub finished: Option<Finished>,
     /// The text token healing dropped from the prompt.
     pub healed: Option<String>,
+    /// The prompt as the model got it.
+    pub prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +82,7 @@ struct State {
     /// The first answer has gone out: from now on every change is sent as a [`Grew`].
     answered: bool,
     healed: Option<String>,
+    prompt: Option<String>,
 }
 
 impl Growth {
@@ -115,9 +118,12 @@ impl Growth {
         self.update(state, suggestion, false);
     }
 
-    /// The generation heals the prompt's last token, whose text this is (for the status).
-    pub fn healed(&self, healed: Option<&str>) {
-        lock(&self.shared.state).healed = healed.map(str::to_string);
+    /// The generation heals the prompt's last token, whose text this is, and the model gets
+    /// `prompt` (for the status).
+    pub fn started(&self, healed: Option<&str>, prompt: Option<&str>) {
+        let mut state = lock(&self.shared.state);
+        state.healed = healed.map(str::to_string);
+        state.prompt = prompt.map(str::to_string);
     }
 
     /// The figures so far (called after the prefill and after each token).
@@ -192,6 +198,7 @@ impl Growth {
             stats: state.stats.clone(),
             finished: state.finished.clone(),
             healed: state.healed.clone(),
+            prompt: state.prompt.clone(),
         }
     }
 
@@ -259,6 +266,7 @@ mod tests {
         growth.finish(
             Ok(Some(Generated {
                 healed: None,
+                prompt: None,
                 text: "total = 0\n    for x in xs:\n        total += x\n    return total\n\ndef g():".into(),
                 stop: StopReason::Predicate,
                 stats: GenerationStats::default(),

@@ -9,6 +9,7 @@
 //! never held across an `await`.
 //!
 //! - [`prompt`]: the prompt window and its fitting to the context.
+//! - [`structure`]: the imports and enclosing headers above the window.
 //! - [`prepared`]: one completion's window, generation request and post-processing.
 //! - [`postprocess`]: the Python stop rules and trimming.
 //! - [`backend`]: the one trait local and remote generation sit behind.
@@ -19,6 +20,7 @@ pub mod growth;
 pub mod postprocess;
 pub mod prepared;
 pub mod prompt;
+pub mod structure;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,11 +60,17 @@ pub struct LastCompletion {
     pub from_cache: bool,
     /// Why the generation stopped (`EndOfText`, `Predicate`, ...), or what served the answer
     /// instead: `typed-through`, `speculated`, `running-generation`; `growing` when the answer went
-    /// out while the generation goes on.
+    /// out while the generation goes on. When no suggestion came: `not-ready` (no model loaded
+    /// yet), `no-prompt` (nothing before the cursor), `empty` (post-processing left nothing),
+    /// `cancelled` (a newer request cut it short), `failed` (the model or the remote server
+    /// failed).
     pub stop: String,
     /// The text token healing dropped from the end of the prompt and the model wrote again
     /// (`None`: not healed, or no model work).
     pub healed: Option<String>,
+    /// The prompt exactly as the model got it: the text before the cursor from the window's start,
+    /// fitted to `contextTokens`, without `healed` (`None`: no model work for this request).
+    pub prompt: Option<String>,
 }
 
 /// A completion request at `cursor` (a char index) of `rope`, the text of the document `key`.
@@ -179,21 +187,34 @@ impl Completions {
             return Ok(Some(rest));
         }
         let speculated = self.speculated(key, &prepared).await;
+        let nothing = |stop: &str| LastCompletion {
+            uri: key.to_string(),
+            total_ms: elapsed_ms(started),
+            stop: stop.into(),
+            ..Default::default()
+        };
         let Some(backend) = backend else {
+            self.record(nothing("not-ready"));
             return Ok(None);
         };
         if prepared.window.text.is_empty() {
+            self.record(nothing("no-prompt"));
             return Ok(None);
         }
         if let Some(speculated) = speculated {
             let Some(generated) = speculated else {
+                self.record(nothing("cancelled"));
                 return Ok(None);
             };
             let suggestion = prepared.suggestion(&generated.text);
             let mut last = last_of(key, &generated.stats, started);
             last.from_cache = true;
-            last.stop = "speculated".into();
+            last.stop = match suggestion {
+                Some(_) => "speculated".into(),
+                None => "empty".into(),
+            };
             last.healed = generated.healed.clone();
+            last.prompt = generated.prompt.clone();
             self.record(last);
             self.show(epoch, key, &prepared, &suggestion, None);
             if let (Some(text), true) = (&suggestion, settings.speculate && backend.speculates()) {
@@ -221,10 +242,21 @@ impl Completions {
         let mut last = last_of(key, &snapshot.stats, started);
         last.from_cache = from_cache;
         last.healed = snapshot.healed.clone();
+        last.prompt = snapshot.prompt.clone();
+        let empty = snapshot.suggestion.is_none();
         last.stop = match &snapshot.finished {
-            Some(Finished::Failed(e)) => return Err(e.clone()),
+            Some(Finished::Failed(e)) => {
+                last.stop = "failed".into();
+                self.record(last);
+                return Err(e.clone());
+            }
             // Cut short by a newer request: that request's answer is the one that counts.
-            Some(Finished::CutShort) => return Ok(None),
+            Some(Finished::CutShort) => {
+                last.stop = "cancelled".into();
+                self.record(last);
+                return Ok(None);
+            }
+            Some(Finished::Ended { .. }) if empty => "empty".into(),
             _ if from_cache => "running-generation".into(),
             None => "growing".into(),
             Some(Finished::Ended { reason }) => reason.clone(),
@@ -276,7 +308,7 @@ impl Completions {
         let reporter = growth.clone();
         request.progress = Some(Box::new(move |stats| reporter.progress(stats)));
         let pending = backend.start(request);
-        growth.healed(pending.healed());
+        growth.started(pending.healed(), pending.prompt());
         let (result, cancel) = pending.into_parts();
         {
             let mut state = lock(&self.state);
@@ -578,6 +610,7 @@ mod tests {
                     (request.stop)(&text);
                     let _ = tx.send(Ok(Some(Generated {
                         healed: None,
+                        prompt: Some(request.prompt.clone()),
                         text,
                         stop: StopReason::EndOfText,
                         stats: GenerationStats::default(),

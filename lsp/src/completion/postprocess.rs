@@ -119,6 +119,65 @@ pub fn finish(ctx: &Context, generated: &str) -> Option<String> {
 /// out (or ruled out). Lines are judged in order and the first cut wins, which is what makes
 /// `should_stop` agree with `finish`.
 fn end_of_suggestion(ctx: &Context, generated: &str, at_eof: bool) -> Option<usize> {
+    let structural = statement_or_block_end(ctx, generated, at_eof);
+    let repeated = repeated_line_start(ctx, generated, at_eof);
+    match (structural, repeated) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The next line after the cursor's line that has code, without its terminator, when `after` holds
+/// it whole (a `\n` follows it, or `after` is the rest of the document).
+fn next_code_line(after: &str) -> Option<&str> {
+    let (_, below) = after.split_once('\n')?;
+    let whole_document = after.chars().count() < super::prompt::AFTER_MAX_CHARS;
+    let mut rest = below;
+    loop {
+        let (raw, terminated, next) = match rest.split_once('\n') {
+            Some((line, next)) => (line, true, next),
+            None => (rest, false, ""),
+        };
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if first_code(line).is_some() {
+            return (terminated || whole_document).then_some(line);
+        }
+        if !terminated {
+            return None;
+        }
+        rest = next;
+    }
+}
+
+/// Where the suggestion starts repeating text the user already wrote below the cursor: the start of
+/// the first suggested line that equals the next line with code after the cursor's line (same
+/// indentation width, same text but for trailing whitespace). The cursor's line counts only when
+/// its prefix is blank, so the line is all suggestion. A line is judged once it is complete, lines
+/// in order, so `should_stop` agrees with `finish`.
+fn repeated_line_start(ctx: &Context, generated: &str, at_eof: bool) -> Option<usize> {
+    let next = next_code_line(&ctx.after)?;
+    let tab_width = ctx.indent.tab_width();
+    let next_width = indent_width(next, tab_width);
+    let next_code = next.trim();
+    let prefix_len = ctx.line_prefix.len();
+    let text = format!("{}{generated}", ctx.line_prefix);
+    let prefix_blank = first_code(&ctx.line_prefix).is_none();
+    for (line_idx, line) in split_lines(&text).iter().enumerate() {
+        if !(line.terminated || at_eof) {
+            return None;
+        }
+        if (line_idx == 0 && !prefix_blank) || line.starts_in_string {
+            continue;
+        }
+        if line.text.trim() == next_code && indent_width(line.text, tab_width) == next_width {
+            return Some(line.start.saturating_sub(prefix_len));
+        }
+    }
+    None
+}
+
+/// Where the statement or block the suggestion continues ends (the Python rules), if decided.
+fn statement_or_block_end(ctx: &Context, generated: &str, at_eof: bool) -> Option<usize> {
     if first_code(&ctx.line_suffix).is_some() {
         // Text after the cursor stays on the cursor's line: the suggestion cannot go past that line.
         return generated.find('\n');
@@ -305,20 +364,20 @@ fn reindent_lines(indent: IndentStyle, text: &str, convert_first: bool) -> Strin
 
 /// One physical line, with what the lexer knew at its start and end.
 #[derive(Debug)]
-struct Line<'a> {
+pub(crate) struct Line<'a> {
     /// Byte index of the line's first char in the scanned text.
-    start: usize,
+    pub(crate) start: usize,
     /// The line without `\n` (and without the `\r` of a `\r\n`).
-    text: &'a str,
+    pub(crate) text: &'a str,
     /// A `\n` follows: the line is complete.
-    terminated: bool,
+    pub(crate) terminated: bool,
     /// Not inside brackets, a string or a backslash continuation: a new statement starts here.
-    starts_statement: bool,
-    starts_in_string: bool,
+    pub(crate) starts_statement: bool,
+    pub(crate) starts_in_string: bool,
     /// The statement is complete at the end of this line.
-    ends_statement: bool,
+    pub(crate) ends_statement: bool,
     /// The line's code, ignoring a trailing comment, ends with ':'.
-    opens_block: bool,
+    pub(crate) opens_block: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -340,7 +399,7 @@ impl LexState {
     }
 }
 
-fn split_lines(text: &str) -> Vec<Line<'_>> {
+pub(crate) fn split_lines(text: &str) -> Vec<Line<'_>> {
     let mut state = LexState::default();
     let mut lines = Vec::new();
     let mut start = 0;
@@ -423,7 +482,7 @@ fn lex_line(state: &mut LexState, line: &str) -> bool {
 }
 
 /// The line from its first non-blank char, or None for a blank line.
-fn first_code(line: &str) -> Option<&str> {
+pub(crate) fn first_code(line: &str) -> Option<&str> {
     let code = line.trim_start();
     (!code.is_empty()).then_some(code)
 }
@@ -433,7 +492,7 @@ fn leading_whitespace(line: &str) -> &str {
 }
 
 /// Indentation in columns, a tab advancing to the next multiple of `tab_width`.
-fn indent_width(line: &str, tab_width: usize) -> usize {
+pub(crate) fn indent_width(line: &str, tab_width: usize) -> usize {
     let mut width = 0;
     for ch in line.chars() {
         match ch {
@@ -657,6 +716,38 @@ mod tests {
          "def add(a, b):\n    return a$0 + b\n",
          " + b\n    return 0\n",
          None, true),
+        ("the user wrote the next lines already: cut before the first repeated line",
+         "def f(xs):\n    \"\"\"Sum.\"\"\"\n    total = 0\n$0\n    return total\n",
+         "    for x in xs:\n        total += x\n    return total\n\n\n",
+         Some("    for x in xs:\n        total += x"), true),
+        ("a repeated line's text at another indentation is not a repeat",
+         "def f(x):\n    if x:\n$0\n    return 1\n",
+         "        y = 1\n        return 1\n    return 2\n",
+         Some("        y = 1\n        return 1"), true),
+        ("mid-line: a completed opener whose body the user already wrote",
+         "def f(x):\n    if x$0\n        return 1\n    return 0\n",
+         " > 0:\n        return 1\n    return 0\n",
+         Some(" > 0:"), true),
+        ("the next line with code counts, blank lines between are skipped",
+         "def f(x):\n    \"\"\"Doc.\"\"\"\n$0\n\n   \n    return y\n",
+         "    y = x * 2\n    return y\n",
+         Some("    y = x * 2"), true),
+        ("repeated lines in a CRLF file",
+         "def f(x):\r\n    \"\"\"Doc.\"\"\"\r\n$0\r\n    return y\r\n",
+         "    y = x\r\n    return y\r\n",
+         Some("    y = x"), true),
+        ("tabs file: the model's spaces repeat a tab-indented line",
+         "def f(xs):\n\t\"\"\"Sum.\"\"\"\n$0\n\treturn total\n",
+         "    total = sum(xs)\n    return total\n",
+         Some("\ttotal = sum(xs)"), true),
+        ("a line inside a string is content, not a repeat",
+         "def f():\n    \"\"\"Doc.\"\"\"\n$0\n    return s\n",
+         "    s = \"\"\"\n    return s\n\"\"\"\n    return s\n",
+         Some("    s = \"\"\"\n    return s\n\"\"\""), true),
+        ("the repeat is judged once its line is complete",
+         "def f(x):\n    \"\"\"Doc.\"\"\"\n$0\n    return y\n",
+         "    y = x\n    return y",
+         Some("    y = x"), false),
         ("output that is only the closing bracket",
          "x = foo($0)\n",
          ")\n",
@@ -683,6 +774,22 @@ mod tests {
             assert_eq!(should_stop(&ctx, generated), stops, "{what}: should_stop");
             assert_stop_agrees(&ctx, generated);
         }
+    }
+
+    #[test]
+    fn next_code_line_needs_the_whole_line() {
+        assert_eq!(
+            next_code_line("x)\n\n  \n    return y\nz\n"),
+            Some("    return y")
+        );
+        assert_eq!(next_code_line("\r\n    a = 1\r\n"), Some("    a = 1"));
+        // The cursor's own line does not count, and the end of the document ends the last line.
+        assert_eq!(next_code_line("    return y"), None);
+        assert_eq!(next_code_line("\nlast"), Some("last"));
+        assert_eq!(next_code_line("\n\n   "), None);
+        // `after` was cut inside that line: it is not known whole.
+        let cut = format!("\n{}", "a".repeat(super::super::prompt::AFTER_MAX_CHARS));
+        assert_eq!(next_code_line(&cut), None);
     }
 
     #[test]

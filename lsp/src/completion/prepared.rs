@@ -18,7 +18,7 @@ pub struct Prepared {
 
 pub fn prepare(rope: &Rope, cursor_char: usize, settings: &Settings) -> Prepared {
     let max_chars = prompt::window_chars(settings.context_tokens, settings.max_new_tokens);
-    let window = prompt::window(rope, cursor_char, max_chars);
+    let window = prompt::window_with_structure(rope, cursor_char, max_chars);
     let indent = postprocess::detect_indent(&window.text);
     let context = Context::new(&window, indent);
     Prepared { window, context }
@@ -31,6 +31,7 @@ impl Prepared {
         GenerationRequest {
             key: key.to_string(),
             prompt: self.window.text.clone(),
+            header: self.window.header.clone(),
             heal: settings.token_healing && heals_at(&self.window.text),
             max_new_tokens: settings.max_new_tokens,
             deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),

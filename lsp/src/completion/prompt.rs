@@ -5,13 +5,20 @@
 //! work is proportional to the window, not the document), and [`fit_tokens`] decides what of it the
 //! model gets (in tokens: `contextTokens` less the room for the answer).
 //!
+//! When the window does not reach the top of the file, [`window_with_structure`] puts the file's
+//! structure before it (`structure.rs`: the top-level imports, the enclosing `class`/`def`
+//! headers): at most a quarter of the prompt's budget, in characters here and in tokens in
+//! [`fit`], which drops its parts in [`Header::drop_one`]'s order (imports first, then the
+//! innermost scopes, the outermost `class` last) until it fits. The window gets the rest.
+//!
 //! Both starts move in large steps only. The engine keeps the KV cache of the longest common token
 //! prefix between consecutive prompts, so a start that moved on every keystroke would make every
 //! keystroke pay for the whole prompt again.
 
-use phi_engine::{EngineError, Result};
+use phi_engine::{EngineError, PhiTokenizer, Result};
 use ropey::Rope;
 
+use super::structure::{self, Header};
 use crate::convert::line_content;
 
 /// Characters of text before the cursor to read for a context of `context_tokens`, `max_new_tokens`
@@ -39,6 +46,9 @@ pub struct PromptWindow {
     pub line_suffix: String,
     /// Up to `AFTER_MAX_CHARS` chars after the cursor, `line_suffix` and its terminator included.
     pub after: String,
+    /// The file's structure above the window, which goes before `text` in the prompt (empty from
+    /// [`window`]; see [`window_with_structure`]).
+    pub header: Header,
 }
 
 /// The window for a cursor at `cursor_char` (clamped to the rope), at most `max_chars` chars long.
@@ -63,7 +73,61 @@ pub fn window(rope: &Rope, cursor_char: usize, max_chars: usize) -> PromptWindow
         line_prefix: rope.slice(prefix_start_char..cursor_char).to_string(),
         line_suffix: rope.slice(cursor_char..suffix_end_char).to_string(),
         after: rope.slice(cursor_char..after_end_char).to_string(),
+        header: Header::default(),
     }
+}
+
+/// The window at `cursor_char` with the file's structure above it in `header`, the two together
+/// within `max_chars`: the header takes at most a quarter, the window the rest.
+///
+/// Both stay put while the user types in one scope: the header depends on the text above the
+/// window and the scopes the cursor is in, and the window's length on the header's, so the window's
+/// start still moves only in quarter-window steps.
+pub fn window_with_structure(rope: &Rope, cursor_char: usize, max_chars: usize) -> PromptWindow {
+    let whole = window(rope, cursor_char, max_chars);
+    // No header at the top of the file, nor before a window that starts inside the cursor's line
+    // (a line longer than the window): a fragment of a line after it would not read as Python.
+    let at_line_start = |start_char: usize| rope.line_to_char(rope.char_to_line(start_char)) == start_char;
+    if whole.start_char == 0 || !at_line_start(whole.start_char) {
+        return whole;
+    }
+    let budget = max_chars / 4;
+    let fits = |text: &str| text.chars().count() <= budget;
+    let first = structure::header(rope, whole.start_char, cursor_char).fitted(fits);
+    let header_chars = first.text().chars().count();
+    let mut fitted = window(rope, cursor_char, max_chars - header_chars);
+    if !at_line_start(fitted.start_char) {
+        return whole;
+    }
+    fitted.header = structure::header(rope, fitted.start_char, cursor_char).fitted(fits);
+    fitted
+}
+
+/// The prompt's ids for a slot of `capacity` positions: `header` (see [`window_with_structure`]),
+/// cut to a quarter of the room with [`Header::drop_one`]'s order, then `text` fitted by
+/// [`fit_tokens`] to what is left. The header's ids are its own encoding, so they do not change
+/// with the window's.
+pub fn fit(
+    tokenizer: &PhiTokenizer,
+    header: &Header,
+    text: &str,
+    capacity: usize,
+    max_new_tokens: usize,
+) -> Result<Vec<u32>> {
+    let room = capacity.saturating_sub(max_new_tokens.min(capacity / 2)).max(1);
+    let mut header = header.clone();
+    let mut ids = Vec::new();
+    while !header.is_empty() {
+        let header_ids = tokenizer.encode(&header.text())?;
+        if header_ids.len() <= room / 4 {
+            ids = header_ids;
+            break;
+        }
+        header.drop_one();
+    }
+    let window_ids = tokenizer.encode(text)?;
+    ids.extend_from_slice(fit_tokens(&window_ids, capacity - ids.len(), max_new_tokens)?);
+    Ok(ids)
 }
 
 /// The earliest start allowed is `cursor_char - max_chars`; rounding it up to a multiple of a quarter
@@ -282,6 +346,140 @@ mod tests {
         }
         // One move per quarter window typed, at most.
         assert!(n_moves <= 4 * 4 + 1, "start moved {n_moves} times");
+    }
+
+    const IMPORTS: [&str; 3] = [
+        "from __future__ import annotations\n",
+        "import os\n",
+        "from typing import (\n    Any,\n    Dict,\n)\n",
+    ];
+    const CLASS_HEADER: &str = "@register\nclass Store:\n";
+    const METHOD_HEADER: &str =
+        "    @staticmethod\n    def compute(\n        key: str,\n        value: int,\n    ) -> int:\n";
+
+    /// A long module: imports, 40 functions, then a decorated class with a decorated method whose
+    /// multi-line signature opens a 300-line body; it ends inside that body, at its indentation.
+    fn long_module() -> String {
+        let mut text = format!("{}\n\n", IMPORTS.concat());
+        for i in 0..40 {
+            text += &format!("def helper_{i}(x):\n    return x + {i}\n\n\n");
+        }
+        text += CLASS_HEADER;
+        text += "    \"\"\"Keeps values.\"\"\"\n\n    def __init__(self):\n        self.values = {}\n\n";
+        text += METHOD_HEADER;
+        for i in 0..300 {
+            text += &format!("        step_{i} = value * {i} + len(key)\n");
+        }
+        text + "        "
+    }
+
+    #[test]
+    fn deep_in_a_long_module_the_structure_comes_first() {
+        let rope = Rope::from_str(&long_module());
+        let max_chars = 3_000;
+        let w = window_with_structure(&rope, rope.len_chars(), max_chars);
+        assert!(w.start_char > 0);
+        assert_eq!(w.header.imports, IMPORTS);
+        assert_eq!(w.header.scopes, [CLASS_HEADER, METHOD_HEADER]);
+        let header = w.header.text();
+        assert_eq!(
+            header,
+            format!("{}\n{CLASS_HEADER}{METHOD_HEADER}", IMPORTS.concat())
+        );
+        assert!(header.chars().count() <= max_chars / 4);
+        assert!(header.chars().count() + w.text.chars().count() <= max_chars);
+        // The window itself is unchanged in kind: the text before the cursor from a line start.
+        assert!(w.text.starts_with("        step_"), "{:?}", &w.text[..40]);
+        assert!(w.text.ends_with("len(key)\n        "));
+    }
+
+    #[test]
+    fn the_structure_holds_while_typing_in_one_scope() {
+        let mut rope = Rope::from_str(&long_module());
+        let max_chars = 3_000;
+        let mut cursor = rope.len_chars();
+        let first = window_with_structure(&rope, cursor, max_chars);
+        let mut n_moves = 0;
+        let mut start_char = first.start_char;
+        for ch in "total = step_1 + step_2\n        return total * 2".chars() {
+            rope.insert_char(cursor, ch);
+            cursor += 1;
+            let w = window_with_structure(&rope, cursor, max_chars);
+            assert_eq!(w.header, first.header, "after {ch:?}");
+            if w.start_char != start_char {
+                n_moves += 1;
+                start_char = w.start_char;
+            }
+        }
+        assert!(n_moves <= 1, "the start moved {n_moves} times");
+        // Leaving the method for the class body drops the method's header, not the class's.
+        rope.insert(cursor, "\n\n    def other(self):\n        ");
+        let w = window_with_structure(&rope, rope.len_chars(), max_chars);
+        assert_eq!(w.header.scopes, [CLASS_HEADER]);
+        assert_eq!(w.header.imports, IMPORTS);
+    }
+
+    #[test]
+    fn near_the_top_there_is_no_structure() {
+        let rope = Rope::from_str(&long_module());
+        for line in [0, 3, 12] {
+            let cursor = rope.line_to_char(line);
+            let w = window_with_structure(&rope, cursor, 3_000);
+            assert_eq!((w.start_char, w.header.is_empty()), (0, true), "line {line}");
+            assert_eq!(w, window(&rope, cursor, 3_000));
+        }
+    }
+
+    #[test]
+    fn a_small_budget_keeps_the_outermost_headers() {
+        let rope = Rope::from_str(&long_module());
+        // A quarter of 400 chars: neither the imports nor the method's header fit with the class's.
+        let w = window_with_structure(&rope, rope.len_chars(), 400);
+        assert_eq!(w.header.imports, Vec::<String>::new());
+        assert_eq!(w.header.scopes, [CLASS_HEADER]);
+    }
+
+    #[test]
+    fn fit_puts_the_header_ids_first_within_a_quarter() {
+        let tokenizer = PhiTokenizer::from_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../assets/phi-1/tokenizer.json"
+        )))
+        .expect("assets/phi-1/tokenizer.json parses");
+        let header = Header {
+            imports: IMPORTS.iter().map(|s| s.to_string()).collect(),
+            scopes: vec![CLASS_HEADER.into(), METHOD_HEADER.into()],
+        };
+        let text = "        total = 0\n        ";
+        let encode = |t: &str| tokenizer.encode(t).expect("encodes");
+        let (whole, window_ids) = (encode(&header.text()), encode(text));
+        // Room for all of it: the header's own ids, then the window's.
+        let ids = fit(&tokenizer, &header, text, 1024, 64).expect("fits");
+        assert_eq!(ids, [whole.clone(), window_ids.clone()].concat());
+        // A quarter of the room below the whole header's size: the imports go first.
+        let capacity = whole.len() * 4 - 4 + 64;
+        let scopes_only = encode(&format!("{CLASS_HEADER}{METHOD_HEADER}"));
+        assert!(scopes_only.len() * 4 <= capacity - 64, "the scopes fit");
+        let ids = fit(&tokenizer, &header, text, capacity, 64).expect("fits");
+        assert!(ids.len() < whole.len() + window_ids.len());
+        assert!(ids.ends_with(&window_ids));
+        let kept = &ids[..ids.len() - window_ids.len()];
+        assert!(kept.len() * 4 <= capacity - 64);
+        assert!(
+            kept.ends_with(&scopes_only[scopes_only.len() - 8..]),
+            "the scopes are kept"
+        );
+    }
+
+    #[test]
+    fn no_structure_before_a_window_inside_a_huge_line() {
+        let line = "a".repeat(100_000);
+        let rope = Rope::from_str(&format!("import os\n{line}\n"));
+        let cursor = 10 + 50_000;
+        let w = window_with_structure(&rope, cursor, 4_000);
+        assert!(w.start_char > 10);
+        assert!(w.header.is_empty());
+        assert_eq!(w, window(&rope, cursor, 4_000));
     }
 
     #[test]

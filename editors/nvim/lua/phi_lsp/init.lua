@@ -378,6 +378,9 @@ local served_by = {
   ['running-generation'] = 'from the generation still running',
 }
 
+--- The status's `last.stop` when a request brought no suggestion.
+local no_suggestion = { ['not-ready'] = true, ['no-prompt'] = true, empty = true, cancelled = true, failed = true }
+
 --- The last suggestion's figures: its latency and where the answer came from.
 local function describe_last(last)
   local ms = whole_ms(last.total_ms)
@@ -385,12 +388,18 @@ local function describe_last(last)
   if source then
     return ('last suggestion %s ms (%s)'):format(ms, source)
   end
+  local tail = ''
+  if last.stop == 'growing' then
+    tail = ', still growing'
+  elseif no_suggestion[last.stop] then
+    tail = ', no suggestion: ' .. last.stop
+  end
   return ('last suggestion %s ms (%s prompt tokens, %s reused, %s generated%s)'):format(
     ms,
     last.prompt_tokens or '?',
     last.reused_tokens or '?',
     last.generated_tokens or '?',
-    last.stop == 'growing' and ', still growing' or ''
+    tail
   )
 end
 
