@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{complete_fresh, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
+use common::{complete_fresh, end_of, fixture_dir, inline_text, phi_lsp, DEFAULT_CONTEXT_TOKENS};
 use serde_json::{json, Value};
 
 const GROWN: &str = "phi-lsp/suggestionGrew";
@@ -59,15 +59,9 @@ fn server(declares_growth: bool, delay_ms: u64) -> LspClient {
     client
 }
 
-/// The end of `text`: (line, byte column).
-fn end_of(text: &str) -> (u32, u32) {
-    let line = text.matches('\n').count() as u32;
-    (line, (text.len() - text.rfind('\n').map_or(0, |i| i + 1)) as u32)
-}
-
 /// The whole suggestion at the end of `text`, by a fresh process (no server, no cache).
 fn whole(text: &str) -> String {
-    let (line, col) = end_of(text);
+    let (line, col) = end_of(text, false);
     let whole = complete_fresh(text, line, col, growing().max_new_tokens, DEFAULT_CONTEXT_TOKENS)
         .expect("the fixture suggests something here");
     assert!(
@@ -110,7 +104,7 @@ fn ask_at_the_end(declares_growth: bool, uri: &str) -> Asked {
     let want = whole(&text);
     let mut client = server(declares_growth, 40);
     client.open(uri, &text);
-    let (line, col) = end_of(&text);
+    let (line, col) = end_of(&text, false);
     let first = inline_text(&client.inline(uri, line, col)).expect("a first answer");
     Asked {
         client,
@@ -246,7 +240,7 @@ fn typing_through_keeps_it_growing_and_an_edit_elsewhere_cancels_it() {
     );
     // Asked again at the moved place, the model computes afresh.
     let moved = format!("# a comment\n{text}{typed}");
-    let (line, col) = end_of(&moved);
+    let (line, col) = end_of(&moved, false);
     let _ = client.inline(uri, line, col);
     assert_ne!(client.status()["last"]["stop"], "running-generation");
     assert!(client.shutdown().success());

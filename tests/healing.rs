@@ -5,7 +5,7 @@
 mod common;
 
 use common::lsp_client::LspClient;
-use common::{fixture_dir, inline_text, json_output, phi_lsp};
+use common::{end_of, fixture_dir, inline_text, json_output, phi_lsp};
 use phi_engine::PhiTokenizer;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -31,19 +31,12 @@ fn reference() -> Reference {
     serde_json::from_str(&text).expect("healing.json parses")
 }
 
-/// The (line, UTF-16 character) at the end of `text`.
-fn end_of(text: &str) -> (u32, u32) {
-    let line = text.matches('\n').count() as u32;
-    let last = &text[text.rfind('\n').map_or(0, |i| i + 1)..];
-    (line, last.encode_utf16().count() as u32)
-}
-
 /// `phi-lsp complete --json` at the end of `text`, f32 like the reference.
 fn complete(text: &str, max_new_tokens: usize, extra: &[&str]) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("case.py");
     std::fs::write(&file, text).expect("writes");
-    let (line, character) = end_of(text);
+    let (line, character) = end_of(text, true);
     json_output(
         phi_lsp()
             .arg("complete")
@@ -130,7 +123,7 @@ fn the_server_suggests_the_healed_continuation() {
     for (i, case) in reference.cases.iter().enumerate() {
         let uri = format!("file:///heal{i}.py");
         client.open(&uri, &case.prompt);
-        let (line, character) = end_of(&case.prompt);
+        let (line, character) = end_of(&case.prompt, true);
         let got = inline_text(&client.inline(&uri, line, character));
         let last = client.status()["last"].clone();
         assert_eq!(last["prompt_tokens"], json!(case.prompt_ids.len()), "{last}");
@@ -174,11 +167,11 @@ fn typing_inside_words_keeps_reusing_the_cache() {
     let mut text = prefix.to_string();
     let (mut version, mut healed, mut prefilled) = (1, 0, Vec::new());
     for ch in typed.chars() {
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, true);
         version += 1;
         client.insert(uri, version, line, col, &ch.to_string());
         text.push(ch);
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, true);
         client.inline(uri, line, col);
         let last = client.status()["last"].clone();
         if last["from_cache"] == true {

@@ -7,7 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lsp_client::LspClient;
-use common::{complete_fresh, fixture_dir, inline_text, json_output, phi_lsp, DEFAULT_CONTEXT_TOKENS};
+use common::{
+    complete_fresh, end_of, fixture_dir, inline_text, json_output, phi_lsp, DEFAULT_CONTEXT_TOKENS,
+};
 use phi_lsp::completion::postprocess::{self, Context};
 use phi_lsp::completion::prompt;
 use ropey::Rope;
@@ -279,11 +281,11 @@ fn typing_reuses_the_cache_and_types_through() {
     let mut reused = Vec::new();
     for ch in typed.chars() {
         // Insert the character at the end (an incremental edit), then ask at the new end.
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, false);
         version += 1;
         client.insert(uri, version, line, col, &ch.to_string());
         text.push(ch);
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, false);
         let got = inline_text(&client.inline(uri, line, col));
         let last = client.status()["last"].clone();
         if last["stop"] == "typed-through" {
@@ -322,12 +324,6 @@ fn typing_reuses_the_cache_and_types_through() {
     assert!(client.shutdown().success());
 }
 
-/// The position at the end of `text` (UTF-8 columns, as Neovim's capabilities ask for).
-fn end_of(text: &str) -> (u32, u32) {
-    let line = text.matches('\n').count() as u32;
-    (line, (text.len() - text.rfind('\n').map_or(0, |i| i + 1)) as u32)
-}
-
 /// Accept the suggestion (insert it at the cursor), ask again: the answer was computed while the
 /// server was idle, and equals a fresh process's answer for the new text. Three times in a row.
 #[test]
@@ -342,7 +338,7 @@ fn accepting_a_suggestion_is_answered_from_the_speculation() {
     client.open(uri, &text);
     let (mut version, mut speculated) = (1, 0);
     for round in 0..3 {
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, false);
         let got = inline_text(&client.inline(uri, line, col));
         let last = client.status()["last"].clone();
         assert_eq!(

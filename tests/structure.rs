@@ -6,7 +6,7 @@
 mod common;
 
 use common::lsp_client::LspClient;
-use common::{fixture_dir, json_output, phi_lsp};
+use common::{end_of, fixture_dir, json_output, phi_lsp};
 use serde_json::json;
 
 const IMPORTS: &str =
@@ -26,12 +26,6 @@ fn long_module() -> String {
         text += &format!("        value_{i} = self.table.get(key, {i})\n");
     }
     text + "        "
-}
-
-/// The (line, UTF-16 character) at the end of `text` (ASCII here).
-fn end_of(text: &str) -> (u32, u32) {
-    let line = text.matches('\n').count() as u32;
-    (line, (text.len() - text.rfind('\n').map_or(0, |i| i + 1)) as u32)
 }
 
 /// The prompt is the header, then a suffix of the text before the cursor.
@@ -56,7 +50,7 @@ fn complete_shows_the_imports_and_the_enclosing_headers_first() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("registry.py");
     std::fs::write(&file, &text).expect("writes");
-    let (line, character) = end_of(&text);
+    let (line, character) = end_of(&text, true);
     let out = json_output(
         phi_lsp()
             .arg("complete")
@@ -111,16 +105,16 @@ fn typing_deep_in_a_long_module_prefills_a_few_tokens() {
     let uri = "file:///registry.py";
     let mut text = long_module();
     client.open(uri, &text);
-    let (line, col) = end_of(&text);
+    let (line, col) = end_of(&text, true);
     client.inline(uri, line, col);
     let first = client.status()["last"].clone();
     assert_structured(first["prompt"].as_str().expect("prompt"), &text);
     let mut prefilled = Vec::new();
     for (version, ch) in (2..).zip("total = key".chars()) {
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, true);
         client.insert(uri, version, line, col, &ch.to_string());
         text.push(ch);
-        let (line, col) = end_of(&text);
+        let (line, col) = end_of(&text, true);
         client.inline(uri, line, col);
         let last = client.status()["last"].clone();
         if last["from_cache"] == true {

@@ -86,6 +86,19 @@ pub fn complete_fresh(
     Some(json["text"].as_str().expect("text").to_string()).filter(|t| !t.is_empty())
 }
 
+/// The position at the end of `text`: (line, character), the character in UTF-16 code units (VS
+/// Code's, and `phi-lsp complete`'s) or in bytes (Neovim's UTF-8). Lines break at `\n`.
+pub fn end_of(text: &str, utf16: bool) -> (u32, u32) {
+    let line = text.matches('\n').count() as u32;
+    let last = &text[text.rfind('\n').map_or(0, |i| i + 1)..];
+    let character = if utf16 {
+        last.encode_utf16().count()
+    } else {
+        last.len()
+    };
+    (line, character as u32)
+}
+
 /// The `insertText` of the first item of an inlineCompletion answer (a list or `{items}`).
 pub fn inline_text(result: &Value) -> Option<String> {
     let items = result.as_array().or_else(|| result["items"].as_array())?;
