@@ -208,7 +208,7 @@ fuzz_target!(|input: Input| {
     runtime().block_on(async move {
         let (mut client_in, server_in) = tokio::io::duplex(1 << 16);
         let (server_out, client_out) = tokio::io::duplex(1 << 16);
-        let serve = phi_lsp::server::serve(server_in, server_out, settings);
+        let serve = phi_lsp::transport::serve(server_in, server_out, settings);
         let client = async move {
             // The server's output: drained throughout, watched for the initialize result and the
             // model's "ready".

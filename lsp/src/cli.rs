@@ -11,7 +11,7 @@ use crate::convert::{self, PositionEncoding};
 use crate::remote::Remote;
 use crate::settings::Settings;
 use crate::stdout::print_line;
-use crate::{bench, loading, memory, quantize, server};
+use crate::{bench, loading, memory, quantize, transport};
 
 /// Runs the command `cli` names (the server when it names none).
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -73,7 +73,7 @@ fn serve(model: &ModelArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(server::serve_stdio(Settings::new(model.spec())));
+    runtime.block_on(transport::serve_stdio(Settings::new(model.spec())));
     // A blocking read of stdin may still be pending; do not wait for it (nor for a generation in
     // flight): the client has said exit or gone away.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));

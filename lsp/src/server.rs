@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tower_lsp_server::jsonrpc::{Error, Result};
 use tower_lsp_server::ls_types::*;
-use tower_lsp_server::{Bounded, Client, LanguageServer, LspService, NotCancellable, OngoingProgress};
+use tower_lsp_server::{Client, LanguageServer, LspService};
 
 use crate::completion::backend::BackendError;
 use crate::completion::growth::{Grew, Place};
@@ -17,7 +17,7 @@ use crate::completion::{lock, Completions, Request};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Documents;
 use crate::faults::{catch_panic, TestPanic};
-use crate::host::{LoadOutcome, LoadProgress, ModelHost};
+use crate::host::{LoadOutcome, ModelHost};
 use crate::proto::{self, ClientFacts, Suggestion};
 use crate::settings::Settings;
 use crate::status;
@@ -48,54 +48,6 @@ pub fn service(settings: Settings) -> (LspService<Backend>, tower_lsp_server::Cl
         .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
         .custom_method(crate::framing::MALFORMED_METHOD, Backend::malformed_message)
         .finish()
-}
-
-/// How long requests in flight may still finish once stdin has ended.
-const STDIN_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
-
-pub async fn serve_stdio(settings: Settings) {
-    serve(tokio::io::stdin(), tokio::io::stdout(), settings).await
-}
-
-/// Serves LSP on `input`/`output` until `exit` or the end of `input` (the fuzz target's entry).
-pub async fn serve<I, O>(input: I, output: O, settings: Settings)
-where
-    I: tokio::io::AsyncRead + Unpin + Send + 'static,
-    O: tokio::io::AsyncWrite + Unpin,
-{
-    let (service, socket) = service(settings);
-    // Input passes through the framing guard, so one malformed message cannot end the transport.
-    let (guarded, server_input) = tokio::io::duplex(1 << 16);
-    let input = tokio::io::BufReader::new(input);
-    // Once the session is over (`exit`), a read that fails as the runtime stops (tokio's stdin
-    // reads on a blocking thread: "task was cancelled") is the normal end, not a warning, which
-    // editors would file as an error in their logs.
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let ended_seen = ended.clone();
-    let mut guard = tokio::spawn(async move {
-        if let Err(e) = crate::framing::guard(input, guarded).await {
-            if ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
-                tracing::debug!("reading stdin after the session ended: {e}");
-            } else {
-                tracing::warn!("reading stdin failed: {e}");
-            }
-        }
-    });
-    // Custom methods take `{}`, `[]`, `null` or nothing alike where they have no parameters.
-    let service = crate::params::LenientParams(service);
-    let serve = tower_lsp_server::Server::new(server_input, output, socket).serve(service);
-    tokio::pin!(serve);
-    tokio::select! {
-        () = &mut serve => {}
-        _ = &mut guard => {
-            // stdin ended without `exit`: the client is gone. tower-lsp-server would wait for every
-            // request in flight (a generation can run for seconds); answers already computed get a
-            // moment to be written, then dropping `serve` drops the rest, which cancels their jobs.
-            let _ = tokio::time::timeout(STDIN_CLOSED_GRACE, &mut serve).await;
-        }
-    }
-    ended.store(true, std::sync::atomic::Ordering::SeqCst);
-    guard.abort();
 }
 
 impl Backend {
@@ -193,31 +145,8 @@ impl Backend {
         // generating on it. (Until then the host has no backend; what a request that started
         // earlier computes is not kept.)
         self.completions.forget_all();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let forward = async {
-            let mut progress = None;
-            // $/progress percentages must not go down (a sharded download restarts per file).
-            let mut shown_percentage = 0;
-            while let Some(event) = rx.recv().await {
-                match event {
-                    LoadProgress::Begin { seq, description } if progress_supported => {
-                        progress = self.begin_progress(seq, description).await;
-                    }
-                    LoadProgress::Begin { .. } => {}
-                    LoadProgress::Report { message, percentage } => {
-                        shown_percentage = percentage.clamp(shown_percentage, 100);
-                        if let Some(progress) = &progress {
-                            progress.report_with_message(message, shown_percentage).await;
-                        }
-                    }
-                    LoadProgress::End(message) => {
-                        if let Some(progress) = progress.take() {
-                            progress.finish_with_message(message).await;
-                        }
-                    }
-                }
-            }
-        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forward = crate::progress::forward(&self.client, rx, progress_supported);
         let (outcome, ()) = tokio::join!(self.host.load(&settings, tx), forward);
         match outcome {
             LoadOutcome::Ready(message) => {
@@ -231,28 +160,6 @@ impl Backend {
                     .await;
             }
             LoadOutcome::Superseded => {}
-        }
-    }
-
-    async fn begin_progress(
-        &self,
-        seq: u64,
-        description: String,
-    ) -> Option<OngoingProgress<Bounded, NotCancellable>> {
-        let token = ProgressToken::String(format!("phi-lsp/load/{seq}"));
-        match self.client.create_work_done_progress(token.clone()).await {
-            Ok(()) => Some(
-                self.client
-                    .progress(token, "phi-lsp: loading Phi-1")
-                    .with_percentage(0)
-                    .with_message(description)
-                    .begin()
-                    .await,
-            ),
-            Err(e) => {
-                tracing::warn!("the client refused work-done progress: {e}");
-                None
-            }
         }
     }
 
