@@ -98,7 +98,10 @@ impl Features {
         match (kernel, isa) {
             (_, Isa::Portable) => kernel.has_portable(),
             (Kernel::Q4kRows | Kernel::Q8_0Rows, Isa::Avx512Vnni) => vnni,
-            (Kernel::Q4kRows | Kernel::Q8_0Rows | Kernel::Q4kTiles | Kernel::DenseRows, Isa::Avx2) => avx2,
+            (
+                Kernel::Q4kRows | Kernel::Q6kRows | Kernel::Q8_0Rows | Kernel::Q4kTiles | Kernel::DenseRows,
+                Isa::Avx2,
+            ) => avx2,
             (Kernel::Q4kTiles | Kernel::Q8_0Tiles, Isa::Amx) => self.amx && avx2 && self.fma,
             (Kernel::DenseRows, Isa::Avx512) => avx512,
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
@@ -183,6 +186,8 @@ pub enum Kernel {
     /// q4k weights of whole 16-row tiles against many rows (prefill); the portable path is the
     /// row kernel in chunks.
     Q4kTiles,
+    /// q6k weights against any number of rows (in chunks); portable.
+    Q6kRows,
     /// Repacked q8_0 weights against any number of rows; without it candle keeps the weights.
     Q8_0Rows,
     /// Repacked q8_0 weights against many rows on AMX; without it the row kernel serves.
@@ -201,9 +206,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::Q4kRows,
         Kernel::Q4kTiles,
+        Kernel::Q6kRows,
         Kernel::Q8_0Rows,
         Kernel::Q8_0Tiles,
         Kernel::DenseRows,
@@ -217,6 +223,7 @@ impl Kernel {
         match self {
             Kernel::Q4kRows => "q4k rows",
             Kernel::Q4kTiles => "q4k tiles",
+            Kernel::Q6kRows => "q6k rows",
             Kernel::Q8_0Rows => "q8_0 rows",
             Kernel::Q8_0Tiles => "q8_0 tiles",
             Kernel::DenseRows => "dense rows",

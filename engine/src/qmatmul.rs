@@ -1,5 +1,6 @@
 //! Linear layers on the CPU without candle's copies of the weights, one folder per weight format:
-//! [`q4k`] reads the stored GGUF blocks, [`q8_0`] repacks its blocks once at load into tiles that
+//! [`q4k`] and [`q6k`] read the stored GGUF blocks (both behind [`kquants`], so one call may mix
+//! them), [`q8_0`] repacks its blocks once at load into tiles that
 //! replace them, [`dense`] widens f16, bf16 and f32 weights to f32 as they are read. Several
 //! weights that share one input (a layer's q, k, v and fc1) run in one pass over one quantized
 //! input, and the bias is added on the way out. CPU and f32 activations only; each format's
@@ -18,7 +19,9 @@ use {candle_core::quantized::GgmlDType, std::sync::Arc};
 type Result<T> = candle_core::Result<T>;
 
 mod dense;
+mod kquants;
 mod q4k;
+mod q6k;
 // Its kernels are AVX-512 VNNI and AVX2 only: elsewhere candle keeps q8_0 weights.
 #[cfg(target_arch = "x86_64")]
 mod q8_0;
@@ -70,7 +73,7 @@ pub(crate) const MAX_ALONE: usize = dense::MAX_ROWS;
 
 /// `x · wᵀ + bias` for every `(w, bias)` of `linears` on one input `xs` (`[.., k]`), one `[.., n]`
 /// tensor each. `None` where this path does not apply (another device or dtype, quantized weights
-/// that are neither q4k nor repacked q8_0, f32 weights beyond [`dense::MAX_ROWS`] rows): the
+/// that are neither q4k, q6k nor repacked q8_0, f32 weights beyond [`dense::MAX_ROWS`] rows): the
 /// caller uses candle's ops. (The model calls [`linear_rows_as`]; the tests call this.)
 #[cfg(test)]
 pub(crate) fn linear_rows(linears: &[(&Weight, &Tensor)], xs: &Tensor) -> Result<Option<Vec<Tensor>>> {
@@ -108,7 +111,7 @@ pub(crate) fn linear_rows_as(
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
         return q8_0::linear(linears, xs, &dims, rows).map(Some);
     }
-    q4k::linear(linears, xs, &dims, rows)
+    kquants::linear(linears, xs, &dims, rows)
 }
 
 /// The first `len` values of a CPU f32 tensor's storage, borrowed; `None` on other devices.
@@ -187,7 +190,7 @@ mod tests {
             &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
             GgmlDType::Q4K,
         )?)?;
-        let long = Tensor::zeros((1, q4k::rows::MAX_ROWS + 1, 256), DType::F32, &dev)?;
+        let long = Tensor::zeros((1, kquants::MAX_ROWS + 1, 256), DType::F32, &dev)?;
         assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_some());
         assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
         Ok(())

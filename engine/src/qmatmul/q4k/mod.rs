@@ -5,17 +5,12 @@
 //! bytes read per token, so reading the stored 144-byte blocks is leaner. The input is quantized
 //! once to q8_K-like blocks ([`Q8Block`]) and shared by every weight that reads it.
 //!
-//! Which kernel runs: up to [`rows::MAX_ROWS`] activation rows at a time go through the row kernels
+//! Which kernel runs: up to [`super::kquants::MAX_ROWS`] activation rows at a time go through the row kernels
 //! ([`rows`]: AVX-512 VNNI, AVX2 or portable); weights of whole 16-row tiles against many rows go
 //! to AMX tiles where the CPU has them ([`amx`], from 12 rows), else to AVX2 tiles unpacked once
 //! per block ([`tiles_avx2`], from 8 rows); everything else runs through the row kernels in chunks.
 
-use std::borrow::Cow;
-
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Tensor};
-
-use super::{cpu_f32, outputs, Result, Rows, Weight};
+use super::kquants::Part;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::Isa;
 use crate::cpu::{self, Implementation, Kernel};
@@ -125,84 +120,11 @@ pub(super) fn d_and_dmin(block: &BlockQ4K) -> (f32, f32) {
 }
 
 /// A q4k linear layer: its weight `[n, k]` as the stored blocks, and the bias added to its outputs.
-pub(super) struct Q4kLinear<'a> {
-    pub(super) blocks: &'a [BlockQ4K],
-    pub(super) bias: &'a [f32],
-    pub(super) n: usize,
-}
-
-/// `x · wᵀ + bias` for q4k `(w, bias)` pairs on one f32 CPU input `xs` (`dims`, rows of `k`), one
-/// tensor each. `None` where some weight is not q4k of that `k`, `k` is not whole blocks, or a
-/// bias is not f32 of the weight's `n`: the caller uses candle's ops. Only the row kernels where
-/// `rows` says so.
-pub(super) fn linear(
-    linears: &[(&Weight, &Tensor)],
-    xs: &Tensor,
-    dims: &[usize],
-    rows: Rows,
-) -> Result<Option<Vec<Tensor>>> {
-    let k = dims[dims.len() - 1];
-    let m = xs.elem_count() / k;
-    if !k.is_multiple_of(QK_K) {
-        return Ok(None);
-    }
-    let mut weights: Vec<(&QTensor, &Tensor)> = Vec::with_capacity(linears.len());
-    for &(weight, bias) in linears {
-        match weight {
-            Weight::Candle(QMatMul::QTensor(w))
-                if w.dtype() == GgmlDType::Q4K && w.shape().dims2()?.1 == k =>
-            {
-                if bias.dtype() != DType::F32 || bias.dims1()? != w.shape().dims2()?.0 {
-                    return Ok(None);
-                }
-                weights.push((w, bias))
-            }
-            _ => return Ok(None),
-        }
-    }
-    let datas = weights
-        .iter()
-        .map(|(w, _)| w.data())
-        .collect::<Result<Vec<Cow<[u8]>>>>()?;
-    let biases = weights
-        .iter()
-        .map(|(_, b)| b.contiguous())
-        .collect::<Result<Vec<Tensor>>>()?;
-    let bias_guards: Vec<_> = biases.iter().map(|b| b.storage_and_layout()).collect();
-    let mut parts = Vec::with_capacity(weights.len());
-    for ((data, (guard, layout)), (w, _)) in datas.iter().zip(&bias_guards).zip(&weights) {
-        let n = w.shape().dims2()?.0;
-        // SAFETY: BlockQ4K is plain bytes (`repr(C)`, no padding, any bit pattern valid).
-        let (head, blocks, tail) = unsafe { data.align_to::<BlockQ4K>() };
-        if !head.is_empty() || !tail.is_empty() || blocks.len() != n * k / QK_K {
-            return Ok(None);
-        }
-        let Some(bias) = cpu_f32(guard, layout, n)? else {
-            return Ok(None);
-        };
-        parts.push(Q4kLinear { blocks, bias, n });
-    }
-
-    let xs = xs.contiguous()?;
-    let (guard, layout) = xs.storage_and_layout();
-    let Some(input) = cpu_f32(&guard, layout, m * k)? else {
-        return Ok(None);
-    };
-    let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
-    let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.n]).collect();
-    let tiles = match rows {
-        Rows::Fastest => tiles_for(&parts, m),
-        Rows::Alone => None,
-    };
-    multiply(tiles, &parts, &quantized, m, &mut outs);
-    drop(guard);
-
-    outputs(outs, parts.iter().map(|p| p.n), dims).map(Some)
-}
+pub(super) type Q4kLinear<'a> = Part<'a, BlockQ4K>;
 
 /// The tile kernel that takes `m` rows against `parts`: the first implementation of
 /// [`Kernel::Q4kTiles`] on this CPU whose row count and tile shape fit; `None` for the row kernels.
-fn tiles_for(parts: &[Q4kLinear], m: usize) -> Option<Implementation> {
+pub(super) fn tiles_for(parts: &[Q4kLinear], m: usize) -> Option<Implementation> {
     cpu::features()
         .implementations(Kernel::Q4kTiles)
         .find(|imp| tiles_fit(*imp, parts, m))
@@ -229,8 +151,8 @@ fn tiles_fit(_: Implementation, _: &[Q4kLinear], _: usize) -> bool {
 
 /// Every weight row of every part against the `m` rows of `x`, written with the bias into `outs`
 /// (`[m, n]` each): through `tiles` (an implementation of [`Kernel::Q4kTiles`] that
-/// [`tiles_fit`]), else through this CPU's row kernel in chunks of [`rows::MAX_ROWS`].
-fn multiply(
+/// [`tiles_fit`]), else through this CPU's row kernel in chunks of [`super::kquants::MAX_ROWS`].
+pub(super) fn multiply(
     tiles: Option<Implementation>,
     parts: &[Q4kLinear],
     x: &[Q8Block],

@@ -5,28 +5,15 @@
 
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
-use crate::qmatmul::{on_every_thread, share};
+use crate::qmatmul::kquants::multiply_rows;
 #[cfg(target_arch = "x86_64")]
 use {super::SUB_BLOCK_AT, crate::cpu::Isa, crate::simd::prefetch};
-
-/// Most activation rows the row kernels take at once; more are run in chunks of this many, each
-/// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
-/// L2). Per row they do more work than candle's tiles, which pay for it by first building their
-/// tiled copy of every weight (a gigabyte for Phi-1, built on first use). Weights of whole
-/// 16-row tiles go to the tile kernels from 12 rows (AMX) or 8 (AVX2); the chunks serve the rest.
-pub(crate) const MAX_ROWS: usize = 31;
 
 /// How far ahead of the block it works on a kernel prefetches the weights.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 3072;
 
-/// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one
-/// call takes many, so what a call sets up is shared) and `m` activation rows (`x` row-major).
-///
-/// # Safety
-///
-/// The CPU has the features of the implementation the kernel was taken for ([`row_kernel`]).
-pub(super) type RowKernel = unsafe fn(&[BlockQ4K], usize, &[Q8Block], usize, &mut [f32]);
+type RowKernel = crate::qmatmul::kquants::RowKernel<BlockQ4K>;
 
 fn row_generic(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
     for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
@@ -270,12 +257,8 @@ pub(super) fn chosen() -> Implementation {
     cpu::chosen(Kernel::Q4kRows).expect("the q4k row kernel has a portable implementation")
 }
 
-/// How many weight rows [`multiply`] hands a row kernel at once.
-const SLAB: usize = 64;
-
-/// Every weight row of every part against the `m` rows of `x` through `imp`'s row kernel (chunks
-/// of [`MAX_ROWS`] rows, each against all weight rows), written with the bias into `outs`; the
-/// weight rows split evenly over candle's thread pool in one parallel region.
+/// Every weight row of every part against the `m` rows of `x` through `imp`'s row kernel
+/// ([`multiply_rows`]).
 pub(super) fn multiply(
     imp: Implementation,
     parts: &[Q4kLinear],
@@ -283,36 +266,6 @@ pub(super) fn multiply(
     m: usize,
     outs: &mut [Vec<f32>],
 ) {
-    let kernel = row_kernel(imp);
-    let total: usize = parts.iter().map(|p| p.n).sum();
-    let kb = x.len() / m;
-    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    on_every_thread(total, |start, end| {
-        let mut slab_out = [0f32; SLAB * MAX_ROWS];
-        for r0 in (0..m).step_by(MAX_ROWS) {
-            let rows = MAX_ROWS.min(m - r0);
-            let x = &x[r0 * kb..];
-            let mut first = 0;
-            for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-                let mine = share(start, end, first, part.n);
-                for slab in (mine.start..mine.end).step_by(SLAB) {
-                    let count = SLAB.min(mine.end - slab);
-                    let w = &part.blocks[slab * kb..][..count * kb];
-                    // SAFETY: the probe listed the kernel's implementation, so the CPU has its
-                    // features.
-                    unsafe { kernel(w, kb, x, rows, &mut slab_out[..count * rows]) };
-                    for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
-                        let row = slab + i;
-                        for (r, value) in values.iter().enumerate() {
-                            let at = (r0 + r) * part.n + row;
-                            // SAFETY: `outs[p]` holds `m · n` values and every (r, row) of a part
-                            // is written by exactly one thread.
-                            unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
-                        }
-                    }
-                }
-                first += part.n;
-            }
-        }
-    });
+    // SAFETY: the probe listed `imp`, so the CPU has its row kernel's features.
+    unsafe { multiply_rows(row_kernel(imp), parts, x, m, outs) }
 }

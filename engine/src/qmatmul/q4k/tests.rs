@@ -5,9 +5,11 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-use super::rows::{self, MAX_ROWS};
+use super::rows;
 use super::*;
+use crate::qmatmul::kquants::MAX_ROWS;
 use crate::qmatmul::tests::random;
+use crate::qmatmul::{Result, Weight};
 
 /// The stored-block kernels against candle's own q4k matmul on the same blocks (which
 /// quantizes the input the same way), for one to many rows and two weights sharing the input.

@@ -1,0 +1,163 @@
+//! The q6k row kernels: a few activation rows against stored q6k blocks, weight row by weight
+//! row. Each weight block is unpacked once (to 6-bit values in bytes, its 16 scales widened) for up
+//! to four activation rows; every row is computed as it would be alone. AVX2 (ggml's
+//! `q6_K·q8_K` dot product widened to several rows) with a portable fallback.
+
+use super::{block_sum, BlockQ6K, Q6kLinear, Q8Block};
+use crate::cpu::{self, Implementation, Kernel};
+use crate::qmatmul::kquants::multiply_rows;
+#[cfg(target_arch = "x86_64")]
+use {crate::cpu::Isa, crate::simd::prefetch};
+
+type RowKernel = crate::qmatmul::kquants::RowKernel<BlockQ6K>;
+
+/// How far ahead of the block it works on a kernel prefetches the weights (~14 blocks).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 2944;
+
+fn row_generic(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+        for (r, acc) in out.iter_mut().enumerate() {
+            *acc = 0.0;
+            for (b, block) in w.iter().enumerate() {
+                let a = &x[r * kb + b];
+                let d = half::f16::from_bits(block.d).to_f32();
+                *acc += d * a.d * block_sum(block, a) as f32;
+            }
+        }
+    }
+}
+
+/// `vpshufb` masks that spread scale `2j` to bytes 0..8 and scale `2j + 1` to bytes 8..16: the
+/// scales of sub-block `j`'s two groups of 16, before they are widened to 16 bits.
+#[cfg(target_arch = "x86_64")]
+static SCALE_PICKS: [[u8; 16]; 8] = {
+    let mut masks = [[0u8; 16]; 8];
+    let mut j = 0;
+    while j < 8 {
+        let mut l = 0;
+        while l < 16 {
+            masks[j][l] = (2 * j + l / 8) as u8;
+            l += 1;
+        }
+        j += 1;
+    }
+    masks
+};
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_avx2(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+        let mut r = 0;
+        while r < m {
+            let (x, out) = (&x[r * kb..], &mut out[r..]);
+            // SAFETY: the CPU has AVX2, FMA and F16C (this fn's contract, [`RowKernel`]'s);
+            // `rows_avx2` asserts the rows it reads and writes.
+            unsafe {
+                match m - r {
+                    1 => rows_avx2::<1>(w, x, out),
+                    2 => rows_avx2::<2>(w, x, out),
+                    3 => rows_avx2::<3>(w, x, out),
+                    _ => rows_avx2::<4>(w, x, out),
+                }
+            }
+            r += 4;
+        }
+    }
+}
+
+/// [`row_avx2`] for `M` activation rows: each block's 256 6-bit values are unpacked once into
+/// eight registers of bytes (in `0..64`), multiplied with each row's activations by `vpmaddubsw`,
+/// less 32 times the activations (the values' offset), then scaled in 16-bit pairs.
+///
+/// # Safety
+///
+/// The CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    // SAFETY: the caller's CPU has AVX2, FMA and F16C (this fn's contract); `x` holds `M` rows of
+    // `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read 32 bytes at offsets 0, 32,
+    // 64 and 96 of a block's 128-byte `ql`, 0 and 32 of its 64-byte `qh`, its 16 scales, one
+    // aligned sub-block of a [`Q8Block`] (`repr(align(32))`, sub-blocks 32 bytes apart) and the
+    // 16-byte masks of [`SCALE_PICKS`].
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        let (low4, low2, offset) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        for (b, block) in w.iter().enumerate() {
+            let ahead = (block as *const BlockQ6K as *const u8).wrapping_add(PREFETCH_BYTES);
+            for line in 0..4 {
+                prefetch(ahead.wrapping_add(64 * line));
+            }
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(block.d as i32)));
+            let mut q = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                let ql0 = _mm256_loadu_si256(block.ql.as_ptr().add(64 * h) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(block.ql.as_ptr().add(64 * h + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(block.qh.as_ptr().add(32 * h) as *const __m256i);
+                let high = |shift: i32| {
+                    let bits = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift)), low2);
+                    _mm256_slli_epi16(bits, 4)
+                };
+                q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, low4), high(0));
+                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, low4), high(2));
+                q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), high(4));
+                q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), high(6));
+            }
+            let scales = _mm_loadu_si128(block.scales.as_ptr() as *const __m128i);
+            let s: [__m256i; 8] = std::array::from_fn(|j| {
+                let picked =
+                    _mm_shuffle_epi8(scales, _mm_loadu_si128(SCALE_PICKS[j].as_ptr() as *const __m128i));
+                _mm256_cvtepi8_epi16(picked)
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = x.get_unchecked(r * kb + b);
+                let mut sumi = _mm256_setzero_si256();
+                for (j, (q, s)) in q.iter().zip(&s).enumerate() {
+                    let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
+                    let pairs =
+                        _mm256_sub_epi16(_mm256_maddubs_epi16(*q, act), _mm256_maddubs_epi16(offset, act));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, *s));
+                }
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), *acc);
+            }
+        }
+        for (out, acc) in out.iter_mut().zip(acc) {
+            *out = crate::simd::sum8(acc);
+        }
+    }
+}
+
+/// The row kernel of `imp`, an implementation of [`Kernel::Q6kRows`] this CPU runs.
+pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
+    debug_assert_eq!(imp.kernel(), Kernel::Q6kRows);
+    match imp.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => row_avx2,
+        _ => row_generic,
+    }
+}
+
+/// The row kernel [`multiply`] takes on this CPU (the first the probe lists; the portable one
+/// always is).
+pub(in crate::qmatmul) fn chosen() -> Implementation {
+    cpu::chosen(Kernel::Q6kRows).expect("the q6k row kernel has a portable implementation")
+}
+
+/// Every weight row of every part against the `m` rows of `x` through `imp`'s row kernel
+/// ([`multiply_rows`]).
+pub(in crate::qmatmul) fn multiply(
+    imp: Implementation,
+    parts: &[Q6kLinear],
+    x: &[Q8Block],
+    m: usize,
+    outs: &mut [Vec<f32>],
+) {
+    // SAFETY: the probe listed `imp`, so the CPU has its row kernel's features.
+    unsafe { multiply_rows(row_kernel(imp), parts, x, m, outs) }
+}
