@@ -30,6 +30,13 @@ fn quantized(dir: &Path, dtype: &str) -> PathBuf {
         stderr.contains("33 tensors") && stderr.contains(&format!("{size} bytes")),
         "says what it wrote: {stderr}"
     );
+    if dtype == "q4_k_m" {
+        // The mix keeps the second (last) layer's fc2 in q6k, llama.cpp's `use_more_bits`.
+        assert!(
+            stderr.contains("q4k:    1 tensors") && stderr.contains("q6k:    1 tensors"),
+            "{stderr}"
+        );
+    }
     out
 }
 
@@ -73,14 +80,15 @@ fn generate_on_load(dtype: &str, prompt: &str) -> Vec<u32> {
 }
 
 /// Other types run and stay close. q4k and q8_0 files hold the blocks quantizing on load makes
-/// (the fixture is 64 wide: q4k quantizes only the 256-wide fc2 rows), so they give its tokens;
+/// (the fixture is 64 wide: q4k quantizes only the 256-wide fc2 rows, and the Q4_K_M mix keeps the
+/// last of its two layers' fc2 in q6k), so they give its tokens;
 /// q8_0 is also held to transformers' first token, up to what q8_0 moves the logits; f16 and bf16
 /// files run in f32 and keep every token.
 #[test]
 fn quantized_ggufs_generate_close_to_the_reference() {
     let dir = tempfile::tempdir().expect("temp dir");
     let reference = Reference::load();
-    for dtype in ["q4k", "q8_0", "f16", "bf16"] {
+    for dtype in ["q4k", "q4_k_m", "q8_0", "f16", "bf16"] {
         let gguf = quantized(dir.path(), dtype);
         let mut same = 0;
         for case in &reference.cases {
@@ -88,7 +96,9 @@ fn quantized_ggufs_generate_close_to_the_reference() {
             assert_eq!(prompt_tokens, case.input_ids);
             let expected = reference.expected_tokens(case);
             match dtype {
-                "q4k" => assert_eq!(tokens, generate_on_load("q4k", &case.prompt), "{:?}", case.prompt),
+                "q4k" | "q4_k_m" => {
+                    assert_eq!(tokens, generate_on_load(dtype, &case.prompt), "{:?}", case.prompt)
+                }
                 "q8_0" => {
                     assert_eq!(
                         tokens,

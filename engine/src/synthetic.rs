@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 
 use crate::qmatmul::Weight;
@@ -18,7 +18,10 @@ use crate::weights::WeightDType;
 /// A model of `cfg`'s exact shape with random weights from `seed`: it costs the same to run as
 /// the real one, for benchmarks.
 pub fn model(cfg: &PhiConfig, dtype: WeightDType, device: &Device, seed: u64) -> Result<PhiModel> {
-    PhiModel::new(cfg, &SyntheticSource::new(dtype, device, seed))
+    PhiModel::new(
+        cfg,
+        &SyntheticSource::new(dtype, device, seed).for_layers(cfg.num_hidden_layers),
+    )
 }
 
 /// Makes every tensor from `(seed, name, element index)` alone, so a tensor does not depend on the
@@ -32,6 +35,8 @@ pub struct SyntheticSource {
     dtype: WeightDType,
     device: Device,
     seed: u64,
+    /// Of the model whose matrices it makes (which ones the Q4_K_M mix keeps in q6k depends on it).
+    n_layers: usize,
 }
 
 impl SyntheticSource {
@@ -40,7 +45,13 @@ impl SyntheticSource {
             dtype,
             device: device.clone(),
             seed,
+            n_layers: PhiConfig::phi_1().num_hidden_layers,
         }
+    }
+
+    /// The source for a model of `n_layers` layers (Phi-1's 24 unless told).
+    pub fn for_layers(self, n_layers: usize) -> Self {
+        SyntheticSource { n_layers, ..self }
     }
 
     fn stream(&self, name: &str) -> Stream {
@@ -76,10 +87,11 @@ impl WeightSource for SyntheticSource {
     /// CPU, rows are made and quantized a group at a time on every thread, so no f32 copy of the
     /// whole weight ever exists; the blocks are those `QTensor::quantize` makes of the f32 weight.
     fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
-        match self.dtype.quantized() {
+        match self.dtype.matrix_type(name, self.n_layers) {
             Some(q) if in_dim.is_multiple_of(q.block_size()) => {
                 let qtensor = match (q, &self.device) {
                     (GgmlDType::Q4K, Device::Cpu) => self.quantize_rows::<BlockQ4K>(name, out_dim, in_dim)?,
+                    (GgmlDType::Q6K, Device::Cpu) => self.quantize_rows::<BlockQ6K>(name, out_dim, in_dim)?,
                     (GgmlDType::Q8_0, Device::Cpu) => {
                         self.quantize_rows::<BlockQ8_0>(name, out_dim, in_dim)?
                     }

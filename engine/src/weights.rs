@@ -24,10 +24,13 @@ pub enum WeightDType {
     Q8_0,
     /// 2-D weights quantized to 4-bit k-quants (blocks of 256) while loading; the rest stays f32.
     Q4K,
+    /// llama.cpp's Q4_K_M mix: q4k, but 6-bit k-quants (q6k) for `lm_head` and for `v_proj` and
+    /// `fc2` of the layers llama.cpp gives more bits ([`WeightDType::matrix_type`]).
+    Q4KM,
 }
 
 impl WeightDType {
-    pub const NAMES: &'static str = "f32, f16, bf16, q8_0 or q4k";
+    pub const NAMES: &'static str = "f32, f16, bf16, q8_0, q4k or q4_k_m";
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name.to_ascii_lowercase().as_str() {
@@ -36,6 +39,7 @@ impl WeightDType {
             "bf16" => WeightDType::BF16,
             "q8_0" | "q8" => WeightDType::Q8_0,
             "q4k" | "q4_k" => WeightDType::Q4K,
+            "q4_k_m" | "q4km" => WeightDType::Q4KM,
             _ => return None,
         })
     }
@@ -47,6 +51,7 @@ impl WeightDType {
             WeightDType::BF16 => "bf16",
             WeightDType::Q8_0 => "q8_0",
             WeightDType::Q4K => "q4k",
+            WeightDType::Q4KM => "q4_k_m",
         }
     }
 
@@ -93,29 +98,45 @@ impl WeightDType {
             cfg.vocab_size as u64,
         );
         let kv = (cfg.num_kv_heads() * cfg.head_dim()) as u64;
-        let matmul = |out_dim: u64, in_dim: u64| self.matrix_bytes(out_dim, in_dim);
-        let layer = matmul(h, h)
-            + 2 * matmul(kv, h)
-            + matmul(h, h)
-            + matmul(i, h)
-            + matmul(h, i)
-            + (h + 2 * kv + h + i + h + 2 * h) * dense;
-        matmul(v, h) + cfg.num_hidden_layers as u64 * layer + 2 * h * dense + matmul(v, h) + v * dense
+        let n_layers = cfg.num_hidden_layers;
+        let matmul = |name: &str, out_dim: u64, in_dim: u64| {
+            self.matrix_bytes(self.matrix_type(name, n_layers), out_dim, in_dim)
+        };
+        let layers: u64 = (0..n_layers)
+            .map(|l| {
+                let name = |module: &str| format!("model.layers.{l}.{module}.weight");
+                matmul(&name("self_attn.q_proj"), h, h)
+                    + matmul(&name("self_attn.k_proj"), kv, h)
+                    + matmul(&name("self_attn.v_proj"), kv, h)
+                    + matmul(&name("self_attn.dense"), h, h)
+                    + matmul(&name("mlp.fc1"), i, h)
+                    + matmul(&name("mlp.fc2"), h, i)
+                    + (h + 2 * kv + h + i + h + 2 * h) * dense
+            })
+            .sum();
+        let embedding = self.embedding_bytes(cfg);
+        embedding + layers + 2 * h * dense + matmul("lm_head.weight", v, h) + v * dense
+    }
+
+    /// Bytes of the embedding table as the loader holds it.
+    fn embedding_bytes(self, cfg: &PhiConfig) -> u64 {
+        let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+        let name = "model.embed_tokens.weight";
+        self.matrix_bytes(self.matrix_type(name, cfg.num_hidden_layers), v, h)
     }
 
     /// Bytes of weights one decode step reads: all of [`WeightDType::weight_bytes`] (the quantized
     /// kernels read q4k and q8_0 blocks of the stored size) but the embedding table, of which a
     /// token reads one row.
     pub fn weight_bytes_per_token(self, cfg: &PhiConfig) -> u64 {
-        let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
-        let embedding = self.matrix_bytes(v, h);
-        self.weight_bytes(cfg) - embedding + embedding / v
+        let embedding = self.embedding_bytes(cfg);
+        self.weight_bytes(cfg) - embedding + embedding / cfg.vocab_size as u64
     }
 
     /// Bytes of an `out_dim` x `in_dim` matrix as the loader holds it: quantized where its rows
     /// are whole blocks, else in the stored dtype.
-    fn matrix_bytes(self, out_dim: u64, in_dim: u64) -> u64 {
-        match self.quantized() {
+    fn matrix_bytes(self, quantized: Option<GgmlDType>, out_dim: u64, in_dim: u64) -> u64 {
+        match quantized {
             Some(q) if in_dim.is_multiple_of(q.block_size() as u64) => {
                 out_dim * in_dim / q.block_size() as u64 * q.type_size() as u64
             }
@@ -123,11 +144,36 @@ impl WeightDType {
         }
     }
 
+    /// The quantized type of most matrices (q4k for the Q4_K_M mix); `None` for the dense dtypes.
     pub fn quantized(self) -> Option<GgmlDType> {
         match self {
             WeightDType::Q8_0 => Some(GgmlDType::Q8_0),
-            WeightDType::Q4K => Some(GgmlDType::Q4K),
+            WeightDType::Q4K | WeightDType::Q4KM => Some(GgmlDType::Q4K),
             _ => None,
+        }
+    }
+
+    /// The quantized type of the matrix `name` (a Hugging Face tensor name) of a model of
+    /// `n_layers` layers; `None` for the dense dtypes. For the Q4_K_M mix, llama.cpp's
+    /// `llama_tensor_get_type`: q6k for `lm_head` (GGUF `output`), and for `v_proj` (`attn_v`)
+    /// and `fc2` (`ffn_down`) of layer `i` where `use_more_bits(i, n)` holds: `i < n/8`,
+    /// `i >= 7n/8`, or `(i - n/8) % 3 == 2` (12 of Phi-1's 24 layers); q4k for the rest.
+    pub fn matrix_type(self, name: &str, n_layers: usize) -> Option<GgmlDType> {
+        let more_bits = |layer: usize| {
+            let eighth = n_layers / 8;
+            layer < eighth || layer >= 7 * n_layers / 8 || (layer as isize - eighth as isize) % 3 == 2
+        };
+        let q6k = name == "lm_head.weight"
+            || name
+                .strip_prefix("model.layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(layer, module)| {
+                    matches!(module, "self_attn.v_proj.weight" | "mlp.fc2.weight")
+                        && layer.parse().is_ok_and(more_bits)
+                });
+        match self {
+            WeightDType::Q4KM if q6k => Some(GgmlDType::Q6K),
+            _ => self.quantized(),
         }
     }
 }
@@ -150,6 +196,48 @@ mod tests {
         assert!((0.74..0.76).contains(&q4), "{q4}");
     }
 
+    /// llama.cpp's Q4_K_M rule worked by hand for 24 layers: `n/8 = 3`, so layers 0–2, 21–23 and
+    /// those with `(i − 3) % 3 == 2` (5, 8, …, 20) keep `attn_v` and `ffn_down` in q6k.
+    #[test]
+    fn q4_k_m_keeps_llama_cpps_matrices_in_q6k() {
+        let q6k_layers = [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23];
+        let dtype = WeightDType::Q4KM;
+        for layer in 0..24 {
+            let expected = if q6k_layers.contains(&layer) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q4K
+            };
+            for module in ["self_attn.v_proj", "mlp.fc2"] {
+                let name = format!("model.layers.{layer}.{module}.weight");
+                assert_eq!(dtype.matrix_type(&name, 24), Some(expected), "{name}");
+            }
+            for module in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.dense",
+                "mlp.fc1",
+            ] {
+                let name = format!("model.layers.{layer}.{module}.weight");
+                assert_eq!(dtype.matrix_type(&name, 24), Some(GgmlDType::Q4K), "{name}");
+            }
+        }
+        assert_eq!(dtype.matrix_type("lm_head.weight", 24), Some(GgmlDType::Q6K));
+        assert_eq!(
+            dtype.matrix_type("model.embed_tokens.weight", 24),
+            Some(GgmlDType::Q4K)
+        );
+        assert_eq!(
+            WeightDType::Q4K.matrix_type("lm_head.weight", 24),
+            Some(GgmlDType::Q4K)
+        );
+        assert_eq!(WeightDType::F16.matrix_type("lm_head.weight", 24), None);
+        // 0.74 GiB of q4k plus 66 more bytes per 256 weights of lm_head (105M weights) and of
+        // 12 layers' v_proj (4.2M) and fc2 (16.8M): 92 MB more.
+        let q4_k_m = WeightDType::Q4KM.weight_bytes(&PhiConfig::phi_1()) as f64 / (1u64 << 30) as f64;
+        assert!((0.82..0.84).contains(&q4_k_m), "{q4_k_m}");
+    }
+
     #[test]
     fn weight_bytes_per_token_of_phi_1() {
         let cfg = PhiConfig::phi_1();
@@ -166,7 +254,10 @@ mod tests {
 /// Tensors from safetensors files, matmul weights quantized on the way in when asked.
 pub struct SafetensorsSource<'a> {
     vb: VarBuilder<'a>,
-    quantize: Option<GgmlDType>,
+    /// Which matrices are quantized to what ([`WeightDType::matrix_type`]), for a model of
+    /// `n_layers` layers.
+    dtype: WeightDType,
+    n_layers: usize,
     /// Of norms, biases and the embedding; matmul weights stay in the `vb`'s dtype.
     activations: DType,
 }
@@ -178,7 +269,7 @@ impl WeightSource for SafetensorsSource<'_> {
 
     fn matmul_weight(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<QMatMul> {
         let weight = self.vb.get((out_dim, in_dim), name)?;
-        match self.quantize {
+        match self.dtype.matrix_type(name, self.n_layers) {
             // Rows must be whole blocks (32 for q8_0, 256 for k-quants); narrower ones stay dense.
             Some(q) if in_dim.is_multiple_of(q.block_size()) => {
                 Ok(QMatMul::from_qtensor(QTensor::quantize(&weight, q)?)?)
@@ -386,7 +477,8 @@ impl Engine {
             .map_err(|e| load_error(&files.weights[0], format!("cannot map the weights: {e}")))?;
         let source = SafetensorsSource {
             vb,
-            quantize: dtype.quantized(),
+            dtype,
+            n_layers: cfg.num_hidden_layers,
             activations: dtype.activation_dtype(device),
         };
         let model = PhiModel::new(&cfg, &source).map_err(|e| {

@@ -40,8 +40,9 @@ pub struct ModelArgs {
     /// takes one when the build has it and the machine too, else the CPU).
     #[arg(long, global = true, env = "PHI_LSP_DEVICE", default_value = "auto")]
     pub device: String,
-    /// auto, f32, f16, bf16, q8_0 or q4k (q8_0/q4k quantize 2-D weights while loading; auto is
-    /// q8_0 on CPU and f16 on a GPU).
+    /// auto, f32, f16, bf16, q8_0, q4k or q4_k_m (the quantized ones quantize 2-D weights while
+    /// loading; q4_k_m is llama.cpp's Q4_K_M mix of q4k and q6k; auto is q8_0 on CPU and f16 on a
+    /// GPU).
     #[arg(long, global = true, env = "PHI_LSP_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// `local`, or the URL of an OpenAI-compatible server (vLLM, TGI, llama.cpp) that generates

@@ -12,12 +12,13 @@ use crate::loading::SYNTHETIC_PHI_1;
 use crate::stdout::print_line;
 
 pub const CONTEXTS: [usize; 3] = [512, 1024, 2048];
-const DTYPES: [WeightDType; 5] = [
+const DTYPES: [WeightDType; 6] = [
     WeightDType::F32,
     WeightDType::F16,
     WeightDType::BF16,
     WeightDType::Q8_0,
     WeightDType::Q4K,
+    WeightDType::Q4KM,
 ];
 
 /// The config of the model named by `--model`, without loading weights. microsoft/phi-1 that is

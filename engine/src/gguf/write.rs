@@ -136,6 +136,7 @@ pub(super) fn type_name(dtype: GgmlDType) -> &'static str {
         GgmlDType::BF16 => "bf16",
         GgmlDType::Q8_0 => "q8_0",
         GgmlDType::Q4K => "q4k",
+        GgmlDType::Q6K => "q6k",
         _ => "other",
     }
 }
@@ -144,19 +145,21 @@ pub(super) fn type_name(dtype: GgmlDType) -> &'static str {
 fn plan(cfg: &PhiConfig, dtype: WeightDType) -> Vec<Planned> {
     let (hidden, inter, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let kv = cfg.num_kv_heads() * cfg.head_dim();
-    let weight_type = |in_dim: usize| match dtype {
+    let weight_type = |hf: &str, in_dim: usize| match dtype {
         WeightDType::F32 => GgmlDType::F32,
         WeightDType::F16 => GgmlDType::F16,
         WeightDType::BF16 => GgmlDType::BF16,
-        WeightDType::Q8_0 | WeightDType::Q4K => match dtype.quantized() {
-            Some(q) if in_dim.is_multiple_of(q.block_size()) => q,
-            _ => GgmlDType::F32,
-        },
+        WeightDType::Q8_0 | WeightDType::Q4K | WeightDType::Q4KM => {
+            match dtype.matrix_type(hf, cfg.num_hidden_layers) {
+                Some(q) if in_dim.is_multiple_of(q.block_size()) => q,
+                _ => GgmlDType::F32,
+            }
+        }
     };
     let mut plan = Vec::new();
     let mut add = |gguf: String, hf: String, shape: Vec<usize>| {
         let dtype = match shape[..] {
-            [_, in_dim] => weight_type(in_dim),
+            [_, in_dim] => weight_type(&hf, in_dim),
             _ => GgmlDType::F32,
         };
         let elems: usize = shape.iter().product();
@@ -234,6 +237,7 @@ fn metadata(files: &ModelFiles, cfg: &PhiConfig, dtype: WeightDType) -> Result<V
         WeightDType::BF16 => 32,
         WeightDType::Q8_0 => 7,
         WeightDType::Q4K => 14,
+        WeightDType::Q4KM => 15,
     };
     let name = files
         .config
@@ -455,6 +459,7 @@ fn ggml_type_id(dtype: GgmlDType) -> u32 {
         GgmlDType::F16 => 1,
         GgmlDType::Q8_0 => 8,
         GgmlDType::Q4K => 12,
+        GgmlDType::Q6K => 14,
         GgmlDType::BF16 => 30,
         _ => 0,
     }
