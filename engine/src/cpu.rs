@@ -97,7 +97,7 @@ impl Features {
         let vnni = avx512 && self.avx512bw && self.avx512vnni;
         match (kernel, isa) {
             (_, Isa::Portable) => kernel.has_portable(),
-            (Kernel::Q4kRows | Kernel::Q8_0Rows, Isa::Avx512Vnni) => vnni,
+            (Kernel::Q4kRows | Kernel::Q6kRows | Kernel::Q8_0Rows, Isa::Avx512Vnni) => vnni,
             (
                 Kernel::Q4kRows | Kernel::Q6kRows | Kernel::Q8_0Rows | Kernel::Q4kTiles | Kernel::DenseRows,
                 Isa::Avx2,

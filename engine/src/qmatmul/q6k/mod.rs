@@ -3,7 +3,7 @@
 //! and `attn_v` and `ffn_down` of half the layers, in q6k there). The input is the q8_K-like
 //! blocks the q4k kernels read ([`Q8Block`]), quantized once per call by [`super::kquants`].
 //!
-//! Which kernel runs: the row kernels ([`rows`]: AVX2 or portable) for any number of activation
+//! Which kernel runs: the row kernels ([`rows`]: AVX-512 VNNI, AVX2 or portable) for any number of activation
 //! rows, in chunks of [`super::kquants::MAX_ROWS`].
 
 use super::kquants::Part;

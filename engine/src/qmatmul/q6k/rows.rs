@@ -1,7 +1,7 @@
 //! The q6k row kernels: a few activation rows against stored q6k blocks, weight row by weight
 //! row. Each weight block is unpacked once (to 6-bit values in bytes, its 16 scales widened) for up
-//! to four activation rows; every row is computed as it would be alone. AVX2 (ggml's
-//! `q6_K·q8_K` dot product widened to several rows) with a portable fallback.
+//! to four activation rows; every row is computed as it would be alone. AVX-512 VNNI and AVX2
+//! (ggml's `q6_K·q8_K` dot product widened to several rows), with a portable fallback.
 
 use super::{block_sum, BlockQ6K, Q6kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
@@ -133,10 +133,121 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f3
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+unsafe fn row_avx512(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+        let mut r = 0;
+        while r < m {
+            let (x, out) = (&x[r * kb..], &mut out[r..]);
+            // SAFETY: the CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract,
+            // [`RowKernel`]'s); `rows_avx512` asserts the rows it reads and writes.
+            unsafe {
+                match m - r {
+                    1 => rows_avx512::<1>(w, x, out),
+                    2 => rows_avx512::<2>(w, x, out),
+                    3 => rows_avx512::<3>(w, x, out),
+                    _ => rows_avx512::<4>(w, x, out),
+                }
+            }
+            r += 4;
+        }
+    }
+}
+
+/// Which of a block's 16 scales each 16-bit lane of register `i` of [`rows_avx512`] takes: the
+/// register holds sub-blocks `SUB_BLOCK_AT[2i]` and `SUB_BLOCK_AT[2i + 1]` (32 values each, so 16
+/// pair sums each, the first 8 of a sub-block `j` under scale `2j`, the next 8 under `2j + 1`).
+#[cfg(target_arch = "x86_64")]
+static SCALE_LANES: [[u16; 32]; 4] = {
+    let mut lanes = [[0u16; 32]; 4];
+    let mut i = 0;
+    while i < 4 {
+        let mut k = 0;
+        while k < 32 {
+            let sub_block = crate::qmatmul::q4k::SUB_BLOCK_AT[2 * i + k / 16];
+            lanes[i][k] = (2 * sub_block + k % 16 / 8) as u16;
+            k += 1;
+        }
+        i += 1;
+    }
+    lanes
+};
+
+/// [`rows_avx2`] on 512-bit registers, each holding two sub-blocks in the order [`Q8Block`] keeps
+/// the activations (sub-blocks 0 and 2, 1 and 3, 4 and 6, 5 and 7: the low and high nibbles of
+/// one 32-byte run of `ql`), the scales applied with VNNI's `vpdpwssd`.
+///
+/// # Safety
+///
+/// The CPU has AVX-512F/BW/VNNI, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
+#[inline]
+unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = w.len();
+    assert!(x.len() >= M * kb && out.len() >= M);
+    // SAFETY: the caller's CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract); `x` holds
+    // `M` rows of `kb` blocks (asserted), so `r·kb + b` is in bounds; the loads read 32 bytes at
+    // offsets 0, 32, 64 and 96 of a block's 128-byte `ql`, 0 and 32 of its 64-byte `qh`, its 16
+    // scales, 64 bytes at offsets 0, 64, 128 and 192 of a [`Q8Block`]'s 256-byte `qs`, and the
+    // 64-byte rows of [`SCALE_LANES`].
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); M];
+        let (low4, low2, offset) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3), _mm512_set1_epi8(32));
+        let lanes: [__m512i; 4] =
+            std::array::from_fn(|i| _mm512_loadu_si512(SCALE_LANES[i].as_ptr() as *const __m512i));
+        for (b, block) in w.iter().enumerate() {
+            let ahead = (block as *const BlockQ6K as *const u8).wrapping_add(PREFETCH_BYTES);
+            for line in 0..4 {
+                prefetch(ahead.wrapping_add(64 * line));
+            }
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(block.d as i32)));
+            // Register 2h + u: the 32 bytes `ql[64h + 32u..]`, low nibbles then high nibbles, with
+            // the high bits from `qh[32h..]` at bits 2u (low) and 2u + 4 (high).
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let qh = _mm256_loadu_si256(block.qh.as_ptr().add(32 * h) as *const __m256i);
+                for u in 0..2 {
+                    let ql = _mm256_loadu_si256(block.ql.as_ptr().add(64 * h + 32 * u) as *const __m256i);
+                    let nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(ql), _mm256_srli_epi16(ql, 4), 1);
+                    let shift = _mm_cvtsi32_si128(2 * u as i32);
+                    let bits = _mm256_srl_epi16(qh, shift);
+                    let bits =
+                        _mm512_inserti64x4(_mm512_castsi256_si512(bits), _mm256_srli_epi16(bits, 4), 1);
+                    let high = _mm512_slli_epi16(_mm512_and_si512(bits, low2), 4);
+                    q[2 * h + u] = _mm512_or_si512(_mm512_and_si512(nibbles, low4), high);
+                }
+            }
+            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                block.scales.as_ptr() as *const __m128i
+            )));
+            let s = lanes.map(|l| _mm512_permutexvar_epi16(l, scales));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = x.get_unchecked(r * kb + b);
+                let mut sumi = _mm512_setzero_si512();
+                for (i, (q, s)) in q.iter().zip(&s).enumerate() {
+                    let act = _mm512_loadu_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
+                    let pairs =
+                        _mm512_sub_epi16(_mm512_maddubs_epi16(*q, act), _mm512_maddubs_epi16(offset, act));
+                    sumi = _mm512_dpwssd_epi32(sumi, pairs, *s);
+                }
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), *acc);
+            }
+        }
+        for (out, acc) in out.iter_mut().zip(acc) {
+            *out = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
 /// The row kernel of `imp`, an implementation of [`Kernel::Q6kRows`] this CPU runs.
 pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
     debug_assert_eq!(imp.kernel(), Kernel::Q6kRows);
     match imp.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => row_avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => row_avx2,
         _ => row_generic,
