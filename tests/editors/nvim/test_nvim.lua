@@ -363,7 +363,8 @@ local help = lua([[
   if name ~= 'phi-lsp.txt' or not line:find('*phi-lsp*', 1, true) then
     return (':help phi-lsp opened %s at %q, not the *phi-lsp* tag'):format(name, line)
   end
-  for _, tag in ipairs({ 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options' }) do
+  for _, tag in ipairs({ 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options', 'phi-lsp-partial', 'phi-lsp-manual',
+    'phi_lsp.statusline()' }) do
     found, e = pcall(vim.cmd.help, tag)
     if not found then return tag .. ': ' .. e end
     vim.cmd.helpclose()
