@@ -165,6 +165,26 @@ local function next_part(rest, part)
   return lua([[return require('phi_lsp').next_part(...)]], rest, part)
 end
 
+-- What a part is, on the cases the test model's text may not show.
+local parts = {
+  { '    return x', 'word', '    return' },
+  { '\n    return x', 'word', '\n    return' },
+  { 'café = 1', 'word', 'café' },
+  { '("a")', 'word', '("' },
+  { '  ', 'word', '  ' },
+  { 'ab\ncd', 'line', 'ab' },
+  { '\ncd\nef', 'line', '\ncd' },
+  { 'ab', 'line', 'ab' },
+}
+local wrong_parts = {}
+for _, case in ipairs(parts) do
+  local got = next_part(case[1], case[2])
+  if got ~= case[3] then
+    wrong_parts[#wrong_parts + 1] = ('next %s of %q: %q, want %q'):format(case[2], case[1], got, case[3])
+  end
+end
+check(#wrong_parts == 0, 'the next word and the next line of a suggestion', table.concat(wrong_parts, '\n'))
+
 lua('vim.bo.autoindent = false; vim.bo.indentexpr = ""; vim.bo.smartindent = false')
 input('i' .. typed:gsub('\n', '<CR>'))
 check(wait_for(5000, function()
