@@ -163,6 +163,18 @@ function M.on_attach(client, bufnr)
   local kind = M.inline_kind()
   if kind == 'native' then
     vim.lsp.inline_completion.enable(M.enabled, { bufnr = bufnr })
+    -- Neovim may make the buffer's completor after this autocommand, and again when it is
+    -- enabled anew: guarded then, and on entering insert mode.
+    vim.schedule(function()
+      M._guard_native(bufnr)
+    end)
+    vim.api.nvim_create_autocmd('InsertEnter', {
+      group = vim.api.nvim_create_augroup('phi_lsp.native.' .. bufnr, { clear = true }),
+      buffer = bufnr,
+      callback = function()
+        M._guard_native(bufnr)
+      end,
+    })
   elseif kind == 'plugin' then
     require('phi_lsp.ghost').attach(bufnr, client.id)
   else
@@ -334,6 +346,38 @@ local function insert_at(bufnr, row, col, text)
 end
 M._insert_at = insert_at
 
+--- Whether `item` is a plain-text item with a range, the kind native_fit can place.
+local function placeable(item)
+  local range = type(item) == 'table' and item.range
+  return type(item) == 'table'
+    and type(item.insert_text) == 'string'
+    and type(range) == 'table'
+    and type(range.start) == 'table'
+    and type(range.end_) == 'table'
+end
+
+--- 0.12 shows its current item again at every cursor move in insert mode, until the answer to its
+--- next request comes, also where it no longer fits: after a key that disagrees with it, and after
+--- <BS> back before the place an item was answered for, where drawing it fails ("Invalid 'col': out
+--- of range", an error on every key). The buffer's completor then hides such an item instead;
+--- accepting it is refused anyway (accept_native).
+function M._guard_native(bufnr)
+  local completor = native_completor(bufnr)
+  if not completor or rawget(completor, '_phi_lsp_show') or type(completor.show) ~= 'function' then
+    return
+  end
+  local show = completor.show
+  completor._phi_lsp_show = show
+  completor.show = function(self, ...)
+    local item = self.current
+    if placeable(item) and not native_fit(self.bufnr, item) then
+      self:hide()
+      return
+    end
+    return show(self, ...)
+  end
+end
+
 --- Accepts 0.12's native item, but only where it still fits the text at the cursor (native_fit):
 --- after a keystroke that does not match it, Neovim keeps the old item until the new answer
 --- comes, and would insert it at the old place. Such an item is dropped and asked for again (the
@@ -344,14 +388,7 @@ M._insert_at = insert_at
 local function accept_native(bufnr, part)
   local completor = native_completor(bufnr)
   local item = completor and completor.current
-  local range = type(item) == 'table' and item.range
-  if
-    type(item) ~= 'table'
-    or type(item.insert_text) ~= 'string'
-    or type(range) ~= 'table'
-    or type(range.start) ~= 'table'
-    or type(range.end_) ~= 'table'
-  then
+  if not placeable(item) then
     if part then
       return false
     end
@@ -440,17 +477,29 @@ function M.trigger(bufnr)
   return false
 end
 
+--- The phi-lsp settings a client runs with (however they were configured), or nil.
+local function client_settings(client)
+  local settings = type(client.settings) == 'table' and client.settings['phi-lsp']
+  return type(settings) == 'table' and settings or nil
+end
+
 --- Whether the server suggests as you type (settings.automatic, on unless set false).
 function M.automatic()
+  local client = M.clients()[1]
+  local settings = client and client_settings(client)
+  if settings and settings.automatic ~= nil then
+    return settings.automatic ~= false
+  end
   return (M.config.settings or {}).automatic ~= false
 end
 
 --- Automatic suggestions on or off (manual-only: the trigger key asks), told to the running
---- servers at once.
+--- servers at once; their other settings stay as they are.
 function M.set_automatic(on)
   M.config.settings = vim.tbl_extend('force', M.config.settings or {}, { automatic = on })
   for _, client in ipairs(M.clients()) do
-    client.settings = { ['phi-lsp'] = M.server_settings() }
+    local settings = vim.tbl_extend('force', client_settings(client) or {}, { automatic = on })
+    client.settings = vim.tbl_extend('force', client.settings or {}, { ['phi-lsp'] = settings })
     call(client, 'notify', 'workspace/didChangeConfiguration', { settings = client.settings })
   end
   M._statusline.at = nil -- refreshed at the next redraw
@@ -569,7 +618,7 @@ function M.statusline()
   if not cache.pending and (cache.at == nil or now - cache.at >= every) then
     cache.pending = true
     cache.at = now
-    local ok = pcall(call, client, 'request', 'phi-lsp/status', nil, function(err, status)
+    local ok, sent = pcall(call, client, 'request', 'phi-lsp/status', nil, function(err, status)
       cache.pending = false
       if err or type(status) ~= 'table' then
         return
@@ -582,7 +631,7 @@ function M.statusline()
         end)
       end
     end)
-    if not ok then
+    if not (ok and sent) then
       cache.pending = false
     end
   end
