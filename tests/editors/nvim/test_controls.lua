@@ -275,6 +275,17 @@ check(wait_for(5000, function()
   return text:find('manual', 1, true) and text or nil
 end) ~= nil, 'the statusline says manual', line)
 
+local described = lua([[
+  local messages = {}
+  local notify = vim.notify
+  vim.notify = function(msg) messages[#messages + 1] = msg end
+  vim.cmd('PhiLsp status')
+  vim.notify = notify
+  return table.concat(messages, '\n')
+]])
+check(described:find('manual-only: <M-\\> asks', 1, true) ~= nil, ':PhiLsp status says manual-only and names the key',
+  described)
+
 -- A fresh place: a new function head, typed; no suggestion and no model job.
 local head = '\n\ndef fib(n):\n    """Return the n-th Fibonacci number."""\n    '
 local jobs = status().worker.jobsRun

@@ -591,6 +591,9 @@ function M.describe(status)
   if status.state ~= 'ready' and status.message then
     line = line .. ' — ' .. status.message
   end
+  if status.automatic == false then
+    line = line .. ' (manual-only: ' .. (M.config.trigger_key or 'require("phi_lsp").trigger()') .. ' asks)'
+  end
   local last = status.last
   if type(last) == 'table' then
     line = line .. '; ' .. describe_last(last)
