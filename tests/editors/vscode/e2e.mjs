@@ -1,7 +1,10 @@
 // End-to-end test of editors/vscode in real VS Code: installs the .vsix into code-server, opens a
 // Python file in headless Chromium (Playwright), types a function head with its docstring, waits for
-// the ghost text, checks it equals `phi-lsp complete` at that position, accepts it with Tab, saves
-// and reads the file, and takes a screenshot. Then progressive suggestions: with the server slowed
+// the ghost text, checks it equals `phi-lsp complete` at that position, takes its first word with
+// Ctrl+Right (VS Code's accept next word) and the rest with Tab, saves and reads the file, and takes
+// a screenshot. Then manual-only mode (the phi-lsp.toggleAutomatic command): typing shows nothing,
+// Alt+\ asks, the tooltip gives tokens/s, accept next line takes the suggestion, and the command
+// turns automatic suggestions back on. Then progressive suggestions (opt-in): with the server slowed
 // by PHI_LSP_TEST_TOKEN_DELAY_MS it types tests/editors/growing.json into a second file and reads
 // the ghost text during that one generation: it must grow (each reading longer than the one before
 // and starting with it) and end as `phi-lsp complete` prints it.
