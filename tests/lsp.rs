@@ -370,6 +370,77 @@ fn accepting_a_suggestion_is_answered_from_the_speculation() {
     assert!(client.shutdown().success());
 }
 
+/// The model jobs the server's model thread has run so far.
+fn jobs_run(client: &mut LspClient) -> u64 {
+    client.status()["worker"]["jobsRun"]
+        .as_u64()
+        .expect("worker.jobsRun")
+}
+
+/// Manual-only mode (`automatic: false`): an automatic request is answered empty and runs no model
+/// job; an invoked one (the trigger key) gets the suggestion; typing through it is still answered
+/// to automatic requests, from the cache; turned back on, automatic requests generate again.
+#[test]
+fn with_automatic_off_only_invoked_requests_run_the_model() {
+    let mut client = server();
+    let mut manual = options();
+    manual["automatic"] = json!(false);
+    client.initialize(neovim_capabilities(), manual);
+    client.wait_ready();
+    assert_eq!(client.status()["automatic"], false);
+    let uri = "file:///manual.py";
+    let text = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    ";
+    client.open(uri, text);
+    let (line, col) = end_of(text, false);
+    let ask = |client: &mut LspClient, kind: u32, col: u32| {
+        client.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col},
+                   "context": {"triggerKind": kind}}),
+        )
+    };
+
+    let jobs = jobs_run(&mut client);
+    let automatic = ask(&mut client, 2, col);
+    assert_eq!(automatic, json!([]), "an automatic request is answered empty");
+    let status = client.status();
+    assert_eq!(status["last"]["stop"], "manual", "{status}");
+    assert_eq!(jobs_run(&mut client), jobs, "no model job for it");
+
+    let invoked = inline_text(&ask(&mut client, 1, col));
+    let want = complete_fresh(text, line, col, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS);
+    assert!(want.is_some(), "the fixture suggests something here");
+    assert_eq!(invoked, want, "an invoked request gets the suggestion");
+    assert!(jobs_run(&mut client) > jobs, "the invoked request ran the model");
+
+    // Typing its first character, the client asks by itself: the rest, from the cache.
+    let suggestion = invoked.expect("a suggestion");
+    let first = suggestion.chars().next().expect("not empty");
+    client.insert(uri, 2, line, col, &first.to_string());
+    let jobs = jobs_run(&mut client);
+    let rest = inline_text(&ask(&mut client, 2, col + first.len_utf8() as u32));
+    assert_eq!(rest.as_deref(), suggestion.strip_prefix(first));
+    assert_eq!(client.status()["last"]["stop"], "typed-through");
+    assert_eq!(jobs_run(&mut client), jobs, "typing through runs no model job");
+
+    // Back on: an automatic request (somewhere new) generates.
+    client.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"phi-lsp": {"automatic": true}}}),
+    );
+    client.wait_status("automatic back on", |s| s["automatic"] == true);
+    let jobs = jobs_run(&mut client);
+    let again = inline_text(&ask(&mut client, 2, 0));
+    let status = client.status();
+    assert_ne!(status["last"]["stop"], "manual", "{status}");
+    assert!(again.is_some() || status["last"]["stop"] == "empty", "{status}");
+    assert!(
+        jobs_run(&mut client) > jobs,
+        "automatic requests run the model again"
+    );
+    assert!(client.shutdown().success());
+}
+
 #[test]
 fn bad_input_gets_errors_and_the_server_keeps_answering() {
     let mut client = server();

@@ -6,6 +6,7 @@ use ropey::Rope;
 use tower_lsp_server::ls_types::*;
 
 use crate::completion::growth::Grew;
+use crate::completion::Trigger;
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Edit;
 use crate::settings::CompletionMode;
@@ -157,6 +158,24 @@ pub struct Suggestion {
 }
 
 /// The suggestion as ghost text at `position`.
+/// How an inline request was made: `Invoked` (1) is the user asking, `Automatic` (2) the client.
+pub fn inline_trigger(context: &InlineCompletionContext) -> Trigger {
+    if context.trigger_kind == InlineCompletionTriggerKind::INVOKED {
+        Trigger::Invoked
+    } else {
+        Trigger::Automatic
+    }
+}
+
+/// How a menu request was made: `Invoked` (1, or no context) is the user asking; a trigger
+/// character (2) or re-asking for an incomplete list as the user types (3) is the client.
+pub fn menu_trigger(context: Option<&CompletionContext>) -> Trigger {
+    match context.map(|c| c.trigger_kind) {
+        None | Some(CompletionTriggerKind::INVOKED) => Trigger::Invoked,
+        Some(_) => Trigger::Automatic,
+    }
+}
+
 pub fn inline_response(suggestion: Option<Suggestion>, position: Position) -> InlineCompletionResponse {
     let items = suggestion.map(|suggestion| InlineCompletionItem {
         insert_text: suggestion.text,

@@ -13,7 +13,7 @@ use tower_lsp_server::{Client, LanguageServer, LspService};
 
 use crate::completion::backend::BackendError;
 use crate::completion::growth::{Grew, Place};
-use crate::completion::{lock, Completions, Request};
+use crate::completion::{lock, Completions, Request, Trigger};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Documents;
 use crate::faults::{catch_panic, TestPanic};
@@ -191,9 +191,9 @@ impl Backend {
         status::status(&settings, client, documents, &self.host, &self.completions)
     }
 
-    /// The suggestion at `position` in `uri`. Unknown documents and positions out of range are
-    /// errors; a model that is not ready gives none.
-    async fn suggest(&self, uri: &Uri, position: Position) -> Result<Option<Suggestion>> {
+    /// The suggestion at `position` in `uri`, asked for as `trigger` says. Unknown documents and
+    /// positions out of range are errors; a model that is not ready gives none.
+    async fn suggest(&self, uri: &Uri, position: Position, trigger: Trigger) -> Result<Option<Suggestion>> {
         let key = uri.as_str();
         let settings = self.settings();
         let (rope, version) = {
@@ -214,6 +214,7 @@ impl Backend {
                 line: position.line,
                 character: position.character,
             },
+            trigger,
             settings: &settings,
         };
         let backend = self.host.backend();
@@ -267,7 +268,10 @@ impl Backend {
                 return Ok(None);
             }
             let doc = &params.text_document_position;
-            let suggestion = self.suggest(&doc.text_document.uri, doc.position).await?;
+            let trigger = proto::inline_trigger(&params.context);
+            let suggestion = self
+                .suggest(&doc.text_document.uri, doc.position, trigger)
+                .await?;
             Ok(Some(proto::inline_response(suggestion, doc.position)))
         })
         .await
@@ -404,7 +408,10 @@ impl LanguageServer for Backend {
                 return Ok(None);
             }
             let doc = &params.text_document_position;
-            let suggestion = self.suggest(&doc.text_document.uri, doc.position).await?;
+            let trigger = proto::menu_trigger(params.context.as_ref());
+            let suggestion = self
+                .suggest(&doc.text_document.uri, doc.position, trigger)
+                .await?;
             let client = lock(&self.session).client;
             Ok(Some(proto::completion_response(suggestion, doc.position, client)))
         })

@@ -110,6 +110,10 @@ pub struct Settings {
     /// Token healing: with the cursor inside a word or after a dot, the prompt's last token is
     /// dropped and the model writes it again, constrained to agree with it (local model only).
     pub token_healing: bool,
+    /// Suggestions as the user types (the client's `Automatic` requests); the default. Off: only
+    /// an explicit request (`Invoked`: a trigger key) runs the model; an automatic one is answered
+    /// from the suggestion already shown (typing through it) or empty, and nothing is speculated.
+    pub automatic: bool,
 }
 
 /// The default cap on a suggestion's tokens: a suggestion ends where the code says (the end of the
@@ -133,6 +137,7 @@ impl Settings {
             speculate: true,
             progressive: true,
             token_healing: true,
+            automatic: true,
         }
     }
 
@@ -195,6 +200,9 @@ impl Settings {
         if let Some(token_healing) = update.token_healing {
             next.token_healing = token_healing;
         }
+        if let Some(automatic) = update.automatic {
+            next.automatic = automatic;
+        }
         *self = next;
         Ok(())
     }
@@ -215,6 +223,7 @@ struct Update {
     speculate: Option<bool>,
     progressive: Option<bool>,
     token_healing: Option<bool>,
+    automatic: Option<bool>,
 }
 
 #[cfg(test)]
@@ -248,6 +257,22 @@ mod tests {
             .expect("valid");
         assert_eq!((s.model.model.as_str(), s.deadline_ms), ("/models/phi-1", 900));
         s.apply(&serde_json::Value::Null).expect("null is no change");
+    }
+
+    #[test]
+    fn automatic_suggestions_are_on_by_default_and_can_be_turned_off() {
+        let mut s = settings();
+        assert!(s.automatic, "on by default");
+        s.apply(&json!({"phi-lsp": {"automatic": false}})).expect("valid");
+        assert!(!s.automatic);
+        // Another change leaves it as it was; a wrong type is refused and changes nothing.
+        s.apply(&json!({"maxNewTokens": 16})).expect("valid");
+        assert!(!s.automatic);
+        let err = s.apply(&json!({"automatic": "no"})).expect_err("not a boolean");
+        assert!(err.contains("invalid type"), "{err}");
+        assert!(!s.automatic);
+        s.apply(&json!({"automatic": true})).expect("valid");
+        assert!(s.automatic);
     }
 
     #[test]

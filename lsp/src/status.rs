@@ -35,6 +35,7 @@ pub fn status(
         "backendError": backend.as_ref().and_then(|b| b.last_error()),
         "speculate": settings.speculate,
         "tokenHealing": settings.token_healing,
+        "automatic": settings.automatic,
         "speculation": completions.speculation_state(),
         "last": completions.last(),
     });

@@ -10,9 +10,9 @@ vim.api.nvim_create_user_command('PhiLsp', function(args)
 end, {
   nargs = '?',
   complete = function()
-    return { 'status', 'restart', 'enable', 'disable', 'toggle', 'log' }
+    return { 'status', 'restart', 'enable', 'disable', 'toggle', 'automatic', 'log' }
   end,
-  desc = 'phi-lsp: status, restart, enable, disable, toggle, log',
+  desc = 'phi-lsp: status, restart, enable, disable, toggle, automatic, log',
 })
 
 vim.api.nvim_create_autocmd('LspAttach', {

@@ -20,6 +20,7 @@ import {
   WorkDoneProgressEnd,
   WorkDoneProgressReport,
 } from "vscode-languageclient/node";
+import { formatRate, tokensPerSecond } from "./figures";
 import { Caret, growthApplies, parseSuggestionGrew, SUGGESTION_GREW, SuggestionGrew, withGrowthCapability } from "./growth";
 import { binaryName, nodeEnvironment, resolveServerPath } from "./server-path";
 
@@ -34,10 +35,12 @@ interface ServerStatus {
   dtype?: string;
   positionEncoding?: string;
   completionMode?: string;
+  automatic?: boolean;
   last?: {
     prompt_tokens?: number;
     reused_tokens?: number;
     generated_tokens?: number;
+    decode_ms?: number;
     total_ms?: number;
     from_cache?: boolean;
     stop?: string;
@@ -75,6 +78,7 @@ export function activate(context: vscode.ExtensionContext): Promise<void> {
     vscode.commands.registerCommand("phi-lsp.enable", () => setEnabled(true)),
     vscode.commands.registerCommand("phi-lsp.disable", () => setEnabled(false)),
     vscode.commands.registerCommand("phi-lsp.toggle", () => setEnabled(!enabled())),
+    vscode.commands.registerCommand("phi-lsp.toggleAutomatic", () => setAutomatic(!automatic())),
     vscode.commands.registerCommand("phi-lsp.menu", () => showMenu()),
     vscode.commands.registerCommand("phi-lsp.status", () => queryStatus()),
     vscode.workspace.onDidChangeConfiguration((event) => onConfigurationChanged(event, context)),
@@ -102,6 +106,20 @@ async function setEnabled(on: boolean): Promise<void> {
   render();
 }
 
+/** Whether the server suggests as you type (`phi-lsp.automatic`); off: manual-only. */
+function automatic(): boolean {
+  return config().get<boolean>("automatic", true);
+}
+
+/** Flips manual-only mode; the configuration change sends it to the server. */
+async function setAutomatic(on: boolean): Promise<void> {
+  await config().update("automatic", on, vscode.ConfigurationTarget.Global);
+  render();
+  void vscode.window.showInformationMessage(
+    on ? "phi-lsp: automatic suggestions on" : "phi-lsp: automatic suggestions off — ask with Trigger Inline Suggestion (Alt+\\)",
+  );
+}
+
 function expandHome(file: string): string {
   return file === "~" || file.startsWith("~/") ? path.join(os.homedir(), file.slice(1)) : file;
 }
@@ -119,6 +137,7 @@ function serverSettings(): Record<string, unknown> {
     completionMode: c.get<string>("completionMode", "auto"),
     speculate: c.get<boolean>("speculate", true),
     tokenHealing: c.get<boolean>("tokenHealing", true),
+    automatic: c.get<boolean>("automatic", true),
     // An empty string clears a tokenizer set before.
     tokenizer: expandHome(c.get<string>("tokenizer", "").trim()),
   };
@@ -134,7 +153,7 @@ async function onConfigurationChanged(event: vscode.ConfigurationChangeEvent, co
   if (!event.affectsConfiguration(SECTION)) {
     return;
   }
-  if (event.affectsConfiguration(`${SECTION}.enable`)) {
+  if (event.affectsConfiguration(`${SECTION}.enable`) || event.affectsConfiguration(`${SECTION}.automatic`)) {
     render();
   }
   const modelCleared = event.affectsConfiguration(`${SECTION}.model`) && config().get<string>("model", "").trim() === "";
@@ -437,11 +456,15 @@ function render() {
         `completions: ${s.completionMode ?? "?"}, positions: ${s.positionEncoding ?? "?"}`,
       ];
       if (s.last) {
+        const rate = tokensPerSecond(s.last);
         lines.push(
           `last suggestion: ${s.last.total_ms === undefined ? "?" : Math.round(s.last.total_ms)} ms, ${s.last.prompt_tokens ?? "?"} prompt tokens ` +
             `(${s.last.reused_tokens ?? 0} reused), ${s.last.generated_tokens ?? "?"} generated` +
-            `${s.last.from_cache ? " (from cache)" : ""}`,
+            `${rate === undefined ? "" : ` at ${formatRate(rate)} tokens/s`}${s.last.from_cache ? " (from cache)" : ""}`,
         );
+      }
+      if (!automatic()) {
+        lines.push("manual-only: Alt+\\ (Trigger Inline Suggestion) asks");
       }
       lines.push("click for actions");
       item.tooltip = lines.join("\n");
@@ -454,6 +477,9 @@ function render() {
       item.command = "phi-lsp.showLog";
       break;
   }
+  if (!automatic() && enabled() && view.kind !== "error") {
+    item.text = `${item.text} (manual)`;
+  }
   if (!enabled() && view.kind !== "error") {
     item.text = `$(circle-slash) ${item.text.replace(/^\$\([^)]*\) /, "")} (off)`;
     item.tooltip = `phi-lsp: completions disabled — click to enable\n${item.tooltip}`;
@@ -464,6 +490,10 @@ async function showMenu() {
   const on = enabled();
   const picks: (vscode.QuickPickItem & { command: string })[] = [
     { label: on ? "$(circle-slash) Disable completions" : "$(check) Enable completions", command: on ? "phi-lsp.disable" : "phi-lsp.enable" },
+    {
+      label: automatic() ? "$(debug-pause) Manual-only suggestions (ask with Alt+\\)" : "$(play) Automatic suggestions",
+      command: "phi-lsp.toggleAutomatic",
+    },
     { label: "$(debug-restart) Restart the server", command: "phi-lsp.restart" },
     { label: "$(output) Show the log", command: "phi-lsp.showLog" },
     { label: "$(gear) Settings", command: "phi-lsp.openSettings" },

@@ -23,7 +23,7 @@ use super::progress;
 use super::stats::{ms, round, Spread};
 use crate::completion::backend::{Backend, GenerationRequest, LocalBackend, Pending};
 use crate::completion::growth::{Grew, Place};
-use crate::completion::{lock, Completions, Request};
+use crate::completion::{lock, Completions, Request, Trigger};
 use crate::settings::{ModelSpec, Settings};
 
 /// OpenAI's HumanEval (MIT, `tests/fixtures/humaneval/LICENSE`): 164 problems, each a signature
@@ -218,6 +218,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 rope: &warm_rope,
                 cursor: warm_rope.len_chars(),
                 place: Place::default(),
+                trigger: Trigger::Automatic,
                 settings: &warm_settings,
             };
             runtime
@@ -233,6 +234,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 rope: &rope,
                 cursor: rope.len_chars(),
                 place: Place::default(),
+                trigger: Trigger::Automatic,
                 settings: &settings,
             };
             let started = Instant::now();

@@ -63,7 +63,7 @@ pub struct LastCompletion {
     /// out while the generation goes on. When no suggestion came: `not-ready` (no model loaded
     /// yet), `no-prompt` (nothing before the cursor), `empty` (post-processing left nothing),
     /// `cancelled` (a newer request cut it short), `failed` (the model or the remote server
-    /// failed).
+    /// failed), `manual` (an automatic request with automatic suggestions off).
     pub stop: String,
     /// The text token healing dropped from the end of the prompt and the model wrote again
     /// (`None`: not healed, or no model work).
@@ -73,6 +73,16 @@ pub struct LastCompletion {
     pub prompt: Option<String>,
 }
 
+/// Why the client asked (LSP's `triggerKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Trigger {
+    /// The user asked explicitly (a trigger key, a command).
+    Invoked,
+    /// The client asked by itself, as the user typed or paused.
+    #[default]
+    Automatic,
+}
+
 /// A completion request at `cursor` (a char index) of `rope`, the text of the document `key`.
 pub struct Request<'a> {
     pub key: &'a str,
@@ -80,6 +90,9 @@ pub struct Request<'a> {
     pub cursor: usize,
     /// The cursor as the client named it, for the growth notifications.
     pub place: Place,
+    /// With `settings.automatic` off, an automatic request runs no model: it is answered only by
+    /// typing through the suggestion shown.
+    pub trigger: Trigger,
     pub settings: &'a Settings,
 }
 
@@ -171,6 +184,7 @@ impl Completions {
             rope,
             cursor,
             place,
+            trigger,
             settings,
         } = request;
         let prepared = prepared::prepare(rope, cursor, settings);
@@ -186,13 +200,19 @@ impl Completions {
             });
             return Ok(Some(rest));
         }
-        let speculated = self.speculated(key, &prepared).await;
         let nothing = |stop: &str| LastCompletion {
             uri: key.to_string(),
             total_ms: elapsed_ms(started),
             stop: stop.into(),
             ..Default::default()
         };
+        // Manual-only: what the client asks by itself gets no model work. The suggestion shown is
+        // kept, so that typing through it (or accepting part of it) is still served above.
+        if trigger == Trigger::Automatic && !settings.automatic {
+            self.record(nothing("manual"));
+            return Ok(None);
+        }
+        let speculated = self.speculated(key, &prepared).await;
         let Some(backend) = backend else {
             self.record(nothing("not-ready"));
             return Ok(None);
@@ -217,7 +237,7 @@ impl Completions {
             last.prompt = generated.prompt.clone();
             self.record(last);
             self.show(epoch, key, &prepared, &suggestion, None);
-            if let (Some(text), true) = (&suggestion, settings.speculate && backend.speculates()) {
+            if let (Some(text), true) = (&suggestion, speculates(settings, &backend)) {
                 speculate(&self.state, backend, key, rope, cursor, text, settings);
             }
             return Ok(suggestion);
@@ -352,7 +372,7 @@ impl Completions {
                     }
                 }
             }
-            if let (Some(text), true) = (final_text, settings.speculate && backend.speculates()) {
+            if let (Some(text), true) = (final_text, speculates(&settings, &backend)) {
                 speculate(&state, backend, &key, &rope, cursor, &text, &settings);
             }
         });
@@ -473,6 +493,12 @@ impl Completions {
         }
         Some(speculation.pending.wait().await.unwrap_or(None))
     }
+}
+
+/// Whether to compute the next suggestion while the user is idle: asked for, possible with this
+/// backend, and not in manual-only mode (nobody asked for that work).
+fn speculates(settings: &Settings, backend: &Arc<dyn Backend>) -> bool {
+    settings.speculate && settings.automatic && backend.speculates()
 }
 
 /// Once the user has been idle for [`SPECULATE_AFTER_IDLE`], starts computing the suggestion for
@@ -640,13 +666,23 @@ mod tests {
     const KEY: &str = "file:///a.py";
 
     async fn ask(completions: &Completions, rope: &Rope, backend: &Arc<Scripted>) -> Option<String> {
-        let settings = settings();
+        ask_with(completions, rope, backend, Trigger::Automatic, &settings()).await
+    }
+
+    async fn ask_with(
+        completions: &Completions,
+        rope: &Rope,
+        backend: &Arc<Scripted>,
+        trigger: Trigger,
+        settings: &Settings,
+    ) -> Option<String> {
         let request = Request {
             key: KEY,
             rope,
             cursor: rope.len_chars(),
             place: Place::default(),
-            settings: &settings,
+            trigger,
+            settings,
         };
         let backend: Arc<dyn Backend> = backend.clone();
         completions
@@ -715,5 +751,46 @@ mod tests {
         let prompts = backend.prompts();
         assert_eq!(prompts.len(), 3, "{prompts:?}");
         assert_eq!(prompts[2], "def g(ys):\n    total = 0");
+    }
+
+    /// Manual-only (`automatic` off): an automatic request runs no model and answers nothing; an
+    /// invoked one generates; typing through its answer is still served (automatic requests, no
+    /// model work), and nothing is speculated while the user is idle.
+    #[tokio::test(start_paused = true)]
+    async fn manual_only_mode_runs_the_model_for_invoked_requests_alone() {
+        let completions = Arc::new(Completions::new(None));
+        let backend = Scripted::new("total = 0\n");
+        let mut manual = settings();
+        manual.automatic = false;
+        let rope = Rope::from_str("def f(xs):\n    ");
+        let automatic = ask_with(&completions, &rope, &backend, Trigger::Automatic, &manual).await;
+        assert_eq!(automatic, None);
+        assert!(
+            backend.prompts().is_empty(),
+            "no generation for an automatic request"
+        );
+        assert_eq!(completions.last().expect("recorded").stop, "manual");
+
+        let asking = {
+            let (completions, rope, backend, manual) =
+                (completions.clone(), rope.clone(), backend.clone(), manual.clone());
+            tokio::spawn(
+                async move { ask_with(&completions, &rope, &backend, Trigger::Invoked, &manual).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(backend.prompts().len(), 1, "an invoked request generates");
+        backend.open_gates();
+        assert_eq!(asking.await.expect("joins").as_deref(), Some("total = 0"));
+
+        // Typing through it, as the client asks by itself: served from the suggestion shown.
+        let typed = Rope::from_str("def f(xs):\n    tot");
+        let rest = ask_with(&completions, &typed, &backend, Trigger::Automatic, &manual).await;
+        assert_eq!(rest.as_deref(), Some("al = 0"));
+        assert_eq!(completions.last().expect("recorded").stop, "typed-through");
+        // Idle: no speculation starts.
+        tokio::time::sleep(SPECULATE_AFTER_IDLE * 4).await;
+        assert_eq!(backend.prompts().len(), 1, "{:?}", backend.prompts());
+        assert_eq!(completions.speculation_state(), "none");
     }
 }

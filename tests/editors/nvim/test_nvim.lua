@@ -363,7 +363,8 @@ local help = lua([[
   if name ~= 'phi-lsp.txt' or not line:find('*phi-lsp*', 1, true) then
     return (':help phi-lsp opened %s at %q, not the *phi-lsp* tag'):format(name, line)
   end
-  for _, tag in ipairs({ 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options' }) do
+  for _, tag in ipairs({ 'phi_lsp.setup()', ':PhiLsp', 'phi-lsp-options', 'phi-lsp-partial', 'phi-lsp-manual',
+    'phi_lsp.statusline()' }) do
     found, e = pcall(vim.cmd.help, tag)
     if not found then return tag .. ': ' .. e end
     vim.cmd.helpclose()
@@ -424,6 +425,20 @@ check(lines.typed:find('last suggestion 3 ms (from the cache', 1, true) ~= nil,
   'a typed-through answer of 2.5 ms reads "3 ms (from the cache ...)"', lines.typed)
 check(lines.model:find('last suggestion 420 ms (40 prompt tokens, 32 reused, 8 generated)', 1, true) ~= nil,
   'a generated answer of 419.6 ms reads "420 ms" with its tokens', lines.model)
+-- :PhiLsp automatic flips only automatic, however the settings were configured (setup, lsp-config, env).
+local function flipped(want)
+  return wait_for(10000, function()
+    local s = lua([[vim.notify = function() end; return require('phi_lsp').status(nil, 2000)]])
+    return type(s) == 'table' and s.automatic == want and s or nil
+  end)
+end
+lua([[vim.notify = function() end; vim.cmd('PhiLsp automatic')]])
+local manual = flipped(false)
+check(manual ~= nil and vim.fs.normalize(manual.model) == vim.fs.normalize(model)
+    and (max_new_tokens == nil or manual.maxNewTokens == max_new_tokens),
+  ':PhiLsp automatic turns automatic suggestions off and keeps the other settings', vim.inspect(manual))
+lua([[vim.cmd('PhiLsp automatic')]])
+check(flipped(true) ~= nil, ':PhiLsp automatic turns them back on')
 vim.rpcrequest(child, 'nvim_command', 'PhiLsp restart')
 local restarted = wait_for(30000, function()
   return lua([[

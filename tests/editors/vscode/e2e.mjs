@@ -1,7 +1,10 @@
 // End-to-end test of editors/vscode in real VS Code: installs the .vsix into code-server, opens a
 // Python file in headless Chromium (Playwright), types a function head with its docstring, waits for
-// the ghost text, checks it equals `phi-lsp complete` at that position, accepts it with Tab, saves
-// and reads the file, and takes a screenshot. Then progressive suggestions: with the server slowed
+// the ghost text, checks it equals `phi-lsp complete` at that position, takes its first word with
+// Ctrl+Right (VS Code's accept next word) and the rest with Tab, saves and reads the file, and takes
+// a screenshot. Then manual-only mode (the phi-lsp.toggleAutomatic command): typing shows nothing,
+// Alt+\ asks, the tooltip gives tokens/s, accept next line takes the suggestion, and the command
+// turns automatic suggestions back on. Then progressive suggestions (opt-in): with the server slowed
 // by PHI_LSP_TEST_TOKEN_DELAY_MS it types tests/editors/growing.json into a second file and reads
 // the ghost text during that one generation: it must grow (each reading longer than the one before
 // and starting with it) and end as `phi-lsp complete` prints it.
@@ -106,6 +109,10 @@ function writeJson(file, value) {
 }
 const userSettingsFile = path.join(userData, "User", "settings.json");
 writeJson(userSettingsFile, userSettings);
+// VS Code has no default key for accepting the next line of an inline suggestion: one for the test.
+writeJson(path.join(userData, "User", "keybindings.json"), [
+  { key: "ctrl+alt+l", command: "editor.action.inlineSuggest.acceptNextLine", when: "inlineSuggestionVisible" },
+]);
 writeJson(machineSettingsFile, machineSettings);
 
 const childEnv = {
@@ -313,6 +320,22 @@ async function main() {
   await page.screenshot({ path: screenshot });
   log(`screenshot: ${path.relative(repo, screenshot)}`);
 
+  // VS Code's own partial accept works with our items: Ctrl+Right takes the next word, the rest
+  // stays shown (and VS Code's next request is served by typing through it); Tab then takes the
+  // rest, and the saved file below is the whole suggestion.
+  log("accepting the next word with Ctrl+Right");
+  await page.keyboard.press("Control+ArrowRight");
+  let rest = "";
+  for (const end = Date.now() + 10000; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    rest = await readGhostText(page);
+    if (rest !== "" && rest.length < expected.length && expected.endsWith(rest)) {
+      break;
+    }
+  }
+  check(rest !== "" && rest.length < expected.length && expected.endsWith(rest),
+    "Ctrl+Right (accept next word) takes the start of the suggestion and the rest stays shown",
+    `ghost:    ${JSON.stringify(rest)}\nexpected: ${JSON.stringify(expected)}`);
+
   log("accepting with Tab and saving");
   await page.keyboard.press("Tab");
   const gone = await ghost.first().waitFor({ state: "detached", timeout: 10000 }).then(() => true, () => false);
@@ -355,6 +378,8 @@ async function main() {
     .then(() => true, () => false);
   check(on, "“phi-lsp: Enable completions” turns them back on");
 
+  await manualOnly(page, editor, runCommand, want);
+
   // A settings change reaches the server (workspace/didChangeConfiguration): a model folder that
   // does not exist fails to load, the status bar turns to an error, and clicking it shows the log.
   writeJson(machineSettingsFile, { ...machineSettings, "phi-lsp.model": path.join(tmp, "no-such-model") });
@@ -384,6 +409,68 @@ async function main() {
   if (recovered && process.env.PHI_LSP_VSCODE_GROWTH === "1") {
     await growth(page);
   }
+}
+
+/**
+ * Manual-only mode: the command turns automatic suggestions off, typing then shows none, Alt+\\
+ * (VS Code's Trigger Inline Suggestion, an Invoked request) asks and one appears, the tooltip gives
+ * its tokens/s, and accepting its next line (VS Code's command) puts it in the file.
+ */
+async function manualOnly(page, editor, runCommand, before) {
+  await runCommand("phi-lsp: Turn automatic suggestions on or off");
+  const manual = await page.locator(".statusbar-item", { hasText: "(manual)" }).waitFor({ timeout: 10000 })
+    .then(() => true, () => false);
+  check(manual, "“phi-lsp: Turn automatic suggestions on or off” shows manual-only in the status bar",
+    await page.locator(".statusbar").innerText().catch(() => "?"));
+  await new Promise((r) => setTimeout(r, 1000)); // the server is told (didChangeConfiguration)
+
+  log("manual-only: typing a second function");
+  await editor.click();
+  await page.keyboard.press("Control+End");
+  const more = `\n\n${typing.text}`;
+  await page.keyboard.type(more, { delay: 15 });
+  await new Promise((r) => setTimeout(r, 2000));
+  check(await readGhostText(page) === "", "manual-only: no ghost text appears while typing", await readGhostText(page));
+
+  await page.keyboard.press("Alt+Backslash");
+  const asked = await page.locator(".ghost-text-decoration").first().waitFor({ timeout: 60000 })
+    .then(() => true, () => false);
+  check(asked, "manual-only: Alt+\\ (Trigger Inline Suggestion) asks and the ghost text appears");
+  const text = before + more;
+  const expected = cliSuggestion(text, typing.maxNewTokens);
+  const shown = await readGhostText(page);
+  check(shown === expected, "manual-only: it is what `phi-lsp complete` suggests there",
+    `ghost:    ${JSON.stringify(shown)}\nexpected: ${JSON.stringify(expected)}`);
+
+  // The status bar item's tooltip: the last suggestion's decoding speed.
+  await page.waitForTimeout(500);
+  await page.locator(".statusbar-item", { hasText: "tiny-phi" }).hover();
+  const rate = await page.getByText(/\d+(\.\d)? tokens\/s/).first().waitFor({ timeout: 10000 })
+    .then(() => true, () => false);
+  check(rate, "the status bar item's tooltip gives the last suggestion's tokens/s",
+    await page.locator(".workbench-hover, .monaco-hover").allInnerTexts().then((t) => t.join("\n"), () => "?"));
+
+  await editor.hover();
+  await page.keyboard.press("Control+Alt+L"); // editor.action.inlineSuggest.acceptNextLine (keybindings.json)
+  const taken = await page.locator(".ghost-text-decoration").first().waitFor({ state: "detached", timeout: 10000 })
+    .then(() => true, () => false);
+  check(taken, "accept next line takes the (one-line) suggestion");
+  await page.keyboard.press("Control+S");
+  const want = text + expected;
+  let onDisk = "";
+  for (const end = Date.now() + 10000; Date.now() < end; await new Promise((r) => setTimeout(r, 200))) {
+    onDisk = fs.readFileSync(sample, "utf8");
+    if (onDisk === want) {
+      break;
+    }
+  }
+  check(onDisk === want, "manual-only: the saved file has the invoked suggestion, accepted by line",
+    `file: ${JSON.stringify(onDisk)}\nwant: ${JSON.stringify(want)}`);
+
+  await runCommand("phi-lsp: Turn automatic suggestions on or off");
+  const back = await page.locator(".statusbar-item", { hasText: "(manual)" }).waitFor({ state: "detached", timeout: 10000 })
+    .then(() => true, () => false);
+  check(back, "the command turns automatic suggestions back on");
 }
 
 /** Progressive suggestions: the ghost text grows during one generation and ends whole. */

@@ -115,8 +115,9 @@ local function show(bufnr, row, col, text, range)
     { row = row, col = col, text = text, range = range, tick = api.nvim_buf_get_changedtick(bufnr) }
 end
 
---- Asks the server for a suggestion at the cursor and shows it if nothing changed meanwhile.
-function M.request(bufnr)
+--- Asks the server for a suggestion at the cursor and shows it if nothing changed meanwhile;
+--- `kind` is the LSP triggerKind (default 2, Automatic; 1, Invoked, is the user asking).
+function M.request(bufnr, kind)
   local state = buffers[bufnr]
   local win = api.nvim_get_current_win()
   if not state or api.nvim_win_get_buf(win) ~= bufnr or not in_insert_mode() then
@@ -132,7 +133,7 @@ function M.request(bufnr)
   cancel_pending(state)
   local encoding = client.offset_encoding or 'utf-16'
   local params = vim.lsp.util.make_position_params(win, encoding)
-  params.context = { triggerKind = 2 } -- Automatic
+  params.context = { triggerKind = kind or 2 }
   local tick = api.nvim_buf_get_changedtick(bufnr)
   local row, col = cursor_of(win)
   -- Declared before the call: a local is not in scope in its own initializer, so the callback
@@ -277,9 +278,46 @@ function M.current(bufnr)
   return state and state.shown
 end
 
+--- Asks now, as the user's explicit request (triggerKind Invoked), without the debounce.
+function M.trigger(bufnr)
+  bufnr = bufnr or api.nvim_get_current_buf()
+  local state = buffers[bufnr]
+  if not state then
+    return false
+  end
+  stop_timer(state)
+  M.request(bufnr, 1)
+  return true
+end
+
+--- Where the shown suggestion goes now: { row, col (the cursor's), rest (the part of the text
+--- after the cursor) } when it still fits the text at the cursor, nil when it does not: the cursor
+--- is on the row of its (one-line) range, at or after its start, and what lies between the start
+--- and the cursor begins the suggestion.
+local function fit(bufnr, shown)
+  local win = vim.fn.bufwinid(bufnr)
+  if win == -1 then
+    return nil
+  end
+  local row, col = cursor_of(win)
+  local range = shown.range
+  if range.start_row ~= row or range.end_row ~= row or range.start_col > col then
+    return nil
+  end
+  local typed = api.nvim_buf_get_text(bufnr, row, range.start_col, row, col, {})[1] or ''
+  if shown.text:sub(1, #typed) ~= typed then
+    return nil
+  end
+  return { row = row, col = col, rest = shown.text:sub(#typed + 1) }
+end
+
 --- Puts the shown suggestion in the buffer (scheduled, so that it works from an <expr> mapping)
---- and moves the cursor after it; false when nothing is shown.
-function M.accept(bufnr)
+--- and moves the cursor after it; with `part` ('word' or 'line') only its next word or line, the
+--- rest staying shown at the new cursor (and then served by typing through it). Nothing goes in
+--- where the suggestion no longer fits the text at the cursor (typed meanwhile): it is dropped and
+--- asked for again. False when nothing is shown.
+---@param part? 'word'|'line'
+function M.accept(bufnr, part)
   bufnr = bufnr or api.nvim_get_current_buf()
   local state = buffers[bufnr]
   local shown = state and state.shown
@@ -287,13 +325,27 @@ function M.accept(bufnr)
     return false
   end
   vim.schedule(function()
-    if state.shown ~= shown then
+    if state.shown ~= shown or not api.nvim_buf_is_valid(bufnr) then
       return
     end
+    local place = fit(bufnr, shown)
     M.clear(bufnr)
+    if not place then
+      M.request(bufnr)
+      return
+    end
+    local phi = require('phi_lsp')
+    local piece = part and phi.next_part(place.rest, part) or place.rest
+    if piece ~= place.rest then
+      local row, col = phi._insert_at(bufnr, place.row, place.col, piece)
+      local left = place.rest:sub(#piece + 1)
+      show(bufnr, row, col, left, { start_row = row, start_col = col, end_row = row, end_col = col })
+      return
+    end
     local range = shown.range
     local lines = vim.split(shown.text, '\n', { plain = true })
-    api.nvim_buf_set_text(bufnr, range.start_row, range.start_col, range.end_row, range.end_col, lines)
+    local end_col = math.max(range.end_col, place.col)
+    api.nvim_buf_set_text(bufnr, range.start_row, range.start_col, range.end_row, end_col, lines)
     local last_row = range.start_row + #lines - 1
     local last_col = (#lines == 1 and range.start_col or 0) + #lines[#lines]
     local win = vim.fn.bufwinid(bufnr)

@@ -13,8 +13,8 @@ M.defaults = {
   filetypes = { 'python' },
   root_markers = { 'pyproject.toml', 'setup.py', 'setup.cfg', 'requirements.txt', '.git' },
   --- Server options, as the server names them: model, tokenizer, device, dtype, maxNewTokens,
-  --- deadlineMs, contextTokens, completionMode, speculate, tokenHealing. Sent as initializationOptions and as
-  --- workspace/didChangeConfiguration settings under "phi-lsp".
+  --- deadlineMs, contextTokens, completionMode, speculate, tokenHealing, automatic. Sent as
+  --- initializationOptions and as workspace/didChangeConfiguration settings under "phi-lsp".
   settings = {},
   --- 'auto' (native on 0.12+, else the plugin's), 'native', 'plugin', or false for none (the
   --- server then answers in the completion menu).
@@ -22,6 +22,15 @@ M.defaults = {
   --- Insert-mode key that accepts the ghost text (falls through to the key when there is none);
   --- false for no mapping (use require('phi_lsp').accept()).
   accept_key = '<Tab>',
+  --- Insert-mode keys that accept the suggestion's next word and its next line (the rest stays
+  --- shown); false for no mapping.
+  accept_word_key = '<M-Right>',
+  accept_line_key = '<M-C-Right>',
+  --- Insert-mode key that asks for a suggestion now (an Invoked request: the way to ask when
+  --- settings.automatic is false); false for no mapping.
+  trigger_key = '<M-\\>',
+  --- Milliseconds between two phi-lsp/status requests of the statusline component (statusline()).
+  status_refresh_ms = 1000,
   --- Plugin ghost text only: milliseconds after the last keystroke before asking.
   debounce_ms = 150,
 }
@@ -154,19 +163,45 @@ function M.on_attach(client, bufnr)
   local kind = M.inline_kind()
   if kind == 'native' then
     vim.lsp.inline_completion.enable(M.enabled, { bufnr = bufnr })
+    -- Neovim may make the buffer's completor after this autocommand, and again when it is
+    -- enabled anew: guarded then, and on entering insert mode.
+    vim.schedule(function()
+      M._guard_native(bufnr)
+    end)
+    vim.api.nvim_create_autocmd('InsertEnter', {
+      group = vim.api.nvim_create_augroup('phi_lsp.native.' .. bufnr, { clear = true }),
+      buffer = bufnr,
+      callback = function()
+        M._guard_native(bufnr)
+      end,
+    })
   elseif kind == 'plugin' then
     require('phi_lsp.ghost').attach(bufnr, client.id)
   else
     return
   end
-  local key = M.config.accept_key
-  if key then
-    vim.keymap.set('i', key, function()
-      if M.accept(bufnr) then
-        return ''
-      end
-      return key
-    end, { buffer = bufnr, expr = true, desc = 'phi-lsp: accept the suggestion' })
+  -- Each key falls through to itself when there is nothing to accept.
+  local accepts = {
+    { M.config.accept_key, nil, 'phi-lsp: accept the suggestion' },
+    { M.config.accept_word_key, 'word', "phi-lsp: accept the suggestion's next word" },
+    { M.config.accept_line_key, 'line', "phi-lsp: accept the suggestion's next line" },
+  }
+  for _, accept in ipairs(accepts) do
+    local key, part, desc = accept[1], accept[2], accept[3]
+    if key then
+      vim.keymap.set('i', key, function()
+        if M.accept(bufnr, part) then
+          return ''
+        end
+        return key
+      end, { buffer = bufnr, expr = true, desc = desc })
+    end
+  end
+  local trigger = M.config.trigger_key
+  if trigger then
+    vim.keymap.set('i', trigger, function()
+      M.trigger(bufnr)
+    end, { buffer = bufnr, desc = 'phi-lsp: ask for a suggestion now' })
   end
 end
 
@@ -246,12 +281,13 @@ function M.on_suggestion_grew(_, params, ctx)
   end
 end
 
---- Where a native item (plain text with a range) goes now: {row, start_col, end_col} (byte
---- columns) when it still fits the text at the cursor, nil when it does not. It fits when the
---- cursor is on the row of the item's range, at or after its start, and what lies between the
---- start and the cursor (typed since the request) begins the suggestion. It then replaces from its
---- start to the later of its end and the cursor, so typed characters are not repeated.
----@return { row: integer, start_col: integer, end_col: integer }?
+--- Where a native item (plain text with a range) goes now: {row, start_col, end_col, col, rest}
+--- (byte columns; col is the cursor's, rest the part of the suggestion after it) when it still
+--- fits the text at the cursor, nil when it does not. It fits when the cursor is on the row of the
+--- item's range, at or after its start, and what lies between the start and the cursor (typed
+--- since the request) begins the suggestion. It then replaces from its start to the later of its
+--- end and the cursor, so typed characters are not repeated.
+---@return { row: integer, start_col: integer, end_col: integer, col: integer, rest: string }?
 local function native_fit(bufnr, item)
   local start, stop = item.range.start, item.range.end_
   local win = vim.fn.bufwinid(bufnr)
@@ -267,25 +303,95 @@ local function native_fit(bufnr, item)
   if item.insert_text:sub(1, #typed) ~= typed then
     return nil
   end
-  return { row = row, start_col = start.col, end_col = math.max(stop.col, col) }
+  return {
+    row = row,
+    start_col = start.col,
+    end_col = math.max(stop.col, col),
+    col = col,
+    rest = item.insert_text:sub(#typed + 1),
+  }
+end
+
+--- The part of `rest` (what of the suggestion is not in the buffer yet) that accepting its next
+--- `part` takes: 'word', the blanks and line breaks before the next word and that word (letters,
+--- digits, `_`, any non-ASCII character), or else the next run of other characters; 'line', the
+--- rest of the current line, or, when `rest` starts with a line break, that and the next line.
+--- All of `rest` when nothing smaller is left.
+---@param rest string
+---@param part 'word'|'line'
+---@return string
+function M.next_part(rest, part)
+  local piece
+  if part == 'word' then
+    piece = rest:match('^%s*[%w_\128-\255]+') or rest:match('^%s*[^%w_%s\128-\255]+')
+  else
+    piece = rest:match('^\n?[^\n]*')
+  end
+  if piece == nil or piece == '' then
+    return rest
+  end
+  return piece
+end
+
+--- Inserts `text` at (row, col) of the window's buffer and puts the cursor after it.
+local function insert_at(bufnr, row, col, text)
+  local lines = vim.split(text, '\n', { plain = true })
+  vim.api.nvim_buf_set_text(bufnr, row, col, row, col, lines)
+  local win = vim.fn.bufwinid(bufnr)
+  local last_row, last_col = row + #lines - 1, (#lines == 1 and col or 0) + #lines[#lines]
+  if win ~= -1 then
+    vim.api.nvim_win_set_cursor(win, { last_row + 1, last_col })
+  end
+  return last_row, last_col
+end
+M._insert_at = insert_at
+
+--- Whether `item` is a plain-text item with a range, the kind native_fit can place.
+local function placeable(item)
+  local range = type(item) == 'table' and item.range
+  return type(item) == 'table'
+    and type(item.insert_text) == 'string'
+    and type(range) == 'table'
+    and type(range.start) == 'table'
+    and type(range.end_) == 'table'
+end
+
+--- 0.12 shows its current item again at every cursor move in insert mode, until the answer to its
+--- next request comes, also where it no longer fits: after a key that disagrees with it, and after
+--- <BS> back before the place an item was answered for, where drawing it fails ("Invalid 'col': out
+--- of range", an error on every key). The buffer's completor then hides such an item instead;
+--- accepting it is refused anyway (accept_native).
+function M._guard_native(bufnr)
+  local completor = native_completor(bufnr)
+  if not completor or rawget(completor, '_phi_lsp_show') or type(completor.show) ~= 'function' then
+    return
+  end
+  local show = completor.show
+  completor._phi_lsp_show = show
+  completor.show = function(self, ...)
+    local item = self.current
+    if placeable(item) and not native_fit(self.bufnr, item) then
+      self:hide()
+      return
+    end
+    return show(self, ...)
+  end
 end
 
 --- Accepts 0.12's native item, but only where it still fits the text at the cursor (native_fit):
 --- after a keystroke that does not match it, Neovim keeps the old item until the new answer
 --- comes, and would insert it at the old place. Such an item is dropped and asked for again (the
 --- key is still taken: the user meant to accept). Snippets and items without a range go to
---- Neovim.
-local function accept_native(bufnr)
+--- Neovim (whole only). With `part` ('word' or 'line') only the next part of it goes in at the
+--- cursor (M.next_part) and the rest stays shown, as an item at the new cursor, until the answer to
+--- Neovim's next request (typing through, from the server's cache) replaces it.
+local function accept_native(bufnr, part)
   local completor = native_completor(bufnr)
   local item = completor and completor.current
-  local range = type(item) == 'table' and item.range
-  if
-    type(item) ~= 'table'
-    or type(item.insert_text) ~= 'string'
-    or type(range) ~= 'table'
-    or type(range.start) ~= 'table'
-    or type(range.end_) ~= 'table'
-  then
+  if not placeable(item) then
+    if part then
+      return false
+    end
     return vim.lsp.inline_completion.get({ bufnr = bufnr })
   end
   -- Scheduled: an <expr> mapping may not change the text.
@@ -297,6 +403,16 @@ local function accept_native(bufnr)
     completor:abort()
     if not fit then
       completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Automatic)
+      return
+    end
+    local piece = part and M.next_part(fit.rest, part) or fit.rest
+    if piece ~= fit.rest then
+      local row, col = insert_at(bufnr, fit.row, fit.col, piece)
+      local ok, here = pcall(vim.range, row, col, row, col, { buf = bufnr })
+      if ok then
+        completor.current = vim.tbl_extend('force', item, { insert_text = fit.rest:sub(#piece + 1), range = here })
+        completor:show()
+      end
       return
     end
     local lines = vim.split(item.insert_text, '\n', { plain = true })
@@ -316,16 +432,77 @@ local function accept_native(bufnr)
   return true
 end
 
---- Accepts the ghost text shown in a buffer; false when there is none.
-function M.accept(bufnr)
+--- Accepts the ghost text shown in a buffer, or with `part` ('word' or 'line') its next word or
+--- line (the rest stays shown); false when there is none.
+---@param bufnr? integer
+---@param part? 'word'|'line'
+function M.accept(bufnr, part)
   bufnr = bufnr or vim.api.nvim_get_current_buf()
   if not M.enabled then
     return false
   end
   if M.inline_kind() == 'native' then
-    return accept_native(bufnr)
+    return accept_native(bufnr, part)
   end
-  return require('phi_lsp.ghost').accept(bufnr)
+  return require('phi_lsp.ghost').accept(bufnr, part)
+end
+
+function M.accept_word(bufnr)
+  return M.accept(bufnr, 'word')
+end
+
+function M.accept_line(bufnr)
+  return M.accept(bufnr, 'line')
+end
+
+--- Asks for a suggestion at the cursor now, as the user's explicit request (triggerKind Invoked),
+--- which the server answers also when automatic suggestions are off.
+function M.trigger(bufnr)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  if not M.enabled then
+    return false
+  end
+  local kind = M.inline_kind()
+  if kind == 'native' then
+    local completor = native_completor(bufnr)
+    if not (completor and type(completor.request) == 'function') then
+      return false
+    end
+    completor:abort()
+    completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Invoked)
+    return true
+  elseif kind == 'plugin' then
+    return require('phi_lsp.ghost').trigger(bufnr)
+  end
+  return false
+end
+
+--- The phi-lsp settings a client runs with (however they were configured), or nil.
+local function client_settings(client)
+  local settings = type(client.settings) == 'table' and client.settings['phi-lsp']
+  return type(settings) == 'table' and settings or nil
+end
+
+--- Whether the server suggests as you type (settings.automatic, on unless set false).
+function M.automatic()
+  local client = M.clients()[1]
+  local settings = client and client_settings(client)
+  if settings and settings.automatic ~= nil then
+    return settings.automatic ~= false
+  end
+  return (M.config.settings or {}).automatic ~= false
+end
+
+--- Automatic suggestions on or off (manual-only: the trigger key asks), told to the running
+--- servers at once; their other settings stay as they are.
+function M.set_automatic(on)
+  M.config.settings = vim.tbl_extend('force', M.config.settings or {}, { automatic = on })
+  for _, client in ipairs(M.clients()) do
+    local settings = vim.tbl_extend('force', client_settings(client) or {}, { automatic = on })
+    client.settings = vim.tbl_extend('force', client.settings or {}, { ['phi-lsp'] = settings })
+    call(client, 'notify', 'workspace/didChangeConfiguration', { settings = client.settings })
+  end
+  M._statusline.at = nil -- refreshed at the next redraw
 end
 
 --- Turns suggestions on or off in every buffer.
@@ -414,11 +591,78 @@ function M.describe(status)
   if status.state ~= 'ready' and status.message then
     line = line .. ' — ' .. status.message
   end
+  if status.automatic == false then
+    line = line .. ' (manual-only: ' .. (M.config.trigger_key or 'require("phi_lsp").trigger()') .. ' asks)'
+  end
   local last = status.last
   if type(last) == 'table' then
     line = line .. '; ' .. describe_last(last)
   end
   return line
+end
+
+--- The statusline component's cache: the text, when it was asked for, and whether an answer is
+--- awaited.
+M._statusline = { text = '', latency = nil, at = nil, pending = false }
+
+--- A short line about the server for a statusline: its state, the dtype and the last suggestion's
+--- latency, e.g. "phi ready q8_0 42ms", "phi loading", "phi off", "phi manual ...". Cheap: it
+--- returns what it has and, at most every `status_refresh_ms`, asks the server's phi-lsp/status
+--- without waiting (the statusline is redrawn when the answer changes it). "" with no server.
+---@return string
+function M.statusline()
+  local cache = M._statusline
+  local client = M.clients()[1]
+  if not client then
+    return ''
+  end
+  local now = vim.uv.now()
+  local every = M.config.status_refresh_ms or 1000
+  if not cache.pending and (cache.at == nil or now - cache.at >= every) then
+    cache.pending = true
+    cache.at = now
+    local ok, sent = pcall(call, client, 'request', 'phi-lsp/status', nil, function(err, status)
+      cache.pending = false
+      if err or type(status) ~= 'table' then
+        return
+      end
+      local text = M.describe_short(status)
+      if text ~= cache.text then
+        cache.text = text
+        vim.schedule(function()
+          pcall(vim.cmd.redrawstatus)
+        end)
+      end
+    end)
+    if not (ok and sent) then
+      cache.pending = false
+    end
+  end
+  if not M.enabled then
+    return 'phi off'
+  end
+  return cache.text
+end
+
+--- The statusline's text for a phi-lsp/status answer. The latency is the last one that concerned
+--- a suggestion: an automatic request answered empty in manual-only mode keeps the one before.
+function M.describe_short(status)
+  local cache = M._statusline
+  local parts = { 'phi', tostring(status.state or '?') }
+  if status.automatic == false then
+    parts[#parts + 1] = 'manual'
+  end
+  if status.state == 'ready' then
+    parts[#parts + 1] = tostring(status.dtype or '?')
+    local last = status.last
+    if type(last) == 'table' and last.stop ~= 'manual' and type(last.total_ms) == 'number' then
+      cache.latency = whole_ms(last.total_ms) .. 'ms'
+    end
+    if cache.latency then
+      parts[#parts + 1] = cache.latency
+    end
+  end
+  return table.concat(parts, ' ')
 end
 
 function M.restart()
@@ -458,10 +702,20 @@ function M.command(name)
     local on = name == 'enable' or (name == 'toggle' and not M.enabled)
     M.set_enabled(on)
     vim.notify('phi-lsp: suggestions ' .. (on and 'on' or 'off'))
+  elseif name == 'automatic' then
+    local on = not M.automatic()
+    M.set_automatic(on)
+    local key = M.config.trigger_key
+    vim.notify(
+      'phi-lsp: automatic suggestions ' .. (on and 'on' or ('off (ask with ' .. (key or 'require("phi_lsp").trigger()') .. ')'))
+    )
   elseif name == 'log' then
     vim.cmd.tabedit(vim.lsp.get_log_path())
   else
-    vim.notify('phi-lsp: unknown subcommand ' .. name .. ' (status, restart, enable, disable, toggle, log)', vim.log.levels.ERROR)
+    vim.notify(
+      'phi-lsp: unknown subcommand ' .. name .. ' (status, restart, enable, disable, toggle, automatic, log)',
+      vim.log.levels.ERROR
+    )
   end
 end
 
