@@ -21,6 +21,7 @@ pub mod postprocess;
 pub mod prepared;
 pub mod prompt;
 pub mod structure;
+pub mod stubs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
