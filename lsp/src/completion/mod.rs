@@ -10,6 +10,7 @@
 //!
 //! - [`prompt`]: the prompt window and its fitting to the context.
 //! - [`structure`]: the imports and enclosing headers above the window.
+//! - [`neighbours`]: what this file imports from the other open documents, as [`stubs`].
 //! - [`prepared`]: one completion's window, generation request and post-processing.
 //! - [`postprocess`]: the Python stop rules and trimming.
 //! - [`backend`]: the one trait local and remote generation sit behind.
@@ -17,6 +18,7 @@
 
 pub mod backend;
 pub mod growth;
+pub mod neighbours;
 pub mod postprocess;
 pub mod prepared;
 pub mod prompt;
