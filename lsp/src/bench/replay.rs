@@ -23,7 +23,7 @@ use super::progress;
 use super::stats::{ms, round, Spread};
 use crate::completion::backend::{Backend, GenerationRequest, LocalBackend, Pending};
 use crate::completion::growth::{Grew, Place};
-use crate::completion::{lock, Completions, Request};
+use crate::completion::{lock, Completions, Request, Workspace};
 use crate::settings::{ModelSpec, Settings};
 
 /// OpenAI's HumanEval (MIT, `tests/fixtures/humaneval/LICENSE`): 164 problems, each a signature
@@ -219,6 +219,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 cursor: warm_rope.len_chars(),
                 place: Place::default(),
                 settings: &warm_settings,
+                workspace: &Workspace::default(),
             };
             runtime
                 .block_on(completions.suggest(warm, Some(backend.clone() as Arc<dyn Backend>)))
@@ -234,6 +235,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 cursor: rope.len_chars(),
                 place: Place::default(),
                 settings: &settings,
+                workspace: &Workspace::default(),
             };
             let started = Instant::now();
             let first = runtime

@@ -37,6 +37,7 @@ use tokio::sync::mpsc;
 use crate::settings::Settings;
 use backend::{Backend, BackendError, Generated, Pending};
 use growth::{Finished, Grew, Growth, Place};
+pub use neighbours::{OpenDocument, Workspace};
 use prepared::Prepared;
 use prompt::PromptWindow;
 
@@ -84,6 +85,8 @@ pub struct Request<'a> {
     /// The cursor as the client named it, for the growth notifications.
     pub place: Place,
     pub settings: &'a Settings,
+    /// The open documents (a snapshot: no lock is held) and the workspace roots.
+    pub workspace: &'a Workspace,
 }
 
 /// The suggestion last shown for a document, for typing through it.
@@ -175,8 +178,9 @@ impl Completions {
             cursor,
             place,
             settings,
+            workspace,
         } = request;
-        let prepared = prepared::prepare(rope, cursor, settings);
+        let prepared = prepared::prepare(key, rope, cursor, workspace, settings);
         let epoch = lock(&self.state).epoch;
 
         if let Some((rest, stop)) = self.type_through(key, &prepared) {
@@ -221,7 +225,13 @@ impl Completions {
             self.record(last);
             self.show(epoch, key, &prepared, &suggestion, None);
             if let (Some(text), true) = (&suggestion, settings.speculate && backend.speculates()) {
-                speculate(&self.state, backend, key, rope, cursor, text, settings);
+                let at = At {
+                    key,
+                    rope,
+                    cursor,
+                    workspace,
+                };
+                speculate(&self.state, backend, at, text, settings);
             }
             return Ok(suggestion);
         }
@@ -229,10 +239,18 @@ impl Completions {
         let deadline = Instant::now() + Duration::from_millis(settings.deadline_ms);
         let (growth, from_cache) = match self.running_generation(key, &prepared) {
             Some(growth) => (growth, true),
-            None => (
-                self.generate(epoch, backend, key, rope, cursor, place, &prepared, settings),
-                false,
-            ),
+            None => {
+                let at = At {
+                    key,
+                    rope,
+                    cursor,
+                    workspace,
+                };
+                (
+                    self.generate(epoch, backend, at, place, &prepared, settings),
+                    false,
+                )
+            }
         };
         // Without progressive answers, a request given up (cancelled by the client) takes its
         // generation with it, as before; a progressive one keeps going for the next request there.
@@ -283,18 +301,21 @@ impl Completions {
     /// Starts a fresh generation for `prepared`, which replaces (cancels) any other one, and keeps
     /// it growing until it ends (unless everything was forgotten since `epoch`). Once it ends
     /// without being cut short, the next suggestion is speculated.
-    #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
         epoch: u64,
         backend: Arc<dyn Backend>,
-        key: &str,
-        rope: &Rope,
-        cursor: usize,
+        at: At<'_>,
         place: Place,
         prepared: &Prepared,
         settings: &Settings,
     ) -> Growth {
+        let At {
+            key,
+            rope,
+            cursor,
+            workspace,
+        } = at;
         let growth = Growth::new(prepared.context.clone(), key, place, self.events.clone());
         let mut request = prepared.request(key, settings);
         // Progressive: the deadline bounds the first answer (`Growth::first_answer`), not the
@@ -338,6 +359,7 @@ impl Completions {
         }
         let (state, finisher, context) = (self.state.clone(), growth.clone(), prepared.context.clone());
         let (key, rope, settings) = (key.to_string(), rope.clone(), settings.clone());
+        let workspace = workspace.clone();
         tokio::spawn(async move {
             let outcome = result.await.unwrap_or(Err(BackendError::Stopped));
             let ended = matches!(&outcome, Ok(Some(_)));
@@ -356,7 +378,13 @@ impl Completions {
                 }
             }
             if let (Some(text), true) = (final_text, settings.speculate && backend.speculates()) {
-                speculate(&state, backend, &key, &rope, cursor, &text, &settings);
+                let at = At {
+                    key: &key,
+                    rope: &rope,
+                    cursor,
+                    workspace: &workspace,
+                };
+                speculate(&state, backend, at, &text, &settings);
             }
         });
         growth
@@ -478,19 +506,33 @@ impl Completions {
     }
 }
 
+/// Where a completion was asked for: document `key`, its text, the cursor and the other documents.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    key: &'a str,
+    rope: &'a Rope,
+    cursor: usize,
+    workspace: &'a Workspace,
+}
+
 /// Once the user has been idle for [`SPECULATE_AFTER_IDLE`], starts computing the suggestion for
-/// the text as it will be when `suggestion` (at `cursor` of `rope`) is accepted: the same request a
+/// the text as it will be when `suggestion` (at `at`'s cursor) is accepted: the same request a
 /// completion there will make, without a deadline (any other request cancels it instead), so its
 /// answer is the one a fresh request would compute. Not while a generation still grows.
 fn speculate(
     state: &Arc<Mutex<State>>,
     backend: Arc<dyn Backend>,
-    key: &str,
-    rope: &Rope,
-    cursor: usize,
+    at: At<'_>,
     suggestion: &str,
     settings: &Settings,
 ) {
+    let At {
+        key,
+        rope,
+        cursor,
+        workspace,
+    } = at;
+    let workspace = workspace.clone();
     let mut accepted = rope.clone();
     accepted.insert(cursor, suggestion);
     let accepted_cursor = cursor + suggestion.chars().count();
@@ -505,7 +547,7 @@ fn speculate(
         if state.requests != requests || growing {
             return;
         }
-        let prepared = prepared::prepare(&accepted, accepted_cursor, &settings);
+        let prepared = prepared::prepare(&key, &accepted, accepted_cursor, &workspace, &settings);
         let mut request = prepared.request(&key, &settings);
         request.deadline = None;
         let pending = backend.start(request);
@@ -650,6 +692,7 @@ mod tests {
             cursor: rope.len_chars(),
             place: Place::default(),
             settings: &settings,
+            workspace: &Workspace::default(),
         };
         let backend: Arc<dyn Backend> = backend.clone();
         completions
