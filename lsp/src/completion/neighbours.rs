@@ -5,19 +5,23 @@
 //!
 //! [`collect`] finds them; `prompt.rs` puts them first in the prompt and fits them (at most a
 //! quarter of `contextTokens`). They depend only on this file's top-level imports and the other
-//! documents' text, so they are a prefix the KV cache keeps while the user types.
-//!
-//! Modules map to documents by URI path: `a.b` is `D/a/b.py` or `D/a/b/__init__.py` for the
-//! nearest directory `D` from this file's up (within its workspace root when the client named
-//! roots); `.b` is `b` in this file's directory, `..b` one up.
+//! documents' text, so they are a prefix the KV cache keeps while the user types. Modules map to
+//! documents by URI path: `a.b` is `D/a/b.py` or `D/a/b/__init__.py` for the nearest directory `D`
+//! from this file's up (within its workspace root when the client named roots); `.b` is `b` in
+//! this file's directory, `..b` one up.
 
 use std::collections::HashMap;
 
 use ropey::Rope;
 
 use super::postprocess::split_lines;
-use super::structure::{import_statements, SCAN_CHARS};
+use super::structure::import_statements;
 use super::stubs::{definitions, identifier, Definition};
+
+/// At most this many chars from the top of the file are read for its imports, and of an imported
+/// document for its definitions: this runs on every keystroke, in documents of any size.
+pub const IMPORTS_SCAN_CHARS: usize = 100_000;
+pub const DEFINITIONS_SCAN_CHARS: usize = 200_000;
 
 /// An open document other than the one completed in, as the completion module sees it.
 #[derive(Debug, Clone)]
@@ -74,15 +78,12 @@ impl Neighbours {
 
     /// Drops the stub of the highest rank (a module left empty goes too). False if none was left.
     pub fn drop_one(&mut self) -> bool {
-        let worst = (self.modules.iter().enumerate())
-            .flat_map(|(m, module)| {
-                module
-                    .stubs
-                    .iter()
-                    .enumerate()
-                    .map(move |(s, stub)| (stub.rank, m, s))
-            })
-            .max();
+        let mut worst = None;
+        for (m, module) in self.modules.iter().enumerate() {
+            for (s, stub) in module.stubs.iter().enumerate() {
+                worst = worst.max(Some((stub.rank, m, s)));
+            }
+        }
         let Some((_, m, s)) = worst else {
             return false;
         };
@@ -169,13 +170,13 @@ pub fn collect(uri: &str, rope: &Rope, cursor_line: usize, workspace: &Workspace
     if workspace.documents.iter().all(|doc| doc.uri == uri) {
         return Neighbours::default();
     }
-    let text = rope.slice(..rope.len_chars().min(SCAN_CHARS)).to_string();
+    let text = rope.slice(..rope.len_chars().min(IMPORTS_SCAN_CHARS)).to_string();
     let imports = parse_imports(&text);
     let Some(root) = root_of(uri, &workspace.roots).filter(|_| !imports.is_empty()) else {
         return Neighbours::default();
     };
     let documents: HashMap<&str, &Rope> = (workspace.documents.iter())
-        .filter(|doc| doc.uri != uri && doc.uri.starts_with(root))
+        .filter(|doc| doc.uri != uri && under(&doc.uri, root))
         .map(|doc| (doc.uri.as_str(), &doc.rope))
         .collect();
     let mut defined: HashMap<String, Vec<Definition>> = HashMap::new();
@@ -201,10 +202,8 @@ pub fn collect(uri: &str, rope: &Rope, cursor_line: usize, workspace: &Workspace
             continue;
         };
         for name in names {
-            let defs = match &module_uri {
-                Some(module_uri) => definitions_of(&mut defined, &documents, module_uri),
-                None => Vec::new(),
-            };
+            let defs = (module_uri.as_deref())
+                .map_or_else(Vec::new, |m| definitions_of(&mut defined, &documents, m));
             match &module_uri {
                 // All its public names (none is used as `*.X`), in its order.
                 Some(module_uri) if name == "*" => wanted(module_uri, module_names(&defs, "", name)),
@@ -255,7 +254,7 @@ pub fn collect(uri: &str, rope: &Rope, cursor_line: usize, workspace: &Workspace
 }
 
 /// The definitions of the open document `module_uri` (read once per request, at most
-/// [`SCAN_CHARS`] of it).
+/// [`DEFINITIONS_SCAN_CHARS`] of it).
 fn definitions_of(
     defined: &mut HashMap<String, Vec<Definition>>,
     documents: &HashMap<&str, &Rope>,
@@ -263,7 +262,11 @@ fn definitions_of(
 ) -> Vec<Definition> {
     let parse = || {
         (documents.get(module_uri))
-            .map(|rope| definitions(&rope.slice(..rope.len_chars().min(SCAN_CHARS)).to_string()))
+            .map(|rope| {
+                rope.slice(..rope.len_chars().min(DEFINITIONS_SCAN_CHARS))
+                    .to_string()
+            })
+            .map(|text| definitions(&text))
             .unwrap_or_default()
     };
     defined
@@ -289,8 +292,7 @@ fn uses(text: &str, alias: &str) -> Vec<String> {
     let needle = format!("{alias}.");
     let mut names = Vec::new();
     for (at, _) in text.match_indices(&needle) {
-        let before = text[..at].chars().next_back();
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+        if text[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.') {
             continue;
         }
         let name = identifier(&text[at + needle.len()..]);
@@ -301,16 +303,21 @@ fn uses(text: &str, alias: &str) -> Vec<String> {
     names
 }
 
-/// The prefix every document of `uri`'s workspace starts with: the longest root `uri` is under
-/// (ending in `/`), or `""` when the client named none; `None` when `uri` is under none of them.
+/// The root of `uri`'s workspace: the longest root it is under (without a final `/`), or `""`
+/// when the client named none; `None` when `uri` is under none of them.
 fn root_of<'a>(uri: &str, roots: &'a [String]) -> Option<&'a str> {
     if roots.is_empty() {
         return Some("");
     }
     (roots.iter())
         .map(|root| root.trim_end_matches('/'))
-        .filter(|root| uri.strip_prefix(root).is_some_and(|rest| rest.starts_with('/')))
+        .filter(|root| under(uri, root))
         .max_by_key(|root| root.len())
+}
+
+/// `uri` is inside the folder `root` (`""`: anywhere).
+fn under(uri: &str, root: &str) -> bool {
+    root.is_empty() || uri.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The open document that is `module` for a file at `uri`: for `a.b`, `D/a/b.py` or
@@ -332,11 +339,8 @@ fn resolve(uri: &str, root: &str, module: &str, documents: &HashMap<&str, &Rope>
         (dir.len() >= root.trim_end_matches('/').len() && dir.contains('/')).then_some(dir)
     };
     let candidates = |dir: &str| {
-        let base = if path.is_empty() {
-            dir.to_string()
-        } else {
-            format!("{dir}/{path}")
-        };
+        let base = format!("{dir}/{path}");
+        let base = base.trim_end_matches('/');
         let file = (!path.is_empty()).then(|| format!("{base}.py"));
         file.into_iter().chain([format!("{base}/__init__.py")])
     };
@@ -368,7 +372,12 @@ fn label(module_uri: &str, uri: &str, root: &str) -> String {
             .rfind('/')
             .map_or(start, |at| at + 1);
     }
-    percent_decoded(&module_uri[start..])
+    // A comment line stays one line, whatever the URI escaped.
+    let decoded = percent_decoded(&module_uri[start..]);
+    decoded
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn percent_decoded(text: &str) -> String {
@@ -376,20 +385,12 @@ fn percent_decoded(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = (bytes[i] == b'%')
-            .then(|| text.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match hex {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
+        let hex = (bytes[i] == b'%').then(|| text.get(i + 1..i + 3)).flatten();
+        let (byte, len) = hex
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .map_or((bytes[i], 1), |byte| (byte, 3));
+        out.push(byte);
+        i += len;
     }
     String::from_utf8_lossy(&out).into_owned()
 }

@@ -172,6 +172,26 @@ fn only_open_documents_of_the_same_workspace() {
     );
     assert_eq!(found.modules[0].label, "lib/shapes.py");
     assert_eq!(percent_decoded("a%20b%2"), "a b%2");
+    let ws = workspace(
+        &["file:///w"],
+        &[("file:///w2/shapes.py", SHAPES), ("file:///w/a%0Ab.py", COLORS)],
+    );
+    assert!(under("file:///w/x.py", "file:///w") && !under("file:///w2/x.py", "file:///w"));
+    let found = collect(
+        "file:///w/main.py",
+        &Rope::from_str(
+            "import shapes
+import a
+",
+        ),
+        2,
+        &ws,
+    );
+    assert!(found.is_empty(), "{found:?}");
+    assert_eq!(
+        label("file:///w/a%0Ab.py", "file:///w/main.py", "file:///w"),
+        "a?b.py"
+    );
 }
 
 #[test]
