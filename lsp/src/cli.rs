@@ -6,7 +6,7 @@ use phi_engine::{Engine, GenerateParams, Job, JobOutcome, Prompt, Worker, Worker
 use ropey::Rope;
 
 use crate::args::{Cli, Command, CompleteArgs, GenerateArgs, ModelArgs};
-use crate::completion::{backend, prepared};
+use crate::completion::{backend, prepared, Workspace};
 use crate::convert::{self, PositionEncoding};
 use crate::remote::Remote;
 use crate::settings::Settings;
@@ -130,7 +130,8 @@ fn complete(model: &ModelArgs, args: CompleteArgs) -> Result<()> {
         "tokenHealing": options.token_healing,
     });
     settings.apply(&update).map_err(anyhow::Error::msg)?;
-    let prepared = prepared::prepare(&rope, cursor, &settings);
+    // One file, no other open documents: nothing is imported from them.
+    let prepared = prepared::prepare("cli", &rope, cursor, &Workspace::default(), &settings);
     let generation = if prepared.window.text.is_empty() {
         None
     } else if settings.model.is_local() {

@@ -6,6 +6,7 @@ use std::fmt;
 
 use ropey::Rope;
 
+use crate::completion::OpenDocument;
 use crate::convert::{pos_to_char, Pos, PositionEncoding, PositionError};
 
 #[derive(Debug, Clone)]
@@ -174,6 +175,18 @@ impl Documents {
         self.by_uri.get(uri)
     }
 
+    /// The open documents other than `uri`, for a completion in `uri` to read what they define
+    /// without holding the store's lock (a rope's clone shares its text: O(1)).
+    pub fn others(&self, uri: &str) -> Vec<OpenDocument> {
+        (self.by_uri.iter())
+            .filter(|(other, _)| *other != uri)
+            .map(|(other, doc)| OpenDocument {
+                uri: other.clone(),
+                rope: doc.rope.clone(),
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.by_uri.len()
     }
@@ -263,6 +276,14 @@ mod tests {
         // Re-opening replaces, even with a lower version.
         docs.open(URI, "y", 1, "python").expect("reopen");
         assert_eq!((text(&docs).as_str(), version(&docs)), ("y", 1));
+        docs.open("file:///u.py", "import t\n", 1, "python")
+            .expect("open");
+        let others = docs.others(URI);
+        assert_eq!(others.len(), 1);
+        assert_eq!(
+            (others[0].uri.as_str(), others[0].rope.to_string().as_str()),
+            ("file:///u.py", "import t\n")
+        );
         assert!(docs.close(URI));
         assert!(!docs.close(URI));
         assert!(docs.get(URI).is_none());

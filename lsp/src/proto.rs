@@ -91,6 +91,17 @@ pub fn suggestion_grew(grew: &Grew) -> Option<SuggestionGrewParams> {
 }
 
 /// Incremental sync, and inline completion and/or the menu as `mode` says for this client.
+/// The workspace roots the client named at `initialize`, as URI strings: its workspace folders,
+/// else its `rootUri`; none when it named neither.
+pub fn roots(params: &InitializeParams) -> Vec<String> {
+    if let Some(folders) = &params.workspace_folders {
+        return folders.iter().map(|f| f.uri.as_str().to_string()).collect();
+    }
+    #[allow(deprecated)]
+    let root = params.root_uri.as_ref();
+    root.map(|uri| uri.as_str().to_string()).into_iter().collect()
+}
+
 pub fn capabilities(facts: ClientFacts, mode: CompletionMode) -> ServerCapabilities {
     let (inline, menu) = mode.providers(facts.inline);
     ServerCapabilities {

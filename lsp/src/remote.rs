@@ -78,13 +78,14 @@ impl Remote {
         let GenerationRequest {
             prompt,
             header,
+            neighbours,
             max_new_tokens,
             deadline,
             mut stop,
             ..
         } = request;
         let started = Instant::now();
-        let prompt = format!("{}{prompt}", header.text());
+        let prompt = format!("{}{}{prompt}", neighbours.text(), header.text());
         let body = json!({
             "model": self.model,
             "prompt": &prompt,
@@ -242,7 +243,12 @@ impl Backend for Remote {
         let (tx, rx) = oneshot::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let (remote, flag) = (self.clone(), cancel.clone());
-        let prompt = format!("{}{}", request.header.text(), request.prompt);
+        let prompt = format!(
+            "{}{}{}",
+            request.neighbours.text(),
+            request.header.text(),
+            request.prompt
+        );
         tokio::task::spawn_blocking(move || {
             let run =
                 std::panic::AssertUnwindSafe(|| remote.generate(request, &|| flag.load(Ordering::Relaxed)));

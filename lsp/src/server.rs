@@ -13,7 +13,7 @@ use tower_lsp_server::{Client, LanguageServer, LspService};
 
 use crate::completion::backend::BackendError;
 use crate::completion::growth::{Grew, Place};
-use crate::completion::{lock, Completions, Request, Trigger};
+use crate::completion::{lock, Completions, Request, Trigger, Workspace};
 use crate::convert::{self, PositionEncoding};
 use crate::documents::Documents;
 use crate::faults::{catch_panic, TestPanic};
@@ -30,6 +30,8 @@ struct Session {
     client: ClientFacts,
     /// A problem with the initial settings, shown once the client is initialized.
     settings_error: Option<String>,
+    /// The workspace roots named at `initialize` (URIs): a file's imports resolve within its root.
+    roots: Vec<String>,
 }
 
 pub struct Backend {
@@ -62,6 +64,7 @@ impl Backend {
                 label_details: false,
             },
             settings_error: None,
+            roots: Vec::new(),
         };
         let (grew_tx, grew_rx) = mpsc::unbounded_channel();
         Backend {
@@ -196,12 +199,16 @@ impl Backend {
     async fn suggest(&self, uri: &Uri, position: Position, trigger: Trigger) -> Result<Option<Suggestion>> {
         let key = uri.as_str();
         let settings = self.settings();
-        let (rope, version) = {
+        let (rope, version, others) = {
             let documents = lock(&self.documents);
             let doc = documents.get(key).ok_or_else(|| {
                 Error::invalid_params(format!("unknown document {key}: send didOpen first"))
             })?;
-            (doc.rope.clone(), doc.version)
+            (doc.rope.clone(), doc.version, documents.others(key))
+        };
+        let workspace = Workspace {
+            roots: lock(&self.session).roots.clone(),
+            documents: others,
         };
         let cursor = convert::pos_to_char(&rope, proto::pos(position), self.encoding())
             .map_err(|e| Error::invalid_params(e.to_string()))?;
@@ -216,6 +223,7 @@ impl Backend {
             },
             trigger,
             settings: &settings,
+            workspace: &workspace,
         };
         let backend = self.host.backend();
         match self.completions.suggest(request, backend.clone()).await {
@@ -291,6 +299,7 @@ impl LanguageServer for Backend {
         let mode = {
             let mut session = lock(&self.session);
             session.client = facts;
+            session.roots = proto::roots(&params);
             if let Some(options) = &params.initialization_options {
                 if let Err(e) = session.settings.apply(options) {
                     session.settings_error = Some(e);

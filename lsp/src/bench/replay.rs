@@ -23,7 +23,7 @@ use super::progress;
 use super::stats::{ms, round, Spread};
 use crate::completion::backend::{Backend, GenerationRequest, LocalBackend, Pending};
 use crate::completion::growth::{Grew, Place};
-use crate::completion::{lock, Completions, Request, Trigger};
+use crate::completion::{lock, Completions, Request, Trigger, Workspace};
 use crate::settings::{ModelSpec, Settings};
 
 /// OpenAI's HumanEval (MIT, `tests/fixtures/humaneval/LICENSE`): 164 problems, each a signature
@@ -220,6 +220,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 place: Place::default(),
                 trigger: Trigger::Automatic,
                 settings: &warm_settings,
+                workspace: &Workspace::default(),
             };
             runtime
                 .block_on(completions.suggest(warm, Some(backend.clone() as Arc<dyn Backend>)))
@@ -236,6 +237,7 @@ pub fn replay(engine: Engine, spec: &ModelSpec, problems: &[Problem], draft: usi
                 place: Place::default(),
                 trigger: Trigger::Automatic,
                 settings: &settings,
+                workspace: &Workspace::default(),
             };
             let started = Instant::now();
             let first = runtime

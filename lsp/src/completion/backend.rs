@@ -25,6 +25,8 @@ pub struct GenerationRequest {
     pub prompt: String,
     /// The file's structure that goes before `prompt` (empty when the window starts the file).
     pub header: super::structure::Header,
+    /// The definitions imported from the other open documents, which go before `header`.
+    pub neighbours: super::neighbours::Neighbours,
     /// Heal the prompt's last token (see [`heal`]); local backends only: a remote one sends the
     /// whole prompt and is not constrained.
     pub heal: bool,
@@ -193,6 +195,7 @@ pub fn job(
 ) -> phi_engine::Result<LocalJob> {
     let ids = fit(
         worker.tokenizer(),
+        &request.neighbours,
         &request.header,
         &request.prompt,
         slot_capacity,

@@ -10,6 +10,7 @@
 //!
 //! - [`prompt`]: the prompt window and its fitting to the context.
 //! - [`structure`]: the imports and enclosing headers above the window.
+//! - [`neighbours`]: what this file imports from the other open documents, as [`stubs`].
 //! - [`prepared`]: one completion's window, generation request and post-processing.
 //! - [`postprocess`]: the Python stop rules and trimming.
 //! - [`backend`]: the one trait local and remote generation sit behind.
@@ -17,10 +18,12 @@
 
 pub mod backend;
 pub mod growth;
+pub mod neighbours;
 pub mod postprocess;
 pub mod prepared;
 pub mod prompt;
 pub mod structure;
+pub mod stubs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +37,7 @@ use tokio::sync::mpsc;
 use crate::settings::Settings;
 use backend::{Backend, BackendError, Generated, Pending};
 use growth::{Finished, Grew, Growth, Place};
+pub use neighbours::{OpenDocument, Workspace};
 use prepared::Prepared;
 use prompt::PromptWindow;
 
@@ -94,6 +98,8 @@ pub struct Request<'a> {
     /// typing through the suggestion shown.
     pub trigger: Trigger,
     pub settings: &'a Settings,
+    /// The open documents (a snapshot: no lock is held) and the workspace roots.
+    pub workspace: &'a Workspace,
 }
 
 /// The suggestion last shown for a document, for typing through it.
@@ -186,8 +192,9 @@ impl Completions {
             place,
             trigger,
             settings,
+            workspace,
         } = request;
-        let prepared = prepared::prepare(rope, cursor, settings);
+        let prepared = prepared::prepare(key, rope, cursor, workspace, settings);
         let epoch = lock(&self.state).epoch;
 
         if let Some((rest, stop)) = self.type_through(key, &prepared) {
@@ -238,7 +245,13 @@ impl Completions {
             self.record(last);
             self.show(epoch, key, &prepared, &suggestion, None);
             if let (Some(text), true) = (&suggestion, speculates(settings, &backend)) {
-                speculate(&self.state, backend, key, rope, cursor, text, settings);
+                let at = At {
+                    key,
+                    rope,
+                    cursor,
+                    workspace,
+                };
+                speculate(&self.state, backend, at, text, settings);
             }
             return Ok(suggestion);
         }
@@ -246,10 +259,18 @@ impl Completions {
         let deadline = Instant::now() + Duration::from_millis(settings.deadline_ms);
         let (growth, from_cache) = match self.running_generation(key, &prepared) {
             Some(growth) => (growth, true),
-            None => (
-                self.generate(epoch, backend, key, rope, cursor, place, &prepared, settings),
-                false,
-            ),
+            None => {
+                let at = At {
+                    key,
+                    rope,
+                    cursor,
+                    workspace,
+                };
+                (
+                    self.generate(epoch, backend, at, place, &prepared, settings),
+                    false,
+                )
+            }
         };
         // Without progressive answers, a request given up (cancelled by the client) takes its
         // generation with it, as before; a progressive one keeps going for the next request there.
@@ -300,18 +321,21 @@ impl Completions {
     /// Starts a fresh generation for `prepared`, which replaces (cancels) any other one, and keeps
     /// it growing until it ends (unless everything was forgotten since `epoch`). Once it ends
     /// without being cut short, the next suggestion is speculated.
-    #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
         epoch: u64,
         backend: Arc<dyn Backend>,
-        key: &str,
-        rope: &Rope,
-        cursor: usize,
+        at: At<'_>,
         place: Place,
         prepared: &Prepared,
         settings: &Settings,
     ) -> Growth {
+        let At {
+            key,
+            rope,
+            cursor,
+            workspace,
+        } = at;
         let growth = Growth::new(prepared.context.clone(), key, place, self.events.clone());
         let mut request = prepared.request(key, settings);
         // Progressive: the deadline bounds the first answer (`Growth::first_answer`), not the
@@ -355,6 +379,7 @@ impl Completions {
         }
         let (state, finisher, context) = (self.state.clone(), growth.clone(), prepared.context.clone());
         let (key, rope, settings) = (key.to_string(), rope.clone(), settings.clone());
+        let workspace = workspace.clone();
         tokio::spawn(async move {
             let outcome = result.await.unwrap_or(Err(BackendError::Stopped));
             let ended = matches!(&outcome, Ok(Some(_)));
@@ -373,7 +398,13 @@ impl Completions {
                 }
             }
             if let (Some(text), true) = (final_text, speculates(&settings, &backend)) {
-                speculate(&state, backend, &key, &rope, cursor, &text, &settings);
+                let at = At {
+                    key: &key,
+                    rope: &rope,
+                    cursor,
+                    workspace: &workspace,
+                };
+                speculate(&state, backend, at, &text, &settings);
             }
         });
         growth
@@ -501,19 +532,33 @@ fn speculates(settings: &Settings, backend: &Arc<dyn Backend>) -> bool {
     settings.speculate && settings.automatic && backend.speculates()
 }
 
+/// Where a completion was asked for: document `key`, its text, the cursor and the other documents.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    key: &'a str,
+    rope: &'a Rope,
+    cursor: usize,
+    workspace: &'a Workspace,
+}
+
 /// Once the user has been idle for [`SPECULATE_AFTER_IDLE`], starts computing the suggestion for
-/// the text as it will be when `suggestion` (at `cursor` of `rope`) is accepted: the same request a
+/// the text as it will be when `suggestion` (at `at`'s cursor) is accepted: the same request a
 /// completion there will make, without a deadline (any other request cancels it instead), so its
 /// answer is the one a fresh request would compute. Not while a generation still grows.
 fn speculate(
     state: &Arc<Mutex<State>>,
     backend: Arc<dyn Backend>,
-    key: &str,
-    rope: &Rope,
-    cursor: usize,
+    at: At<'_>,
     suggestion: &str,
     settings: &Settings,
 ) {
+    let At {
+        key,
+        rope,
+        cursor,
+        workspace,
+    } = at;
+    let workspace = workspace.clone();
     let mut accepted = rope.clone();
     accepted.insert(cursor, suggestion);
     let accepted_cursor = cursor + suggestion.chars().count();
@@ -528,7 +573,7 @@ fn speculate(
         if state.requests != requests || growing {
             return;
         }
-        let prepared = prepared::prepare(&accepted, accepted_cursor, &settings);
+        let prepared = prepared::prepare(&key, &accepted, accepted_cursor, &workspace, &settings);
         let mut request = prepared.request(&key, &settings);
         request.deadline = None;
         let pending = backend.start(request);
@@ -683,6 +728,7 @@ mod tests {
             place: Place::default(),
             trigger,
             settings,
+            workspace: &Workspace::default(),
         };
         let backend: Arc<dyn Backend> = backend.clone();
         completions

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use ropey::Rope;
 
 use super::backend::GenerationRequest;
+use super::neighbours::{self, Workspace};
 use super::postprocess::{self, Context};
 use super::prompt::{self, PromptWindow};
 use crate::settings::Settings;
@@ -16,9 +17,19 @@ pub struct Prepared {
     pub context: Context,
 }
 
-pub fn prepare(rope: &Rope, cursor_char: usize, settings: &Settings) -> Prepared {
+/// The completion at `cursor_char` of `rope`, the text of the document `key` in `workspace` (whose
+/// other open documents may define what it imports).
+pub fn prepare(
+    key: &str,
+    rope: &Rope,
+    cursor_char: usize,
+    workspace: &Workspace,
+    settings: &Settings,
+) -> Prepared {
     let max_chars = prompt::window_chars(settings.context_tokens, settings.max_new_tokens);
-    let window = prompt::window_with_structure(rope, cursor_char, max_chars);
+    let cursor_char = cursor_char.min(rope.len_chars());
+    let neighbours = neighbours::collect(key, rope, rope.char_to_line(cursor_char), workspace);
+    let window = prompt::window_with_context(rope, cursor_char, max_chars, neighbours);
     let indent = postprocess::detect_indent(&window.text);
     let context = Context::new(&window, indent);
     Prepared { window, context }
@@ -32,6 +43,7 @@ impl Prepared {
             key: key.to_string(),
             prompt: self.window.text.clone(),
             header: self.window.header.clone(),
+            neighbours: self.window.neighbours.clone(),
             heal: settings.token_healing && heals_at(&self.window.text),
             max_new_tokens: settings.max_new_tokens,
             deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),

@@ -11,6 +11,12 @@
 //! [`fit`], which drops its parts in [`Header::drop_one`]'s order (imports first, then the
 //! innermost scopes, the outermost `class` last) until it fits. The window gets the rest.
 //!
+//! Before both go the definitions this file imports from the other open documents
+//! (`neighbours.rs`), fitted the same way by [`window_with_context`] and [`fit`]: at most a
+//! quarter of `contextTokens`, dropping the stubs of the imports farthest from the cursor first.
+//! They come first because they change least: only when an imported document or the file's
+//! imports change.
+//!
 //! Both starts move in large steps only. The engine keeps the KV cache of the longest common token
 //! prefix between consecutive prompts, so a start that moved on every keystroke would make every
 //! keystroke pay for the whole prompt again.
@@ -18,6 +24,7 @@
 use phi_engine::{EngineError, PhiTokenizer, Result};
 use ropey::Rope;
 
+use super::neighbours::Neighbours;
 use super::structure::{self, Header};
 use crate::convert::line_content;
 
@@ -49,6 +56,9 @@ pub struct PromptWindow {
     /// The file's structure above the window, which goes before `text` in the prompt (empty from
     /// [`window`]; see [`window_with_structure`]).
     pub header: Header,
+    /// The definitions imported from the other open documents, which go first (empty from
+    /// [`window`] and [`window_with_structure`]; see [`window_with_context`]).
+    pub neighbours: Neighbours,
 }
 
 /// The window for a cursor at `cursor_char` (clamped to the rope), at most `max_chars` chars long.
@@ -74,7 +84,25 @@ pub fn window(rope: &Rope, cursor_char: usize, max_chars: usize) -> PromptWindow
         line_suffix: rope.slice(cursor_char..suffix_end_char).to_string(),
         after: rope.slice(cursor_char..after_end_char).to_string(),
         header: Header::default(),
+        neighbours: Neighbours::default(),
     }
+}
+
+/// [`window_with_structure`] after `neighbours`, all within `max_chars`: the neighbours take at
+/// most a quarter (their farthest imports' stubs dropped first), the structure and the window the
+/// rest. The window's length depends on the neighbours' only, so it still starts in large steps.
+pub fn window_with_context(
+    rope: &Rope,
+    cursor_char: usize,
+    max_chars: usize,
+    neighbours: Neighbours,
+) -> PromptWindow {
+    let budget = max_chars / 4;
+    let neighbours = neighbours.fitted(|text| text.chars().count() <= budget);
+    let neighbour_chars = neighbours.text().chars().count();
+    let mut window = window_with_structure(rope, cursor_char, max_chars - neighbour_chars);
+    window.neighbours = neighbours;
+    window
 }
 
 /// The window at `cursor_char` with the file's structure above it in `header`, the two together
@@ -103,24 +131,35 @@ pub fn window_with_structure(rope: &Rope, cursor_char: usize, max_chars: usize) 
     fitted
 }
 
-/// The prompt's ids for a slot of `capacity` positions: `header` (see [`window_with_structure`]),
-/// cut to a quarter of the room with [`Header::drop_one`]'s order, then `text` fitted by
-/// [`fit_tokens`] to what is left. The header's ids are its own encoding, so they do not change
-/// with the window's.
+/// The prompt's ids for a slot of `capacity` positions: `neighbours` (see
+/// [`window_with_context`]) cut to a quarter of `capacity` with [`Neighbours::drop_one`]'s order,
+/// then `header` (see [`window_with_structure`]) cut to a quarter of the room with
+/// [`Header::drop_one`]'s order, then `text` fitted by [`fit_tokens`] to what is left. Each part's
+/// ids are its own encoding, so the first ones do not change with the window's.
 pub fn fit(
     tokenizer: &PhiTokenizer,
+    neighbours: &Neighbours,
     header: &Header,
     text: &str,
     capacity: usize,
     max_new_tokens: usize,
 ) -> Result<Vec<u32>> {
     let room = capacity.saturating_sub(max_new_tokens.min(capacity / 2)).max(1);
-    let mut header = header.clone();
     let mut ids = Vec::new();
+    let mut neighbours = neighbours.clone();
+    while !neighbours.is_empty() {
+        let neighbour_ids = tokenizer.encode(&neighbours.text())?;
+        if neighbour_ids.len() <= capacity / 4 {
+            ids = neighbour_ids;
+            break;
+        }
+        neighbours.drop_one();
+    }
+    let mut header = header.clone();
     while !header.is_empty() {
         let header_ids = tokenizer.encode(&header.text())?;
         if header_ids.len() <= room / 4 {
-            ids = header_ids;
+            ids.extend(header_ids);
             break;
         }
         header.drop_one();
@@ -454,13 +493,13 @@ mod tests {
         let encode = |t: &str| tokenizer.encode(t).expect("encodes");
         let (whole, window_ids) = (encode(&header.text()), encode(text));
         // Room for all of it: the header's own ids, then the window's.
-        let ids = fit(&tokenizer, &header, text, 1024, 64).expect("fits");
+        let ids = fit(&tokenizer, &Neighbours::default(), &header, text, 1024, 64).expect("fits");
         assert_eq!(ids, [whole.clone(), window_ids.clone()].concat());
         // A quarter of the room below the whole header's size: the imports go first.
         let capacity = whole.len() * 4 - 4 + 64;
         let scopes_only = encode(&format!("{CLASS_HEADER}{METHOD_HEADER}"));
         assert!(scopes_only.len() * 4 <= capacity - 64, "the scopes fit");
-        let ids = fit(&tokenizer, &header, text, capacity, 64).expect("fits");
+        let ids = fit(&tokenizer, &Neighbours::default(), &header, text, capacity, 64).expect("fits");
         assert!(ids.len() < whole.len() + window_ids.len());
         assert!(ids.ends_with(&window_ids));
         let kept = &ids[..ids.len() - window_ids.len()];
@@ -469,6 +508,88 @@ mod tests {
             kept.ends_with(&scopes_only[scopes_only.len() - 8..]),
             "the scopes are kept"
         );
+    }
+
+    /// Two imported modules' stubs: `shapes` imported first, `colors` nearest the cursor.
+    fn two_neighbours() -> Neighbours {
+        use crate::completion::neighbours::{Module, Stub};
+        let stub = |rank, name: &str| Stub {
+            rank,
+            text: format!("class {name}:\n    \"\"\"The {name} of it, in words.\"\"\"\n"),
+        };
+        let module = |label: &str, stubs| Module {
+            label: label.into(),
+            stubs,
+        };
+        Neighbours {
+            modules: vec![
+                module("shapes.py", vec![stub(1, "Circle"), stub(2, "Square")]),
+                module("colors.py", vec![stub(0, "Palette")]),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_neighbours_take_a_quarter_of_the_window_first() {
+        let rope = Rope::from_str(&long_module());
+        let neighbours = two_neighbours();
+        let chars = neighbours.text().chars().count();
+        let w = window_with_context(&rope, rope.len_chars(), 3_000, neighbours.clone());
+        assert_eq!(w.neighbours, neighbours);
+        let total = chars + w.header.text().chars().count() + w.text.chars().count();
+        assert!(total <= 3_000, "{total}");
+        // A quarter a little short: the stub of the import farthest from the cursor goes first.
+        let w = window_with_context(&rope, rope.len_chars(), (chars - 10) * 4, neighbours.clone());
+        let mut fewer = neighbours;
+        fewer.drop_one();
+        assert_eq!(w.neighbours, fewer);
+        assert!(fewer.text().contains("class Circle") && !fewer.text().contains("class Square"));
+        // Typing holds it all still.
+        let mut rope = rope;
+        let first = window_with_context(&rope, rope.len_chars(), 3_000, two_neighbours());
+        let cursor = rope.len_chars();
+        rope.insert(cursor, "x = 1");
+        let w = window_with_context(&rope, rope.len_chars(), 3_000, two_neighbours());
+        assert_eq!(
+            (w.start_char, &w.header, &w.neighbours),
+            (first.start_char, &first.header, &first.neighbours)
+        );
+    }
+
+    #[test]
+    fn fit_puts_the_neighbour_ids_first_within_a_quarter_of_the_capacity() {
+        let tokenizer = PhiTokenizer::from_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../assets/phi-1/tokenizer.json"
+        )))
+        .expect("assets/phi-1/tokenizer.json parses");
+        let encode = |t: &str| tokenizer.encode(t).expect("encodes");
+        let neighbours = two_neighbours();
+        let header = Header {
+            imports: vec!["import shapes\n".into()],
+            scopes: vec![],
+        };
+        let text = "x = shapes.";
+        let whole = encode(&neighbours.text());
+        let ids = fit(&tokenizer, &neighbours, &header, text, 1024, 64).expect("fits");
+        let expected = [whole.clone(), encode(&header.text()), encode(text)].concat();
+        assert_eq!(ids, expected);
+        // A capacity whose quarter is one token short: the farthest import's stub goes first.
+        let capacity = (whole.len() - 1) * 4;
+        let ids = fit(&tokenizer, &neighbours, &header, text, capacity, 16).expect("fits");
+        let mut fewer = neighbours.clone();
+        fewer.drop_one();
+        let kept = encode(&fewer.text());
+        assert!(kept.len() <= capacity / 4);
+        assert!(
+            ids.starts_with(&kept),
+            "{}",
+            tokenizer.decode(&ids).unwrap_or_default()
+        );
+        assert!(ids.ends_with(&encode(text)));
+        // Too small for any stub: none.
+        let ids = fit(&tokenizer, &neighbours, &Header::default(), text, 16, 4).expect("fits");
+        assert_eq!(ids, encode(text));
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub fn header(rope: &Rope, window_start_char: usize, cursor_char: usize) -> Head
     }
     let imports_end_char = window_start_char.min(SCAN_CHARS);
     let imports_text = rope.slice(..imports_end_char).to_string();
-    let imports = imports(&split_lines(&imports_text));
+    let imports = import_statements(&split_lines(&imports_text))
+        .into_iter()
+        .map(|(_, statement)| statement)
+        .collect();
 
     let scan_start_char = rope.line_to_char(rope.char_to_line(window_start_char.saturating_sub(SCAN_CHARS)));
     let text = rope.slice(scan_start_char..cursor_char).to_string();
@@ -91,8 +94,8 @@ pub fn header(rope: &Rope, window_start_char: usize, cursor_char: usize) -> Head
     Header { imports, scopes }
 }
 
-/// The complete top-level import statements among `lines`.
-fn imports(lines: &[Line<'_>]) -> Vec<String> {
+/// The complete top-level import statements among `lines`, each with the index of its first line.
+pub(crate) fn import_statements(lines: &[Line<'_>]) -> Vec<(usize, String)> {
     let mut found = Vec::new();
     for (line_idx, line) in lines.iter().enumerate() {
         let Some(code) = first_code(line.text).filter(|_| line.starts_statement) else {
@@ -101,7 +104,7 @@ fn imports(lines: &[Line<'_>]) -> Vec<String> {
         let top_level = !line.text.starts_with([' ', '\t']);
         if top_level && (keyword(code, "import") || keyword(code, "from")) {
             if let Some(statement) = statement(lines, line_idx, line_idx) {
-                found.push(statement);
+                found.push((line_idx, statement));
             }
         }
     }
