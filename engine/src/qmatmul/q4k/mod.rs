@@ -47,6 +47,9 @@ pub(super) struct Q8Block {
     pub(super) qs: [i8; QK_K],
     pub(super) d: f32,
     pub(super) sums: [i16; 8],
+    /// The sums of `qs` per 16 values (sub-block `j`'s halves at `2j`, `2j + 1`): the groups the
+    /// q6k scales take, which multiply its offset of 32.
+    pub(super) half_sums: [i16; 16],
 }
 
 impl Q8Block {
@@ -54,6 +57,7 @@ impl Q8Block {
         qs: [0; QK_K],
         d: 0.0,
         sums: [0; 8],
+        half_sums: [0; 16],
     };
 
     pub(super) fn quantize(xs: &[f32]) -> Q8Block {
@@ -75,6 +79,9 @@ impl Q8Block {
                 *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
             }
             *sum = qs.iter().map(|&q| q as i16).sum();
+            for (half, values) in qs.chunks_exact(16).enumerate() {
+                block.half_sums[2 * j + half] = values.iter().map(|&q| q as i16).sum();
+            }
         }
         block.d = 1.0 / iscale;
         block

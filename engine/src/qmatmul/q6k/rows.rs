@@ -88,7 +88,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f3
     // 16-byte masks of [`SCALE_PICKS`].
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
-        let (low4, low2, offset) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3), _mm256_set1_epi8(32));
+        let (low4, low2) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
         for (b, block) in w.iter().enumerate() {
             let ahead = (block as *const BlockQ6K as *const u8).wrapping_add(PREFETCH_BYTES);
             for line in 0..4 {
@@ -110,6 +110,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f3
                 q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), high(6));
             }
             let scales = _mm_loadu_si128(block.scales.as_ptr() as *const __m128i);
+            let wide_scales = _mm256_cvtepi8_epi16(scales);
             let s: [__m256i; 8] = std::array::from_fn(|j| {
                 let picked =
                     _mm_shuffle_epi8(scales, _mm_loadu_si128(SCALE_PICKS[j].as_ptr() as *const __m128i));
@@ -120,10 +121,13 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f3
                 let mut sumi = _mm256_setzero_si256();
                 for (j, (q, s)) in q.iter().zip(&s).enumerate() {
                     let act = _mm256_load_si256(a.sub_block(j).as_ptr() as *const __m256i);
-                    let pairs =
-                        _mm256_sub_epi16(_mm256_maddubs_epi16(*q, act), _mm256_maddubs_epi16(offset, act));
+                    let pairs = _mm256_maddubs_epi16(*q, act);
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(pairs, *s));
                 }
+                // The values' offset: 32 times each scale times its 16 activations' sum.
+                let half_sums = _mm256_loadu_si256(a.half_sums.as_ptr() as *const __m256i);
+                let offset = _mm256_madd_epi16(half_sums, wide_scales);
+                sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(offset, 5));
                 *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), *acc);
             }
         }
@@ -195,7 +199,7 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [
     // 64-byte rows of [`SCALE_LANES`].
     unsafe {
         let mut acc = [_mm512_setzero_ps(); M];
-        let (low4, low2, offset) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3), _mm512_set1_epi8(32));
+        let (low4, low2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
         let lanes: [__m512i; 4] =
             std::array::from_fn(|i| _mm512_loadu_si512(SCALE_LANES[i].as_ptr() as *const __m512i));
         for (b, block) in w.iter().enumerate() {
@@ -220,19 +224,19 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [
                     q[2 * h + u] = _mm512_or_si512(_mm512_and_si512(nibbles, low4), high);
                 }
             }
-            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                block.scales.as_ptr() as *const __m128i
-            )));
-            let s = lanes.map(|l| _mm512_permutexvar_epi16(l, scales));
+            let wide_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(block.scales.as_ptr() as *const __m128i));
+            let s = lanes.map(|l| _mm512_permutexvar_epi16(l, _mm512_castsi256_si512(wide_scales)));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = x.get_unchecked(r * kb + b);
                 let mut sumi = _mm512_setzero_si512();
                 for (i, (q, s)) in q.iter().zip(&s).enumerate() {
                     let act = _mm512_loadu_si512(a.qs.as_ptr().add(64 * i) as *const __m512i);
-                    let pairs =
-                        _mm512_sub_epi16(_mm512_maddubs_epi16(*q, act), _mm512_maddubs_epi16(offset, act));
-                    sumi = _mm512_dpwssd_epi32(sumi, pairs, *s);
+                    sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(*q, act), *s);
                 }
+                // The values' offset: 32 times each scale times its 16 activations' sum.
+                let half_sums = _mm256_loadu_si256(a.half_sums.as_ptr() as *const __m256i);
+                let offset = _mm512_zextsi256_si512(_mm256_madd_epi16(half_sums, wide_scales));
+                sumi = _mm512_sub_epi32(sumi, _mm512_slli_epi32(offset, 5));
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), _mm512_cvtepi32_ps(sumi), *acc);
             }
         }
