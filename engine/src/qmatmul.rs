@@ -22,6 +22,7 @@ mod dense;
 mod kquants;
 mod q4k;
 mod q6k;
+mod q8k;
 // Its kernels are AVX-512 VNNI and AVX2 only: elsewhere candle keeps q8_0 weights.
 #[cfg(target_arch = "x86_64")]
 mod q8_0;
@@ -190,7 +191,7 @@ mod tests {
             &Tensor::from_vec(random(16 * 256, 1), (16, 256), &dev)?,
             GgmlDType::Q4K,
         )?)?;
-        let long = Tensor::zeros((1, kquants::MAX_ROWS + 1, 256), DType::F32, &dev)?;
+        let long = Tensor::zeros((1, q8k::MAX_ROWS + 1, 256), DType::F32, &dev)?;
         assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &long)?.is_some());
         assert!(linear_rows(&[(&Weight::Candle(w.clone()), &b)], &xs)?.is_some());
         Ok(())

@@ -1,41 +1,17 @@
 //! The k-quant formats ([`q4k`], [`q6k`]) behind one entry: a call may mix them (a Q4_K_M file
 //! keeps some layers' `attn_v` and `ffn_down` in q6k beside q4k `q`, `k` and `fc1`, which share
 //! their input), the input is quantized once to the q8_K-like blocks both read
-//! ([`q4k::Q8Block`]), and each weight goes to its format's kernels. What the formats share is
-//! here too: a weight as its stored blocks with its bias ([`Part`]), and the driver that runs a
-//! row kernel over every weight row on candle's threads ([`multiply_rows`]).
+//! ([`Q8Block`]), and each weight goes to its format's kernels.
 
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Tensor};
 
-use super::q4k::{self, BlockQ4K, Q8Block, QK_K};
+use super::q4k::{self, BlockQ4K};
 use super::q6k::{self, BlockQ6K};
-use super::{cpu_f32, on_every_thread, outputs, share, Result, Rows, Weight};
-
-/// Most activation rows the row kernels take at once; more are run in chunks of this many, each
-/// against every weight row (the chunk's quantized activations, ~70 KB at Phi-1's widest, stay in
-/// L2). Per row they do more work than candle's tiles, which pay for it by first building their
-/// tiled copy of every weight (a gigabyte for Phi-1, built on first use). q4k weights of whole
-/// 16-row tiles go to the tile kernels from 12 rows (AMX) or 8 (AVX2); the chunks serve the rest.
-pub(crate) const MAX_ROWS: usize = 31;
-
-/// One linear layer in a k-quant format: its weight `[n, k]` as the stored blocks (`k / 256` per
-/// row), and the bias added to its outputs.
-pub(super) struct Part<'a, B> {
-    pub(super) blocks: &'a [B],
-    pub(super) bias: &'a [f32],
-    pub(super) n: usize,
-}
-
-/// `out[i·m + r] = Σ_k w_i[k]·x[r][k]` for consecutive weight rows `w_i` (`kb` blocks each; one
-/// call takes many, so what a call sets up is shared) and `m` activation rows (`x` row-major).
-///
-/// # Safety
-///
-/// The CPU has the features of the implementation the kernel was taken for.
-pub(super) type RowKernel<B> = unsafe fn(&[B], usize, &[Q8Block], usize, &mut [f32]);
+use super::q8k::{Part, Q8Block, QK_K};
+use super::{cpu_f32, outputs, Result, Rows, Weight};
 
 /// `x · wᵀ + bias` for k-quant `(w, bias)` pairs on one f32 CPU input `xs` (`dims`, rows of `k`),
 /// one tensor each. `None` where some weight is neither q4k nor q6k of that `k`, `k` is not whole
@@ -131,53 +107,4 @@ pub(super) fn linear(
         })
         .unzip();
     outputs(outs, ns.into_iter(), dims).map(Some)
-}
-
-/// How many weight rows [`multiply_rows`] hands a row kernel at once.
-const SLAB: usize = 64;
-
-/// Every weight row of every part against the `m` rows of `x` through `kernel` (chunks of
-/// [`MAX_ROWS`] rows, each against all weight rows), written with the bias into `outs`; the weight
-/// rows split evenly over candle's thread pool in one parallel region.
-///
-/// # Safety
-///
-/// The CPU has the features of the implementation `kernel` was taken for.
-pub(super) unsafe fn multiply_rows<B: Sync>(
-    kernel: RowKernel<B>,
-    parts: &[Part<B>],
-    x: &[Q8Block],
-    m: usize,
-    outs: &mut [Vec<f32>],
-) {
-    let total: usize = parts.iter().map(|p| p.n).sum();
-    let kb = x.len() / m;
-    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    on_every_thread(total, |start, end| {
-        let mut slab_out = [0f32; SLAB * MAX_ROWS];
-        for r0 in (0..m).step_by(MAX_ROWS) {
-            let rows = MAX_ROWS.min(m - r0);
-            let x = &x[r0 * kb..];
-            let mut first = 0;
-            for (part, &out_ptr) in parts.iter().zip(&out_ptrs) {
-                let mine = share(start, end, first, part.n);
-                for slab in (mine.start..mine.end).step_by(SLAB) {
-                    let count = SLAB.min(mine.end - slab);
-                    let w = &part.blocks[slab * kb..][..count * kb];
-                    // SAFETY: the CPU has the kernel's features (this fn's contract).
-                    unsafe { kernel(w, kb, x, rows, &mut slab_out[..count * rows]) };
-                    for (i, values) in slab_out[..count * rows].chunks_exact(rows).enumerate() {
-                        let row = slab + i;
-                        for (r, value) in values.iter().enumerate() {
-                            let at = (r0 + r) * part.n + row;
-                            // SAFETY: `outs[p]` holds `m · n` values and every (r, row) of a part
-                            // is written by exactly one thread.
-                            unsafe { *(out_ptr as *mut f32).add(at) = value + part.bias[row] };
-                        }
-                    }
-                }
-                first += part.n;
-            }
-        }
-    });
 }

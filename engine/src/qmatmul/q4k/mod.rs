@@ -5,12 +5,13 @@
 //! bytes read per token, so reading the stored 144-byte blocks is leaner. The input is quantized
 //! once to q8_K-like blocks ([`Q8Block`]) and shared by every weight that reads it.
 //!
-//! Which kernel runs: up to [`super::kquants::MAX_ROWS`] activation rows at a time go through the row kernels
+//! Which kernel runs: up to [`super::q8k::MAX_ROWS`] activation rows at a time go through the row kernels
 //! ([`rows`]: AVX-512 VNNI, AVX2 or portable); weights of whole 16-row tiles against many rows go
 //! to AMX tiles where the CPU has them ([`amx`], from 12 rows), else to AVX2 tiles unpacked once
 //! per block ([`tiles_avx2`], from 8 rows); everything else runs through the row kernels in chunks.
 
-use super::kquants::Part;
+use super::q8k::Part;
+pub(super) use super::q8k::{Q8Block, QK_K, SUB_BLOCK_AT};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::Isa;
 use crate::cpu::{self, Implementation, Kernel};
@@ -23,8 +24,6 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod tiles_avx2;
 
-pub(super) const QK_K: usize = 256;
-
 /// ggml's `block_q4_K`: 256 weights `d·scale_j·q − dmin·min_j` in 8 sub-blocks of 32, the 6-bit
 /// scales and mins packed in 12 bytes, 4-bit `q`: byte `l` of 32-byte group `g` holds weight
 /// `64g + l` (low nibble) and `64g + 32 + l` (high nibble).
@@ -36,65 +35,6 @@ pub(super) struct BlockQ4K {
     pub(super) qs: [u8; QK_K / 2],
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
-
-/// 256 activations as `d·qs` (ggml's q8_K rounding) with the sums of `qs` per 32-value sub-block,
-/// which the mins multiply. `qs` holds the 32-value sub-blocks in the order the nibbles of 64 stored
-/// bytes come out of a 512-bit register, [`SUB_BLOCK_AT`]: low nibbles of bytes 0..64 are
-/// sub-blocks 0 and 2, high nibbles 1 and 3, and so on.
-#[repr(C, align(32))]
-#[derive(Clone)]
-pub(super) struct Q8Block {
-    pub(super) qs: [i8; QK_K],
-    pub(super) d: f32,
-    pub(super) sums: [i16; 8],
-    /// The sums of `qs` per 16 values (sub-block `j`'s halves at `2j`, `2j + 1`): the groups the
-    /// q6k scales take, which multiply its offset of 32.
-    pub(super) half_sums: [i16; 16],
-}
-
-impl Q8Block {
-    const ZERO: Q8Block = Q8Block {
-        qs: [0; QK_K],
-        d: 0.0,
-        sums: [0; 8],
-        half_sums: [0; 16],
-    };
-
-    pub(super) fn quantize(xs: &[f32]) -> Q8Block {
-        let mut block = Q8Block::ZERO;
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &x in xs {
-            if amax < x.abs() {
-                amax = x.abs();
-                max = x;
-            }
-        }
-        if amax == 0.0 {
-            return block;
-        }
-        let iscale = -127f32 / max;
-        for (j, (xs, sum)) in xs.chunks_exact(32).zip(&mut block.sums).enumerate() {
-            let qs = &mut block.qs[32 * SUB_BLOCK_AT[j]..][..32];
-            for (q, &x) in qs.iter_mut().zip(xs) {
-                *q = (iscale * x).round().clamp(-128.0, 127.0) as i8;
-            }
-            *sum = qs.iter().map(|&q| q as i16).sum();
-            for (half, values) in qs.chunks_exact(16).enumerate() {
-                block.half_sums[2 * j + half] = values.iter().map(|&q| q as i16).sum();
-            }
-        }
-        block.d = 1.0 / iscale;
-        block
-    }
-
-    /// The 32 quantized activations of sub-block `j`.
-    pub(super) fn sub_block(&self, j: usize) -> &[i8] {
-        &self.qs[32 * SUB_BLOCK_AT[j]..][..32]
-    }
-}
-
-/// Where sub-block `j` of 32 activations sits in [`Q8Block::qs`] (in units of 32; its own inverse).
-pub(super) const SUB_BLOCK_AT: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
 /// The 8 6-bit scales and the 8 mins of a block as the bytes of two `u64`s, unpacked 4 at a time
 /// as ggml's AVX2 kernel does (ggml's `get_scale_min_k4` for each).
@@ -158,7 +98,7 @@ fn tiles_fit(_: Implementation, _: &[Q4kLinear], _: usize) -> bool {
 
 /// Every weight row of every part against the `m` rows of `x`, written with the bias into `outs`
 /// (`[m, n]` each): through `tiles` (an implementation of [`Kernel::Q4kTiles`] that
-/// [`tiles_fit`]), else through this CPU's row kernel in chunks of [`super::kquants::MAX_ROWS`].
+/// [`tiles_fit`]), else through this CPU's row kernel in chunks of [`super::q8k::MAX_ROWS`].
 pub(super) fn multiply(
     tiles: Option<Implementation>,
     parts: &[Q4kLinear],

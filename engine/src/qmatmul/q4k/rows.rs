@@ -5,7 +5,7 @@
 
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
-use crate::qmatmul::kquants::multiply_rows;
+use crate::qmatmul::q8k::multiply_rows;
 #[cfg(target_arch = "x86_64")]
 use {super::SUB_BLOCK_AT, crate::cpu::Isa, crate::simd::prefetch};
 
@@ -13,7 +13,7 @@ use {super::SUB_BLOCK_AT, crate::cpu::Isa, crate::simd::prefetch};
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 3072;
 
-type RowKernel = crate::qmatmul::kquants::RowKernel<BlockQ4K>;
+type RowKernel = crate::qmatmul::q8k::RowKernel<BlockQ4K>;
 
 fn row_generic(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
     for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {

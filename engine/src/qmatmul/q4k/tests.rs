@@ -7,7 +7,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::rows;
 use super::*;
-use crate::qmatmul::kquants::MAX_ROWS;
+use crate::qmatmul::q8k::MAX_ROWS;
 use crate::qmatmul::tests::random;
 use crate::qmatmul::{Result, Weight};
 

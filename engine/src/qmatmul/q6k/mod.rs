@@ -1,13 +1,12 @@
 //! q6k (ggml's `block_q6_K`) weights times f32 activations on the CPU, read straight from the
 //! stored GGUF blocks: the other half of every Q4_K_M and Q5_K_M file (llama.cpp keeps `output`,
 //! and `attn_v` and `ffn_down` of half the layers, in q6k there). The input is the q8_K-like
-//! blocks the q4k kernels read ([`Q8Block`]), quantized once per call by [`super::kquants`].
+//! blocks the q4k kernels read ([`Q8Block`]), quantized once per call by [`super::kquants`] ([`super::q8k`]).
 //!
 //! Which kernel runs: the row kernels ([`rows`]: AVX-512 VNNI, AVX2 or portable) for any number of activation
-//! rows, in chunks of [`super::kquants::MAX_ROWS`].
+//! rows, in chunks of [`super::q8k::MAX_ROWS`].
 
-use super::kquants::Part;
-use super::q4k::Q8Block;
+use super::q8k::{Part, Q8Block};
 
 pub(super) mod rows;
 #[cfg(test)]
@@ -50,10 +49,10 @@ pub(super) type Q6kLinear<'a> = Part<'a, BlockQ6K>;
 /// to.
 #[cfg(test)]
 pub(super) fn dequantized(blocks: &[BlockQ6K]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(blocks.len() * super::q4k::QK_K);
+    let mut out = Vec::with_capacity(blocks.len() * super::q8k::QK_K);
     for block in blocks {
         let d = half::f16::from_bits(block.d).to_f32();
-        out.extend((0..super::q4k::QK_K).map(|i| d * (block.scale(i) * block.value(i)) as f32));
+        out.extend((0..super::q8k::QK_K).map(|i| d * (block.scale(i) * block.value(i)) as f32));
     }
     out
 }

@@ -5,11 +5,11 @@
 
 use super::{block_sum, BlockQ6K, Q6kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
-use crate::qmatmul::kquants::multiply_rows;
+use crate::qmatmul::q8k::multiply_rows;
 #[cfg(target_arch = "x86_64")]
 use {crate::cpu::Isa, crate::simd::prefetch};
 
-type RowKernel = crate::qmatmul::kquants::RowKernel<BlockQ6K>;
+type RowKernel = crate::qmatmul::q8k::RowKernel<BlockQ6K>;
 
 /// How far ahead of the block it works on a kernel prefetches the weights (~14 blocks).
 #[cfg(target_arch = "x86_64")]
@@ -169,7 +169,7 @@ static SCALE_LANES: [[u16; 32]; 4] = {
     while i < 4 {
         let mut k = 0;
         while k < 32 {
-            let sub_block = crate::qmatmul::q4k::SUB_BLOCK_AT[2 * i + k / 16];
+            let sub_block = crate::qmatmul::q8k::SUB_BLOCK_AT[2 * i + k / 16];
             lanes[i][k] = (2 * sub_block + k % 16 / 8) as u16;
             k += 1;
         }

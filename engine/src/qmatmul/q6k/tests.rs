@@ -7,8 +7,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::*;
 use crate::cpu::{self, Kernel};
-use crate::qmatmul::kquants::MAX_ROWS;
-use crate::qmatmul::q4k::QK_K;
+use crate::qmatmul::q8k::{MAX_ROWS, QK_K};
 use crate::qmatmul::tests::random;
 use crate::qmatmul::{linear_rows, linear_rows_as, Result, Rows, Weight};
 
