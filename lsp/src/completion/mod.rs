@@ -18,6 +18,7 @@
 
 pub mod backend;
 pub mod growth;
+pub mod lines;
 pub mod neighbours;
 pub mod postprocess;
 pub mod prepared;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use ropey::Rope;
 
-use super::postprocess::split_lines;
+use super::lines::split_lines;
 use super::structure::import_statements;
 use super::stubs::{definitions, identifier, Definition};
 

@@ -9,7 +9,7 @@
 
 use ropey::Rope;
 
-use super::postprocess::{first_code, indent_width, split_lines, Line};
+use super::lines::{first_code, indent_width, split_lines, Line};
 
 /// At most this many chars above the window are read for the scopes, and at most this many from
 /// the top of the file for the imports: work per keystroke stays bounded in huge documents.

@@ -6,7 +6,7 @@
 //!
 //! [`definitions`] reads them; `neighbours.rs` picks the ones a file imports.
 
-use super::postprocess::{first_code, indent_width, split_lines, Line};
+use super::lines::{first_code, indent_width, split_lines, Line};
 
 /// The columns a tab counts for, as Python's tokenizer counts them.
 const TAB_WIDTH: usize = 8;
