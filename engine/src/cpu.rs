@@ -1,5 +1,5 @@
-//! The one CPU probe: which x86 instruction sets this machine runs, detected once, and which
-//! implementation each kernel takes from them. Every kernel of the engine (the quantized and dense
+//! The one CPU probe: which x86 instruction sets this machine runs (or NEON on aarch64), detected
+//! once, and which implementation each kernel takes from them. Every kernel of the engine (the quantized and dense
 //! matmuls of `qmatmul`, the attention and `gelu_new` of `kernels`) asks here and nowhere else.
 //!
 //! An implementation is listed for a kernel only where the CPU has every feature that its
@@ -24,6 +24,8 @@ pub struct Features {
     avx512vnni: bool,
     /// AMX-TILE and AMX-INT8, with the tile state granted by the OS.
     amx: bool,
+    /// Advanced SIMD on aarch64 (part of the base architecture there, so always found on it).
+    neon: bool,
 }
 
 /// This CPU's features, detected on the first call.
@@ -52,10 +54,19 @@ impl Features {
             avx512bw,
             avx512vnni: is_x86_feature_detected!("avx512vnni"),
             amx: avx512f && avx512bw && amx_granted(),
+            neon: false,
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    fn detect() -> Features {
+        Features {
+            neon: std::arch::is_aarch64_feature_detected!("neon"),
+            ..Features::default()
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn detect() -> Features {
         Features::default()
     }
@@ -90,6 +101,11 @@ impl Features {
         self.amx
     }
 
+    /// NEON (Advanced SIMD), on aarch64.
+    pub fn neon(&self) -> bool {
+        self.neon
+    }
+
     /// Whether this CPU runs `isa`'s implementation of `kernel`.
     fn runs(&self, kernel: Kernel, isa: Isa) -> bool {
         let avx2 = self.avx2 && self.fma && self.f16c;
@@ -104,6 +120,7 @@ impl Features {
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
             (Kernel::DensePanels | Kernel::Attention | Kernel::Gelu, Isa::Avx2) => self.avx2 && self.fma,
             (Kernel::AttentionF16, Isa::Avx2) => avx2,
+            (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::DenseRows, Isa::Neon) => self.neon,
             _ => false,
         }
     }
@@ -123,7 +140,7 @@ impl Features {
     }
 
     /// The fastest implementation of `kernel` on this CPU; `None` where only candle's own op
-    /// serves (q8_0 rows without AVX2, q8_0 tiles without AMX).
+    /// serves (q8_0 rows without AVX2 or NEON, q8_0 tiles without AMX).
     pub fn chosen(&self, kernel: Kernel) -> Option<Implementation> {
         self.implementations(kernel).next()
     }
@@ -146,6 +163,7 @@ impl std::fmt::Display for Features {
             (self.avx512bw, "avx512bw"),
             (self.avx512vnni, "avx512vnni"),
             (self.amx, "amx"),
+            (self.neon, "neon"),
         ];
         let present: Vec<&str> = names
             .iter()
@@ -243,13 +261,22 @@ pub enum Isa {
     Avx512,
     /// AVX2 with FMA (and F16C where the kernel widens f16).
     Avx2,
+    /// aarch64's Advanced SIMD (base NEON: no dot-product or half-precision arithmetic extensions).
+    Neon,
     /// Plain Rust, whatever the compiler makes of it.
     Portable,
 }
 
 impl Isa {
     /// Fastest first: the order [`Features::implementations`] lists them in.
-    const ALL: [Isa; 5] = [Isa::Amx, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::Portable];
+    const ALL: [Isa; 6] = [
+        Isa::Amx,
+        Isa::Avx512Vnni,
+        Isa::Avx512,
+        Isa::Avx2,
+        Isa::Neon,
+        Isa::Portable,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -257,6 +284,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512-vnni",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
     }
@@ -335,6 +363,17 @@ mod tests {
         );
         assert_eq!(none.chosen(Kernel::Q8_0Rows), None);
         assert_eq!(none.to_string(), "none");
+        let neon = Features {
+            neon: true,
+            ..Features::default()
+        };
+        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows, Kernel::DenseRows] {
+            let isas: Vec<Isa> = neon.implementations(kernel).map(Implementation::isa).collect();
+            assert_eq!(isas[0], Isa::Neon, "{kernel:?}");
+        }
+        assert_eq!(neon.to_string(), "neon");
+        #[cfg(target_arch = "aarch64")]
+        assert!(f.neon(), "NEON is part of aarch64");
         assert!(none
             .kernels()
             .to_string()
