@@ -104,3 +104,20 @@ pub(crate) fn widen_f16x8(
     };
     (lo, hi)
 }
+
+/// Four f16 values (as their bits) widened to f32: `fcvtl`, as [`widen_f16x8`].
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub(crate) fn widen_f16x4(bits: std::arch::aarch64::uint16x4_t) -> std::arch::aarch64::float32x4_t {
+    let wide;
+    // SAFETY: as in [`widen_f16x8`].
+    unsafe {
+        std::arch::asm!(
+            "fcvtl {wide:v}.4s, {bits:v}.4h",
+            bits = in(vreg) bits,
+            wide = out(vreg) wide,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    wide
+}
