@@ -26,6 +26,9 @@ pub struct Features {
     amx: bool,
     /// Advanced SIMD on aarch64 (part of the base architecture there, so always found on it).
     neon: bool,
+    /// The aarch64 8-bit dot products (`sdot`, FEAT_DotProd: Apple M1 on, Neoverse N1 on, not
+    /// Cortex-A72).
+    dotprod: bool,
 }
 
 /// This CPU's features, detected on the first call.
@@ -55,6 +58,7 @@ impl Features {
             avx512vnni: is_x86_feature_detected!("avx512vnni"),
             amx: avx512f && avx512bw && amx_granted(),
             neon: false,
+            dotprod: false,
         }
     }
 
@@ -62,6 +66,7 @@ impl Features {
     fn detect() -> Features {
         Features {
             neon: std::arch::is_aarch64_feature_detected!("neon"),
+            dotprod: std::arch::is_aarch64_feature_detected!("dotprod"),
             ..Features::default()
         }
     }
@@ -106,6 +111,11 @@ impl Features {
         self.neon
     }
 
+    /// NEON's 8-bit dot products (`sdot`), on aarch64.
+    pub fn dotprod(&self) -> bool {
+        self.dotprod
+    }
+
     /// Whether this CPU runs `isa`'s implementation of `kernel`.
     fn runs(&self, kernel: Kernel, isa: Isa) -> bool {
         let avx2 = self.avx2 && self.fma && self.f16c;
@@ -120,6 +130,7 @@ impl Features {
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
             (Kernel::DensePanels | Kernel::Attention | Kernel::Gelu, Isa::Avx2) => self.avx2 && self.fma,
             (Kernel::AttentionF16, Isa::Avx2) => avx2,
+            (Kernel::Q8_0Rows, Isa::NeonDotprod) => self.neon && self.dotprod,
             (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::DenseRows, Isa::Neon) => self.neon,
             _ => false,
         }
@@ -164,6 +175,7 @@ impl std::fmt::Display for Features {
             (self.avx512vnni, "avx512vnni"),
             (self.amx, "amx"),
             (self.neon, "neon"),
+            (self.dotprod, "dotprod"),
         ];
         let present: Vec<&str> = names
             .iter()
@@ -261,6 +273,8 @@ pub enum Isa {
     Avx512,
     /// AVX2 with FMA (and F16C where the kernel widens f16).
     Avx2,
+    /// NEON with the 8-bit dot products (`sdot`).
+    NeonDotprod,
     /// aarch64's Advanced SIMD (base NEON: no dot-product or half-precision arithmetic extensions).
     Neon,
     /// Plain Rust, whatever the compiler makes of it.
@@ -269,11 +283,12 @@ pub enum Isa {
 
 impl Isa {
     /// Fastest first: the order [`Features::implementations`] lists them in.
-    const ALL: [Isa; 6] = [
+    const ALL: [Isa; 7] = [
         Isa::Amx,
         Isa::Avx512Vnni,
         Isa::Avx512,
         Isa::Avx2,
+        Isa::NeonDotprod,
         Isa::Neon,
         Isa::Portable,
     ];
@@ -284,6 +299,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512-vnni",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::NeonDotprod => "neon-dotprod",
             Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
@@ -372,6 +388,15 @@ mod tests {
             assert_eq!(isas[0], Isa::Neon, "{kernel:?}");
         }
         assert_eq!(neon.to_string(), "neon");
+        let dotprod = Features {
+            dotprod: true,
+            ..neon
+        };
+        let isas: Vec<Isa> = dotprod
+            .implementations(Kernel::Q8_0Rows)
+            .map(Implementation::isa)
+            .collect();
+        assert_eq!(isas, [Isa::NeonDotprod, Isa::Neon]);
         #[cfg(target_arch = "aarch64")]
         assert!(f.neon(), "NEON is part of aarch64");
         assert!(none

@@ -121,3 +121,29 @@ pub(crate) fn widen_f16x4(bits: std::arch::aarch64::uint16x4_t) -> std::arch::aa
     };
     wide
 }
+
+/// `sdot` by element (FEAT_DotProd): lane `i` of `$acc` (`int32x4_t`) plus the dot product of
+/// bytes `4i..4i + 4` of `$w` with bytes `4·$lane..4·$lane + 4` of `$x` (`int8x16_t` both), as
+/// inline assembly (the dot-product intrinsics are not stable Rust). Expand it only in a function
+/// that enables `dotprod` and is called where the probe found it.
+#[cfg(target_arch = "aarch64")]
+macro_rules! sdot_lane {
+    ($acc:expr, $w:expr, $x:expr, $lane:literal) => {{
+        let mut acc: std::arch::aarch64::int32x4_t = $acc;
+        let (w, x): (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) = ($w, $x);
+        // SAFETY: `sdot` needs FEAT_DotProd, which the function this expands in enables and its
+        // caller found through the probe; it only reads and writes the registers named.
+        unsafe {
+            std::arch::asm!(
+                concat!("sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[", $lane, "]"),
+                acc = inout(vreg) acc,
+                w = in(vreg) w,
+                x = in(vreg_low16) x,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+        acc
+    }};
+}
+#[cfg(target_arch = "aarch64")]
+pub(crate) use sdot_lane;
