@@ -130,7 +130,7 @@ impl Features {
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
             (Kernel::DensePanels | Kernel::Attention | Kernel::Gelu, Isa::Avx2) => self.avx2 && self.fma,
             (Kernel::AttentionF16, Isa::Avx2) => avx2,
-            (Kernel::Q8_0Rows, Isa::NeonDotprod) => self.neon && self.dotprod,
+            (Kernel::Q8_0Rows | Kernel::Q4kRows, Isa::NeonDotprod) => self.neon && self.dotprod,
             (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::DenseRows, Isa::Neon) => self.neon,
             _ => false,
         }
@@ -392,11 +392,10 @@ mod tests {
             dotprod: true,
             ..neon
         };
-        let isas: Vec<Isa> = dotprod
-            .implementations(Kernel::Q8_0Rows)
-            .map(Implementation::isa)
-            .collect();
-        assert_eq!(isas, [Isa::NeonDotprod, Isa::Neon]);
+        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows] {
+            let isas: Vec<Isa> = dotprod.implementations(kernel).map(Implementation::isa).collect();
+            assert_eq!(isas[..2], [Isa::NeonDotprod, Isa::Neon], "{kernel:?}");
+        }
         #[cfg(target_arch = "aarch64")]
         assert!(f.neon(), "NEON is part of aarch64");
         assert!(none

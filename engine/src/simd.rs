@@ -147,3 +147,27 @@ macro_rules! sdot_lane {
 }
 #[cfg(target_arch = "aarch64")]
 pub(crate) use sdot_lane;
+
+/// `sdot` (FEAT_DotProd): lane `i` of `$acc` (`int32x4_t`) plus the dot product of bytes
+/// `4i..4i + 4` of `$w` and `$x` (`int8x16_t` both); as [`sdot_lane`].
+#[cfg(target_arch = "aarch64")]
+macro_rules! sdot {
+    ($acc:expr, $w:expr, $x:expr) => {{
+        let mut acc: std::arch::aarch64::int32x4_t = $acc;
+        let (w, x): (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) = ($w, $x);
+        // SAFETY: `sdot` needs FEAT_DotProd, which the function this expands in enables and its
+        // caller found through the probe; it only reads and writes the registers named.
+        unsafe {
+            std::arch::asm!(
+                "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
+                acc = inout(vreg) acc,
+                w = in(vreg) w,
+                x = in(vreg) x,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        };
+        acc
+    }};
+}
+#[cfg(target_arch = "aarch64")]
+pub(crate) use sdot;
