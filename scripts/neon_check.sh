@@ -14,8 +14,8 @@
 # cross checks), and from Debian `qemu-user` (qemu-aarch64) with `libc6-arm64-cross` and
 # `libgcc-s1-arm64-cross` (the aarch64 loader and libraries the test binary links, under
 # /usr/aarch64-linux-gnu). Usage: scripts/neon_check.sh [TEST FILTER...]: by default the kernel
-# unit tests (qmatmul::, cpu::, kernels::) and the reference tests; with filters, the unit tests
-# they match alone.
+# unit tests (qmatmul::, cpu::, kernels::; synthetic::, a random model in every dtype) and the
+# reference tests; with filters, the unit tests they match alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,7 @@ TARGET=aarch64-unknown-linux-gnu
 SYSROOT=/usr/aarch64-linux-gnu
 FILTERED=${1:-}
 if [ $# -eq 0 ]; then
-  set -- qmatmul:: cpu:: kernels::
+  set -- qmatmul:: cpu:: kernels:: synthetic::
 fi
 
 # shellcheck source=scripts/cross_tools.sh
