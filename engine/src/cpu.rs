@@ -1,6 +1,7 @@
-//! The one CPU probe: which x86 instruction sets this machine runs (or NEON on aarch64), detected
-//! once, and which implementation each kernel takes from them. Every kernel of the engine (the quantized and dense
-//! matmuls of `qmatmul`, the attention and `gelu_new` of `kernels`) asks here and nowhere else.
+//! The one CPU probe: which x86 instruction sets (or, on aarch64, NEON and its dot products) this
+//! machine runs, detected once, and which implementation each kernel takes from them. Every kernel
+//! of the engine (the quantized and dense matmuls of `qmatmul`, the attention and `gelu_new` of
+//! `kernels`) asks here and nowhere else.
 //!
 //! An implementation is listed for a kernel only where the CPU has every feature that its
 //! `#[target_feature]` enables, so an [`Implementation`] is the proof a kernel needs before it

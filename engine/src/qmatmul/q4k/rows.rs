@@ -276,14 +276,15 @@ macro_rules! q4k_rows_neon {
                     prefetch(ahead);
                     prefetch(ahead.wrapping_add(72));
                     let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
-                    let both = crate::simd::widen_f16x4(vcreate_u16(block.d as u64 | (block.dmin as u64) << 16));
+                    let bits = vcreate_u16(block.d as u64 | (block.dmin as u64) << 16);
+                    let both = crate::simd::widen_f16x4(bits);
                     let (d, dmin) = (vgetq_lane_f32::<0>(both), vgetq_lane_f32::<1>(both));
                     let bytes: [uint8x16_t; 8] = std::array::from_fn(|i| {
                         // SAFETY: the block's 128 bytes of nibbles, 16 at a time.
                         unsafe { vld1q_u8(block.qs.as_ptr().add(16 * i)) }
                     });
-                    // Sub-block `j`'s 32 weights: the low (even `j`) or high (odd `j`) nibbles of the 32
-                    // bytes of group `j / 2`.
+                    // Sub-block `j`'s 32 weights: the low (even `j`) or high (odd `j`)
+                    // nibbles of the 32 bytes of group `j / 2`.
                     let q: [[int8x16_t; 2]; 8] = std::array::from_fn(|j| {
                         std::array::from_fn(|h| {
                             let bytes = bytes[2 * (j / 2) + h];
