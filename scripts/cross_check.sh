@@ -13,28 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${PHI_LSP_CROSS_VENV:-$HOME/.cache/phi-lsp-cross/venv}
-ZIGLANG_VERSION=0.17.1
-ZIGBUILD_VERSION=0.24.1
-
 if [ $# -eq 0 ]; then
   set -- aarch64-unknown-linux-gnu aarch64-apple-darwin
 fi
 
-echo "== cross tools: rust targets, zig $ZIGLANG_VERSION and cargo-zigbuild $ZIGBUILD_VERSION (PyPI)"
-installed=$(rustup target list --installed)
-for target in "$@"; do
-  grep -qx "$target" <<<"$installed" || rustup target add "$target"
-done
-rustup component add clippy >/dev/null 2>&1 || true
-if ! "$VENV/bin/cargo-zigbuild" --version 2>/dev/null | grep -q "$ZIGBUILD_VERSION" ||
-  ! "$VENV/bin/python" -m ziglang version 2>/dev/null | grep -qx "$ZIGLANG_VERSION"; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-    "ziglang==$ZIGLANG_VERSION" "cargo-zigbuild==$ZIGBUILD_VERSION"
-fi
-# cargo-zigbuild finds zig as `python3 -m ziglang` when no `zig` is on PATH: the venv's python.
-export PATH="$VENV/bin:$PATH"
+# shellcheck source=scripts/cross_tools.sh
+source scripts/cross_tools.sh "$@"
 
 for target in "$@"; do
   features=()

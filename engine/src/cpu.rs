@@ -1,6 +1,7 @@
-//! The one CPU probe: which x86 instruction sets this machine runs, detected once, and which
-//! implementation each kernel takes from them. Every kernel of the engine (the quantized and dense
-//! matmuls of `qmatmul`, the attention and `gelu_new` of `kernels`) asks here and nowhere else.
+//! The one CPU probe: which x86 instruction sets (or, on aarch64, NEON and its dot products) this
+//! machine runs, detected once, and which implementation each kernel takes from them. Every kernel
+//! of the engine (the quantized and dense matmuls of `qmatmul`, the attention and `gelu_new` of
+//! `kernels`) asks here and nowhere else.
 //!
 //! An implementation is listed for a kernel only where the CPU has every feature that its
 //! `#[target_feature]` enables, so an [`Implementation`] is the proof a kernel needs before it
@@ -24,6 +25,11 @@ pub struct Features {
     avx512vnni: bool,
     /// AMX-TILE and AMX-INT8, with the tile state granted by the OS.
     amx: bool,
+    /// Advanced SIMD on aarch64 (part of the base architecture there, so always found on it).
+    neon: bool,
+    /// The aarch64 8-bit dot products (`sdot`, FEAT_DotProd: Apple M1 on, Neoverse N1 on, not
+    /// Cortex-A72).
+    dotprod: bool,
 }
 
 /// This CPU's features, detected on the first call.
@@ -52,10 +58,21 @@ impl Features {
             avx512bw,
             avx512vnni: is_x86_feature_detected!("avx512vnni"),
             amx: avx512f && avx512bw && amx_granted(),
+            neon: false,
+            dotprod: false,
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    fn detect() -> Features {
+        Features {
+            neon: std::arch::is_aarch64_feature_detected!("neon"),
+            dotprod: std::arch::is_aarch64_feature_detected!("dotprod"),
+            ..Features::default()
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn detect() -> Features {
         Features::default()
     }
@@ -90,6 +107,16 @@ impl Features {
         self.amx
     }
 
+    /// NEON (Advanced SIMD), on aarch64.
+    pub fn neon(&self) -> bool {
+        self.neon
+    }
+
+    /// NEON's 8-bit dot products (`sdot`), on aarch64.
+    pub fn dotprod(&self) -> bool {
+        self.dotprod
+    }
+
     /// Whether this CPU runs `isa`'s implementation of `kernel`.
     fn runs(&self, kernel: Kernel, isa: Isa) -> bool {
         let avx2 = self.avx2 && self.fma && self.f16c;
@@ -107,6 +134,8 @@ impl Features {
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
             (Kernel::DensePanels | Kernel::Attention | Kernel::Gelu, Isa::Avx2) => self.avx2 && self.fma,
             (Kernel::AttentionF16, Isa::Avx2) => avx2,
+            (Kernel::Q8_0Rows | Kernel::Q4kRows, Isa::NeonDotprod) => self.neon && self.dotprod,
+            (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::DenseRows, Isa::Neon) => self.neon,
             _ => false,
         }
     }
@@ -126,7 +155,7 @@ impl Features {
     }
 
     /// The fastest implementation of `kernel` on this CPU; `None` where only candle's own op
-    /// serves (q8_0 rows without AVX2, q8_0 tiles without AMX).
+    /// serves (q8_0 rows without AVX2 or NEON, q8_0 tiles without AMX).
     pub fn chosen(&self, kernel: Kernel) -> Option<Implementation> {
         self.implementations(kernel).next()
     }
@@ -149,6 +178,8 @@ impl std::fmt::Display for Features {
             (self.avx512bw, "avx512bw"),
             (self.avx512vnni, "avx512vnni"),
             (self.amx, "amx"),
+            (self.neon, "neon"),
+            (self.dotprod, "dotprod"),
         ];
         let present: Vec<&str> = names
             .iter()
@@ -250,13 +281,25 @@ pub enum Isa {
     Avx512,
     /// AVX2 with FMA (and F16C where the kernel widens f16).
     Avx2,
+    /// NEON with the 8-bit dot products (`sdot`).
+    NeonDotprod,
+    /// aarch64's Advanced SIMD (base NEON: no dot-product or half-precision arithmetic extensions).
+    Neon,
     /// Plain Rust, whatever the compiler makes of it.
     Portable,
 }
 
 impl Isa {
     /// Fastest first: the order [`Features::implementations`] lists them in.
-    const ALL: [Isa; 5] = [Isa::Amx, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::Portable];
+    const ALL: [Isa; 7] = [
+        Isa::Amx,
+        Isa::Avx512Vnni,
+        Isa::Avx512,
+        Isa::Avx2,
+        Isa::NeonDotprod,
+        Isa::Neon,
+        Isa::Portable,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -264,6 +307,8 @@ impl Isa {
             Isa::Avx512Vnni => "avx512-vnni",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::NeonDotprod => "neon-dotprod",
+            Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
     }
@@ -342,6 +387,25 @@ mod tests {
         );
         assert_eq!(none.chosen(Kernel::Q8_0Rows), None);
         assert_eq!(none.to_string(), "none");
+        let neon = Features {
+            neon: true,
+            ..Features::default()
+        };
+        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows, Kernel::DenseRows] {
+            let isas: Vec<Isa> = neon.implementations(kernel).map(Implementation::isa).collect();
+            assert_eq!(isas[0], Isa::Neon, "{kernel:?}");
+        }
+        assert_eq!(neon.to_string(), "neon");
+        let dotprod = Features {
+            dotprod: true,
+            ..neon
+        };
+        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows] {
+            let isas: Vec<Isa> = dotprod.implementations(kernel).map(Implementation::isa).collect();
+            assert_eq!(isas[..2], [Isa::NeonDotprod, Isa::Neon], "{kernel:?}");
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert!(f.neon(), "NEON is part of aarch64");
         assert!(none
             .kernels()
             .to_string()

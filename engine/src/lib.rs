@@ -11,7 +11,7 @@ pub mod gguf;
 mod kernels;
 pub mod model;
 mod qmatmul;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod simd;
 pub mod synthetic;
 pub mod tokenizer;

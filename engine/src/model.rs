@@ -47,7 +47,7 @@ fn linear_as(layers: &[(&Weight, &Tensor)], xs: &Tensor, rows: Rows) -> Result<V
         .iter()
         .map(|(weight, bias)| match weight {
             Weight::Candle(weight) => Ok(weight.forward(xs)?.broadcast_add(bias)?),
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Weight::Q8_0(_) => Err(crate::EngineError::Request(format!(
                 "repacked q8_0 weights need f32 activations on the CPU, got {:?} on {:?}",
                 xs.dtype(),

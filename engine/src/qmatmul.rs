@@ -4,8 +4,8 @@
 //! replace them, [`dense`] widens f16, bf16 and f32 weights to f32 as they are read. Several
 //! weights that share one input (a layer's q, k, v and fc1) run in one pass over one quantized
 //! input, and the bias is added on the way out. CPU and f32 activations only; each format's
-//! kernels come in AMX, AVX-512, AVX2 and portable variants, chosen by the one CPU probe
-//! ([`crate::cpu`]). This file routes a call to its format and holds what the formats share: the
+//! kernels come in AMX, AVX-512, AVX2, NEON (aarch64) and portable variants, chosen by the one CPU
+//! probe ([`crate::cpu`]). This file routes a call to its format and holds what the formats share: the
 //! output tensors and the split of the work over candle's thread pool.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -13,7 +13,7 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Storage, Tensor};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use {candle_core::quantized::GgmlDType, std::sync::Arc};
 
 type Result<T> = candle_core::Result<T>;
@@ -23,22 +23,23 @@ mod kquants;
 mod q4k;
 mod q6k;
 mod q8k;
-// Its kernels are AVX-512 VNNI and AVX2 only: elsewhere candle keeps q8_0 weights.
-#[cfg(target_arch = "x86_64")]
+// Its kernels are AVX-512 VNNI, AVX2 and NEON only: elsewhere candle keeps q8_0 weights.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod q8_0;
 
 /// A linear layer's weight: candle's (dense, or quantized and read by candle or the kernels here),
-/// or q8_0 repacked into [`q8_0::Packed`] tiles where this CPU runs their kernels (AVX-512 VNNI or AVX2).
+/// or q8_0 repacked into [`q8_0::Packed`] tiles where this CPU runs their kernels (AVX-512 VNNI,
+/// AVX2 or NEON).
 #[derive(Debug, Clone)]
 pub(crate) enum Weight {
     Candle(QMatMul),
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Q8_0(Arc<q8_0::Packed>),
 }
 
 impl Weight {
     pub(crate) fn new(weight: QMatMul) -> Result<Weight> {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if let QMatMul::QTensor(w) = &weight {
             let (n, k) = w.shape().dims2()?;
             if w.dtype() == GgmlDType::Q8_0 && w.device().is_cpu() && q8_0::Packed::supported(n, k) {
@@ -108,7 +109,7 @@ pub(crate) fn linear_rows_as(
     if let Some(dense) = dense {
         return dense::linear(&dense, xs, &dims);
     }
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     if let Some((Weight::Q8_0(_), _)) = linears.first() {
         return q8_0::linear(linears, xs, &dims, rows).map(Some);
     }

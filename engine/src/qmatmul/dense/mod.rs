@@ -4,7 +4,8 @@
 //! A decode step is bound by the bytes of weights it reads, so for a few activation rows the weight
 //! rows are widened to f32 as they stream from memory ([`rows`]). For more rows (a prefill chunk),
 //! a small GEMM ([`panels`]) widens L1-sized panels of weight rows once per block of inputs, on
-//! AVX-512 or AVX2; other CPUs widen blocks of rows for candle's f32 matmul ([`widened_matmul`]).
+//! AVX-512 or AVX2; other CPUs (aarch64 among them) widen blocks of rows for candle's f32 matmul
+//! ([`widened_matmul`]).
 //!
 //! Which kernel runs ([`kernel_for`]): up to [`MAX_ROWS`] rows the fastest row kernel whose vector
 //! width divides `k`; beyond, the fastest implementation of the panels (f32 weights beyond
@@ -38,7 +39,7 @@ enum Values<'a> {
 
 impl Values<'_> {
     /// Element kind, the const parameter of the SIMD kernels.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn kind(self) -> u8 {
         match self {
             Values::F32(_) => F32,
@@ -48,7 +49,7 @@ impl Values<'_> {
     }
 
     /// Address of element `i` and the size of one element.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn at(self, i: usize) -> (*const u8, usize) {
         match self {
             Values::F32(v) => (v[i..].as_ptr() as *const u8, 4),
@@ -67,7 +68,7 @@ impl Values<'_> {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn len(self) -> usize {
         match self {
             Values::F32(v) => v.len(),
@@ -86,11 +87,11 @@ impl Values<'_> {
 }
 
 // The element kinds of [`Values::kind`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const F32: u8 = 0;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const F16: u8 = 1;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const BF16: u8 = 2;
 
 /// A dense linear layer: its weight `[n, k]` as stored, and the bias added to its outputs.

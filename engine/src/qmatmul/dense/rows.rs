@@ -1,9 +1,9 @@
 //! The dense row kernels, for a few activation rows (a decode step, a keystroke's tokens): weight
 //! rows widened to f32 as they stream from memory, four at a time against up to four activation
-//! rows held in registers, on AVX-512, AVX2 or portable code.
+//! rows held in registers, on AVX-512, AVX2, NEON (aarch64) or portable code.
 
 use super::{DenseLinear, Values, MAX_ROWS};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use super::{BF16, F16, F32};
 use crate::cpu::{Implementation, Isa, Kernel};
 use crate::qmatmul::{on_every_thread, share};
@@ -22,7 +22,7 @@ type RowKernel = unsafe fn(Values, usize, usize, usize, &[f32], usize, &mut [f32
 pub(super) fn fits(imp: Implementation, k: usize) -> bool {
     match imp.isa() {
         Isa::Avx512 => k.is_multiple_of(16),
-        Isa::Avx2 => k.is_multiple_of(8),
+        Isa::Avx2 | Isa::Neon => k.is_multiple_of(8),
         _ => true,
     }
 }
@@ -43,6 +43,8 @@ pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
         Isa::Avx512 => rows_avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => rows_avx2,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => rows_neon,
         _ => rows_portable,
     }
 }
@@ -113,7 +115,7 @@ unsafe fn rows_portable(
 
 /// Calls `$kernel::<E, R, M>` for the element kind of `$w`, `$rows` (1 or 4) and `M` activation
 /// rows at a time (groups of at most `$group`), `$width` values per step.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! dispatch {
     (
         $kernel:ident, $group:expr, $width:expr,
@@ -271,5 +273,75 @@ unsafe fn block_avx2<const E: u8, const R: usize, const M: usize>(
     }
     for (o, &v) in out.iter_mut().zip(acc.iter().flatten()) {
         *o = crate::simd::sum8(v);
+    }
+}
+
+/// The NEON row kernel ([`RowKernel`]; NEON is part of aarch64).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn rows_neon(w: Values, first: usize, rows: usize, k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    // 32 registers: 4 activation rows × 4 weight rows of accumulators, 8 weights, 2 activations.
+    dispatch!(block_neon, 4, 8, w, first, rows, k, x, m, out)
+}
+
+/// `block_avx2` on NEON: 8 values per step as two 128-bit halves, f16 widened by `fcvtl`/`fcvtl2`
+/// and bf16 by `shll` (a shift into the high half of each 32-bit lane).
+///
+/// # Safety
+///
+/// `w` points to `R` rows of `k` values of kind `E` and `x` to `M` rows of `k` f32s; `k` is a
+/// multiple of 8 (NEON is part of aarch64).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn block_neon<const E: u8, const R: usize, const M: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    k: usize,
+    x: *const f32,
+    out: &mut [f32; 16],
+) {
+    use std::arch::aarch64::*;
+    let load = |p: *const u8| -> [float32x4_t; 2] {
+        match E {
+            F16 => {
+                // SAFETY: 8 f16 values (16 bytes) at `p`, in a row the caller vouched for.
+                let (lo, hi) = crate::simd::widen_f16x8(unsafe { vld1q_u16(p as *const u16) });
+                [lo, hi]
+            }
+            BF16 => {
+                // SAFETY: 8 bf16 values, as above.
+                let bits = unsafe { vld1q_u16(p as *const u16) };
+                [
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(bits))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(bits)),
+                ]
+            }
+            // SAFETY: 8 f32 values (32 bytes) at `p`, as above.
+            _ => unsafe { [vld1q_f32(p as *const f32), vld1q_f32((p as *const f32).add(4))] },
+        }
+    };
+    let step = if E == F32 { 32 } else { 16 };
+    let mut acc = [[vdupq_n_f32(0.0); M]; R];
+    let mut t = 0;
+    while t < k {
+        let offset = t / 8 * step;
+        // SAFETY: row `j < R` of the weight, `t / 8` steps in (`t < k`).
+        let wv: [[float32x4_t; 2]; R] =
+            std::array::from_fn(|j| load(unsafe { w.add(j * row_bytes + offset) }));
+        // SAFETY: row `i < M` of the activations, 8 values from `t < k`.
+        let xv: [[float32x4_t; 2]; M] = std::array::from_fn(|i| unsafe {
+            let at = x.add(i * k + t);
+            [vld1q_f32(at), vld1q_f32(at.add(4))]
+        });
+        for (row, wj) in acc.iter_mut().zip(&wv) {
+            for (a, xi) in row.iter_mut().zip(&xv) {
+                *a = vfmaq_f32(vfmaq_f32(*a, wj[0], xi[0]), wj[1], xi[1]);
+            }
+        }
+        t += 8;
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter().flatten()) {
+        *o = vaddvq_f32(*a);
     }
 }

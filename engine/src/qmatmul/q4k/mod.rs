@@ -6,9 +6,10 @@
 //! once to q8_K-like blocks ([`Q8Block`]) and shared by every weight that reads it.
 //!
 //! Which kernel runs: up to [`super::q8k::MAX_ROWS`] activation rows at a time go through the row kernels
-//! ([`rows`]: AVX-512 VNNI, AVX2 or portable); weights of whole 16-row tiles against many rows go
-//! to AMX tiles where the CPU has them ([`amx`], from 12 rows), else to AVX2 tiles unpacked once
-//! per block ([`tiles_avx2`], from 8 rows); everything else runs through the row kernels in chunks.
+//! ([`rows`]: AVX-512 VNNI, AVX2, NEON with or without `sdot`, or portable); weights of whole
+//! 16-row tiles against many rows go to AMX tiles where the CPU has them ([`amx`], from 12 rows),
+//! else to AVX2 tiles unpacked once per block ([`tiles_avx2`], from 8 rows); everything else runs
+//! through the row kernels in chunks.
 
 use super::q8k::Part;
 pub(super) use super::q8k::{Q8Block, QK_K, SUB_BLOCK_AT};

@@ -1,16 +1,21 @@
 //! The q4k row kernels: a few activation rows (a decode step, a keystroke's tokens) against
 //! stored q4k blocks, weight row by weight row. Each weight block is unpacked once for up to four
 //! activation rows and every 32-value product reduced horizontally (ggml's `q4_K·q8_K` dot
-//! product widened to several rows), on AVX-512 VNNI or AVX2, with a portable fallback.
+//! product widened to several rows), on AVX-512 VNNI, AVX2 or NEON (aarch64), with a portable
+//! fallback.
 
+#[cfg(target_arch = "x86_64")]
+use super::SUB_BLOCK_AT;
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
 use crate::qmatmul::q8k::multiply_rows;
-#[cfg(target_arch = "x86_64")]
-use {super::SUB_BLOCK_AT, crate::cpu::Isa, crate::simd::prefetch};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::{cpu::Isa, simd::prefetch};
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 
 /// How far ahead of the block it works on a kernel prefetches the weights.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const PREFETCH_BYTES: usize = 3072;
 
 type RowKernel = crate::qmatmul::q8k::RowKernel<BlockQ4K>;
@@ -239,6 +244,104 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ4K], x: &[Q8Block], out: &mut [
     }
 }
 
+/// Defines a q4k NEON row kernel `$name` (enabling `$features`) from how it sums one sub-block:
+/// `$dot`, the `int32x4_t` of partial sums of the 32 products of nibbles `$q` (two `int8x16_t`)
+/// and activations `$a0`, `$a1`, which the sub-block's scale then multiplies.
+#[cfg(target_arch = "aarch64")]
+macro_rules! q4k_rows_neon {
+    ($(#[$doc:meta])* $name:ident, $features:literal, |$q:ident, $a0:ident, $a1:ident| $dot:expr) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[BlockQ4K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+            assert!(x.len() >= m * kb && out.len() >= w.len() / kb * m);
+            let low = vdupq_n_u8(0xF);
+            for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+                out.fill(0.0);
+                for (b, block) in w.iter().enumerate() {
+                    // The blocks stream from memory: ask for the bytes [`PREFETCH_BYTES`] ahead.
+                    let ahead = (block as *const BlockQ4K as *const u8).wrapping_add(PREFETCH_BYTES);
+                    prefetch(ahead);
+                    prefetch(ahead.wrapping_add(72));
+                    let [sc, mn] = unpacked_scales(&block.scales).map(u64::to_le_bytes);
+                    let bits = vcreate_u16(block.d as u64 | (block.dmin as u64) << 16);
+                    let both = crate::simd::widen_f16x4(bits);
+                    let (d, dmin) = (vgetq_lane_f32::<0>(both), vgetq_lane_f32::<1>(both));
+                    let bytes: [uint8x16_t; 8] = std::array::from_fn(|i| {
+                        // SAFETY: the block's 128 bytes of nibbles, 16 at a time.
+                        unsafe { vld1q_u8(block.qs.as_ptr().add(16 * i)) }
+                    });
+                    // Sub-block `j`'s 32 weights: the low (even `j`) or high (odd `j`)
+                    // nibbles of the 32 bytes of group `j / 2`.
+                    let q: [[int8x16_t; 2]; 8] = std::array::from_fn(|j| {
+                        std::array::from_fn(|h| {
+                            let bytes = bytes[2 * (j / 2) + h];
+                            let nibbles = if j % 2 == 0 {
+                                vandq_u8(bytes, low)
+                            } else {
+                                vshrq_n_u8::<4>(bytes)
+                            };
+                            vreinterpretq_s8_u8(nibbles)
+                        })
+                    });
+                    let mins = vreinterpretq_s16_u16(vmovl_u8(vcreate_u8(u64::from_le_bytes(mn))));
+                    for (r, acc) in out.iter_mut().enumerate() {
+                        let a = &x[r * kb + b];
+                        let mut sum = vdupq_n_s32(0);
+                        for (j, q) in q.iter().enumerate() {
+                            let act = a.sub_block(j).as_ptr();
+                            // SAFETY: a sub-block holds 32 activations.
+                            let (a0, a1) = unsafe { (vld1q_s8(act), vld1q_s8(act.add(16))) };
+                            let ($q, $a0, $a1) = (q, a0, a1);
+                            sum = vmlaq_n_s32(sum, $dot, sc[j] as i32);
+                        }
+                        let sumi = vaddvq_s32(sum);
+                        // SAFETY: the block's 8 sums (16 bytes).
+                        let sums = unsafe { vld1q_s16(a.sums.as_ptr()) };
+                        let summ = vmull_s16(vget_low_s16(mins), vget_low_s16(sums));
+                        let summ = vaddvq_s32(vmlal_high_s16(summ, mins, sums));
+                        *acc += a.d * (d * sumi as f32 - dmin * summ as f32);
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+q4k_rows_neon!(
+    /// [`row_generic`] on NEON: each block's nibbles unpacked once for all `m` activation rows, the 32
+    /// products of a sub-block summed in 16 bits (`smull`/`smlal2`, at most 4·15·128 per lane), then
+    /// widened and multiplied by the sub-block's scale into 32-bit sums (`saddlp`, `mla`). The integer
+    /// sums are exact and the f32 arithmetic on them is [`row_generic_one`]'s, in the same order, so
+    /// the outputs equal the portable kernel's bit for bit.
+    ///
+    /// # Safety
+    ///
+    /// None beyond [`RowKernel`]'s: NEON is part of aarch64.
+    row_neon,
+    "neon",
+    |q, a0, a1| {
+        let p = vmull_s8(vget_low_s8(q[0]), vget_low_s8(a0));
+        let p = vmlal_high_s8(p, q[0], a0);
+        let p = vmlal_s8(p, vget_low_s8(q[1]), vget_low_s8(a1));
+        vpaddlq_s16(vmlal_high_s8(p, q[1], a1))
+    }
+);
+
+#[cfg(target_arch = "aarch64")]
+q4k_rows_neon!(
+    /// [`row_neon`] with the dot products: a sub-block is two `sdot`s (16 products each, summed
+    /// four at a time into 32-bit lanes), the same exact integer sums, so the outputs equal the
+    /// portable kernel's bit for bit too.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has FEAT_DotProd ([`RowKernel`]'s contract).
+    row_sdot,
+    "neon,dotprod",
+    |q, a0, a1| crate::simd::sdot!(crate::simd::sdot!(vdupq_n_s32(0), q[0], a0), q[1], a1)
+);
+
 /// The row kernel of `imp`, an implementation of [`Kernel::Q4kRows`] this CPU runs.
 pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
     debug_assert_eq!(imp.kernel(), Kernel::Q4kRows);
@@ -247,6 +350,10 @@ pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
         Isa::Avx512Vnni => row_avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => row_avx2,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDotprod => row_sdot,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => row_neon,
         _ => row_generic,
     }
 }

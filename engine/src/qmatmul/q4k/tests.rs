@@ -154,3 +154,45 @@ fn blocks(data: &[u8]) -> &[BlockQ4K] {
     // fail if the blocks did not line up.
     unsafe { data.align_to::<BlockQ4K>().1 }
 }
+
+/// The NEON row kernels (with and without the dot products) sum exactly as the portable one does
+/// (exact integer sums, the same f32 arithmetic in the same order): equal outputs, bit for bit, for
+/// one to five rows.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_rows_equal_the_portable_one_bit_for_bit() -> Result<()> {
+    let (k, n) = (768, 10);
+    let dev = Device::Cpu;
+    let w = QMatMul::from_qtensor(QTensor::quantize(
+        &Tensor::from_vec(random(n * k, 11), (n, k), &dev)?,
+        GgmlDType::Q4K,
+    )?)?;
+    let data = stored(&w)?;
+    let features = cpu::features();
+    let portable = features
+        .implementation(Kernel::Q4kRows, cpu::Isa::Portable)
+        .expect("the q4k row kernel has a portable implementation");
+    let simd: Vec<Implementation> = features
+        .implementations(Kernel::Q4kRows)
+        .filter(|imp| imp.isa() != cpu::Isa::Portable)
+        .collect();
+    assert!(
+        simd.iter().any(|imp| imp.isa() == cpu::Isa::Neon),
+        "aarch64 has NEON"
+    );
+    for m in 1..=5 {
+        let input = random(m * k, 12 + m as u64);
+        let quantized: Vec<Q8Block> = input.chunks_exact(QK_K).map(Q8Block::quantize).collect();
+        let mut expected = vec![f32::NAN; n * m];
+        // SAFETY: the portable kernel needs no feature.
+        unsafe { rows::row_kernel(portable)(blocks(&data), k / QK_K, &quantized, m, &mut expected) };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        for &imp in &simd {
+            let mut got = vec![f32::NAN; n * m];
+            // SAFETY: the probe listed the implementation, so the CPU has its features.
+            unsafe { rows::row_kernel(imp)(blocks(&data), k / QK_K, &quantized, m, &mut got) };
+            assert_eq!(bits(&got), bits(&expected), "{imp}, m={m}");
+        }
+    }
+    Ok(())
+}

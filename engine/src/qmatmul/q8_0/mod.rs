@@ -4,7 +4,7 @@
 //! 32-value block of 16 weight rows, four values of a row together
 //! (`qs[(16·kk + r)·4 + t] = w[r][4·kk + t]`, the layout both `vpdpbusd` and AMX's B operand
 //! take), then the 16 f16 scales. For AVX-512 VNNI and AMX the values are offset by 128 as
-//! unsigned bytes; for AVX2 they stay signed (the row kernel a weight is packed for is part of
+//! unsigned bytes; for AVX2 and NEON they stay signed (the row kernel a weight is packed for is part of
 //! [`Packed`]). The activations are quantized as ggml's `quantize_row_q8_0` does (blocks of 32,
 //! as llama.cpp and candle's `vec_dot` do; candle's tiled kernel uses blocks of 256), so the sums
 //! equal ggml's `q8_0·q8_0`.
@@ -98,6 +98,8 @@ impl Packed {
 pub(super) struct Input {
     pub(super) qs: Vec<i8>,
     pub(super) d: Vec<f32>,
+    // For the +128 offset of the AVX-512 VNNI and AMX tiles only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) sums: Vec<i32>,
 }
 

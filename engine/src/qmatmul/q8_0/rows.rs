@@ -1,13 +1,13 @@
 //! The q8_0 row kernels: activation rows against the repacked 16-row tiles, on AVX-512 VNNI
-//! (four rows at a time) or AVX2 (two), whichever the weight was packed for.
+//! (four rows at a time), AVX2 (two) or NEON (two, on aarch64), whichever the weight was packed for.
 
 use super::{Input, Packed, Tile, QK8_0, TILE};
 use crate::cpu::Isa;
 use crate::qmatmul::{on_every_thread, share};
 
 /// Every tile of every part against the `m` rows of `x`, the tiles split evenly over candle's
-/// thread pool: rows in groups of four through [`tile_rows`] (AVX-512 VNNI) or two through
-/// [`tile_rows_avx2`].
+/// thread pool: rows in groups of four through `tile_rows` (AVX-512 VNNI) or two through
+/// `tile_rows_avx2` or `tile_rows_neon`.
 pub(super) fn multiply(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &mut [Vec<f32>]) {
     let total: usize = parts.iter().map(|(w, _)| w.n / TILE).sum();
     let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
@@ -19,10 +19,11 @@ pub(super) fn multiply(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &
             for tile in share(start, end, first, count) {
                 let mut r = 0;
                 while r < m {
+                    #[cfg(target_arch = "x86_64")]
                     // SAFETY: the weight was packed for `part.0.kernel`, which the probe listed, so
                     // the CPU has its features; every (row, column) of a part is written by
                     // exactly one thread.
-                    r += unsafe {
+                    let done = unsafe {
                         match (part.0.kernel.isa(), m - r) {
                             (Isa::Avx512Vnni, 1) => tile_rows::<1>(part, tile, x, r, out),
                             (Isa::Avx512Vnni, 2) => tile_rows::<2>(part, tile, x, r, out),
@@ -33,6 +34,23 @@ pub(super) fn multiply(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &
                             (_, _) => tile_rows_avx2::<2>(part, tile, x, r, out),
                         }
                     };
+                    #[cfg(target_arch = "aarch64")]
+                    // SAFETY: the weight was packed for `part.0.kernel`, which the probe listed, so
+                    // the CPU has its features (NEON, which every aarch64 CPU has, and for
+                    // `NeonDotprod` the dot products); every (row, column) of a part is written by
+                    // exactly one thread.
+                    let done = unsafe {
+                        match (part.0.kernel.isa(), m - r) {
+                            (Isa::NeonDotprod, 1) => tile_rows_sdot::<1>(part, tile, x, r, out),
+                            (Isa::NeonDotprod, 2) => tile_rows_sdot::<2>(part, tile, x, r, out),
+                            (Isa::NeonDotprod, 3) => tile_rows_sdot::<3>(part, tile, x, r, out),
+                            (Isa::NeonDotprod, _) => tile_rows_sdot::<4>(part, tile, x, r, out),
+                            // NEON, the only other implementation on aarch64.
+                            (_, 1) => tile_rows_neon::<1>(part, tile, x, r, out),
+                            (_, _) => tile_rows_neon::<2>(part, tile, x, r, out),
+                        }
+                    };
+                    r += done;
                 }
             }
             first += count;
@@ -44,7 +62,6 @@ pub(super) fn multiply(parts: &[(&Packed, &[f32])], x: &Input, m: usize, outs: &
 /// must be asked for early enough to cover the memory latency, and 8 tiles ahead (4 KiB) does
 /// (fewer leave the kernel waiting on memory). Past the end of the weight is fine: a prefetch
 /// never faults.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_ahead(block: &Tile) {
     let ahead = (block as *const Tile as *const u8).wrapping_add(8 * std::mem::size_of::<Tile>());
@@ -182,24 +199,168 @@ unsafe fn tile_rows_avx2<const M: usize>(
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_rows<const M: usize>(
-    _: &(&Packed, &[f32]),
-    _: usize,
-    _: &Input,
-    _: usize,
-    _: *mut f32,
+/// `tile_rows_avx2` on NEON, for the same tiles of signed values: each 128-bit load holds four
+/// values of 4 weight rows; `smull`/`smlal2` multiply them by the broadcast activations, two steps'
+/// products summed in 16 bits (at most 2·127·128: the activations never reach −128), `sadalp`
+/// widens pairs into 32-bit sums, and `addp` of the two halves' sums leaves one sum per weight row.
+///
+/// # Safety
+///
+/// `out` holds `m` rows of the weight's `n` outputs, whose tile `tile` no other thread writes
+/// (NEON is part of aarch64).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn tile_rows_neon<const M: usize>(
+    (packed, bias): &(&Packed, &[f32]),
+    tile: usize,
+    x: &Input,
+    first: usize,
+    out: *mut f32,
 ) -> usize {
-    unreachable!("q8_0 weights are packed only where the kernel runs")
+    use std::arch::aarch64::*;
+    let kb = packed.k / QK8_0;
+    let tiles = &packed.tiles[tile * kb..][..kb];
+    assert!(x.d.len() >= (first + M) * kb && x.qs.len() >= (first + M) * kb * QK8_0);
+    let bias = &bias[tile * TILE..][..TILE];
+    let mut acc = [[vdupq_n_f32(0.0); 4]; M];
+    for (b, block) in tiles.iter().enumerate() {
+        prefetch_ahead(block);
+        // SAFETY: the tile's 16 scales, 8 at a time.
+        let bits = unsafe { [vld1q_u16(block.d.as_ptr()), vld1q_u16(block.d.as_ptr().add(8))] };
+        let ((d0, d1), (d2, d3)) = (
+            crate::simd::widen_f16x8(bits[0]),
+            crate::simd::widen_f16x8(bits[1]),
+        );
+        let d = [d0, d1, d2, d3];
+        let mut lo = [[vdupq_n_s32(0); 4]; M];
+        let mut hi = [[vdupq_n_s32(0); 4]; M];
+        for kk in (0..QK8_0 / 4).step_by(2) {
+            // Steps kk and kk + 1: 64 bytes each, 16 per group of 4 weight rows.
+            let w: [[int8x16_t; 4]; 2] = std::array::from_fn(|s| {
+                std::array::from_fn(|g| {
+                    // SAFETY: bytes `64·(kk + s) + 16·g..+16` of the tile's 512.
+                    unsafe { vld1q_s8(block.qs.as_ptr().add(64 * (kk + s) + 16 * g) as *const i8) }
+                })
+            });
+            for r in 0..M {
+                let at = ((first + r) * kb + b) * QK8_0 + 4 * kk;
+                // SAFETY: 8 activations of row `first + r`, block `b`, from value `4·kk < 32`
+                // (asserted: `x` holds rows `first..first + M`).
+                let pair = vreinterpret_s32_s8(unsafe { vld1_s8(x.qs.as_ptr().add(at)) });
+                let x0 = vreinterpretq_s8_s32(vdupq_lane_s32::<0>(pair));
+                let x1 = vreinterpretq_s8_s32(vdupq_lane_s32::<1>(pair));
+                for g in 0..4 {
+                    let (w0, w1) = (w[0][g], w[1][g]);
+                    let low = vmull_s8(vget_low_s8(w0), vget_low_s8(x0));
+                    let low = vmlal_s8(low, vget_low_s8(w1), vget_low_s8(x1));
+                    let high = vmlal_high_s8(vmull_high_s8(w0, x0), w1, x1);
+                    lo[r][g] = vpadalq_s16(lo[r][g], low);
+                    hi[r][g] = vpadalq_s16(hi[r][g], high);
+                }
+            }
+        }
+        for r in 0..M {
+            let xd = vdupq_n_f32(x.d[(first + r) * kb + b]);
+            for g in 0..4 {
+                let sums = vcvtq_f32_s32(vpaddq_s32(lo[r][g], hi[r][g]));
+                acc[r][g] = vfmaq_f32(acc[r][g], sums, vmulq_f32(d[g], xd));
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (g, &acc) in acc.iter().enumerate() {
+            // SAFETY: 4 of the tile's 16 biases (a slice of 16), and 4 outputs of row `first + r`
+            // in the tile's columns, which the caller gave this call alone.
+            unsafe {
+                let bias = vld1q_f32(bias.as_ptr().add(4 * g));
+                vst1q_f32(
+                    out.add((first + r) * packed.n + tile * TILE + 4 * g),
+                    vaddq_f32(acc, bias),
+                );
+            }
+        }
+    }
+    M
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_rows_avx2<const M: usize>(
-    _: &(&Packed, &[f32]),
-    _: usize,
-    _: &Input,
-    _: usize,
-    _: *mut f32,
+/// `tile_rows_neon` with the dot products: `sdot` by element takes four values of 4 weight rows
+/// and four activations (one lane of a 16-byte load) into one 32-bit sum per row, the layout the
+/// tiles already have (it is `vpdpbusd`'s), so a block is 32 `sdot`s per activation row.
+///
+/// # Safety
+///
+/// The CPU has FEAT_DotProd; `out` holds `m` rows of the weight's `n` outputs, whose tile `tile`
+/// no other thread writes.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn tile_rows_sdot<const M: usize>(
+    (packed, bias): &(&Packed, &[f32]),
+    tile: usize,
+    x: &Input,
+    first: usize,
+    out: *mut f32,
 ) -> usize {
-    unreachable!("q8_0 weights are packed only where the kernel runs")
+    use crate::simd::sdot_lane;
+    use std::arch::aarch64::*;
+    let kb = packed.k / QK8_0;
+    let tiles = &packed.tiles[tile * kb..][..kb];
+    assert!(x.d.len() >= (first + M) * kb && x.qs.len() >= (first + M) * kb * QK8_0);
+    let bias = &bias[tile * TILE..][..TILE];
+    let mut acc = [[vdupq_n_f32(0.0); 4]; M];
+    for (b, block) in tiles.iter().enumerate() {
+        prefetch_ahead(block);
+        // SAFETY: the tile's 16 scales, 8 at a time.
+        let bits = unsafe { [vld1q_u16(block.d.as_ptr()), vld1q_u16(block.d.as_ptr().add(8))] };
+        let ((d0, d1), (d2, d3)) = (
+            crate::simd::widen_f16x8(bits[0]),
+            crate::simd::widen_f16x8(bits[1]),
+        );
+        let d = [d0, d1, d2, d3];
+        // Each activation row's 32 values of block `b`, 16 (four steps) per register.
+        let a: [[int8x16_t; 2]; M] = std::array::from_fn(|r| {
+            let at = x.qs[((first + r) * kb + b) * QK8_0..][..QK8_0].as_ptr();
+            // SAFETY: 32 values, bounds-checked by the slice.
+            unsafe { [vld1q_s8(at), vld1q_s8(at.add(16))] }
+        });
+        let mut sums = [[vdupq_n_s32(0); 4]; M];
+        for (h, steps) in block.qs.chunks_exact(4 * 64).enumerate() {
+            for g in 0..4 {
+                // Steps 4h..4h + 4 of weight rows 4g..4g + 4: 16 bytes each.
+                // SAFETY: bytes `64·s + 16·g..+16` of the 256 in `steps`.
+                let w: [int8x16_t; 4] = std::array::from_fn(|s| unsafe {
+                    vld1q_s8(steps.as_ptr().add(64 * s + 16 * g) as *const i8)
+                });
+                for (sums, a) in sums.iter_mut().zip(&a) {
+                    let mut sum = sums[g];
+                    sum = sdot_lane!(sum, w[0], a[h], 0);
+                    sum = sdot_lane!(sum, w[1], a[h], 1);
+                    sum = sdot_lane!(sum, w[2], a[h], 2);
+                    sum = sdot_lane!(sum, w[3], a[h], 3);
+                    sums[g] = sum;
+                }
+            }
+        }
+        for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+            let xd = vdupq_n_f32(x.d[(first + r) * kb + b]);
+            for g in 0..4 {
+                acc[g] = vfmaq_f32(acc[g], vcvtq_f32_s32(sums[g]), vmulq_f32(d[g], xd));
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (g, &acc) in acc.iter().enumerate() {
+            // SAFETY: 4 of the tile's 16 biases (a slice of 16), and 4 outputs of row `first + r`
+            // in the tile's columns, which the caller gave this call alone.
+            unsafe {
+                let bias = vld1q_f32(bias.as_ptr().add(4 * g));
+                vst1q_f32(
+                    out.add((first + r) * packed.n + tile * TILE + 4 * g),
+                    vaddq_f32(acc, bias),
+                );
+            }
+        }
+    }
+    M
 }

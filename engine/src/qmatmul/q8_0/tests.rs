@@ -33,7 +33,7 @@ fn q8_0_tiles_match_candles_dot_product() -> Result<()> {
             !Packed::supported(n1, k),
             "q8_0 weights are packed where the kernel runs"
         );
-        eprintln!("this CPU has neither AVX-512 VNNI nor AVX2: q8_0 weights stay with candle");
+        eprintln!("this CPU has none of AVX-512 VNNI, AVX2 and NEON: q8_0 weights stay with candle");
         return Ok(());
     }
     // Every layout this CPU has kernels for, not only the one `Weight::new` picks.
