@@ -71,7 +71,14 @@ pub struct LastCompletion {
     /// The prompt exactly as the model got it: the text before the cursor from the window's start,
     /// fitted to `contextTokens`, without `healed` (`None`: no model work for this request).
     pub prompt: Option<String>,
+    /// Suggestions offered to this explicit request, the greedy one among them (0: not an
+    /// explicit request with `alternatives` above 1, or nothing to suggest).
+    pub alternatives: usize,
 }
+
+/// The temperature and nucleus (top-p) the alternatives are sampled with: varied enough to write
+/// something else, close enough to the model's choice to stay plausible code.
+pub const ALTERNATIVE_SAMPLING: (f64, f64) = (0.8, 0.95);
 
 /// Why the client asked (LSP's `triggerKind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +111,9 @@ struct Shown {
     suggestion: String,
     /// The suggestion's generation when it may still grow: typing through serves its latest text.
     growth: Option<Growth>,
+    /// The other suggestions offered with it (an explicit request's alternatives): typing through
+    /// one of them is served too.
+    alternatives: Vec<String>,
 }
 
 impl Shown {
@@ -187,6 +197,19 @@ impl Completions {
             trigger,
             settings,
         } = request;
+        // An explicit request that will offer alternatives answers with the whole greedy
+        // suggestion (cut at `deadlineMs`), not its first line: the alternatives are sampled on
+        // the same slot once it has ended, and a client that asked explicitly waits for them.
+        let whole;
+        let settings = if trigger == Trigger::Invoked && settings.alternatives > 1 && settings.progressive {
+            whole = Settings {
+                progressive: false,
+                ..settings.clone()
+            };
+            &whole
+        } else {
+            settings
+        };
         let prepared = prepared::prepare(rope, cursor, settings);
         let epoch = lock(&self.state).epoch;
 
@@ -379,6 +402,133 @@ impl Completions {
         growth
     }
 
+    /// For an explicit request that [`Completions::suggest`] answered with `first`: up to
+    /// `settings.alternatives` distinct suggestions, to cycle through. The greedy one comes first:
+    /// once the generation behind it (which shares the document's KV-cache slot) has ended, as it
+    /// is then, grown. Then sampled ones ([`ALTERNATIVE_SAMPLING`], seeds 1, 2, ...: the same
+    /// request gets the same alternatives), on the same slot, so the prompt is already computed
+    /// and each costs only its decode; each is post-processed as the greedy one is and cut to as
+    /// many lines as it has, and one that says nothing new is dropped ([`postprocess::distinct`]).
+    /// All of them share one `deadlineMs` after the greedy answer; one cut by it keeps its complete
+    /// lines. At most `2 × (alternatives − 1)` are sampled. An automatic request, `alternatives`
+    /// 1, a greedy generation still running at that deadline, or a newer request (any of them
+    /// supersedes the sampling) leaves what there is, at least `first`. The speculation for
+    /// `first` is then started again.
+    pub async fn alternatives(
+        &self,
+        request: Request<'_>,
+        backend: Option<Arc<dyn Backend>>,
+        first: String,
+    ) -> Vec<String> {
+        let Request {
+            key,
+            rope,
+            cursor,
+            trigger,
+            settings,
+            ..
+        } = request;
+        let wanted = settings.alternatives;
+        let Some(backend) = backend.filter(|_| wanted > 1 && trigger == Trigger::Invoked) else {
+            return vec![first];
+        };
+        let deadline = Instant::now() + Duration::from_millis(settings.deadline_ms);
+        let prepared = prepared::prepare(rope, cursor, settings);
+        let epoch = lock(&self.state).epoch;
+        let growing = lock(&self.state).growing.get(key).map(|g| g.growth.clone());
+        if let Some(growth) = growing {
+            if !growth.ended_by(deadline).await {
+                return vec![first];
+            }
+        }
+        // What is shown now, grown to its end.
+        let first = self
+            .type_through(key, &prepared)
+            .map(|(rest, _)| rest)
+            .unwrap_or(first);
+        let lines = first.lines().count().max(1);
+        let (temperature, top_p) = ALTERNATIVE_SAMPLING;
+        let mut candidates = vec![first.clone()];
+        for seed in 1..=2 * (wanted as u64 - 1) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            {
+                let mut state = lock(&self.state);
+                if state.epoch != epoch {
+                    break;
+                }
+                // Counts as a request: no speculation starts (or goes on) on the slot meanwhile.
+                state.requests += 1;
+                state.speculation = None;
+            }
+            let mut request = prepared.request(key, settings);
+            request.deadline = Some(deadline);
+            request.sampling = Some(phi_engine::Sampling {
+                temperature,
+                top_p,
+                seed,
+            });
+            let (mut rule, context, mut seen) = (request.stop, prepared.context.clone(), 0);
+            request.stop = Box::new(move |text: &str| {
+                if rule(text) {
+                    return true;
+                }
+                let newlines = text.matches('\n').count();
+                if newlines == seen {
+                    return false;
+                }
+                seen = newlines;
+                let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+                postprocess::finish(&context, complete).is_some_and(|s| s.lines().count() >= lines)
+            });
+            let generated = match backend.start(request).wait().await {
+                Ok(Some(generated)) => generated,
+                // Superseded by a newer request, or failed: what there is.
+                _ => break,
+            };
+            let text = match generated.stop {
+                phi_engine::StopReason::Deadline => {
+                    &generated.text[..generated.text.rfind('\n').map_or(0, |i| i + 1)]
+                }
+                _ => generated.text.as_str(),
+            };
+            if let Some(suggestion) = prepared.suggestion(text) {
+                candidates.push(postprocess::first_lines(&suggestion, lines).to_string());
+            }
+            if postprocess::distinct(candidates.clone(), wanted).len() == wanted {
+                break;
+            }
+        }
+        let offered = postprocess::distinct(candidates, wanted);
+        {
+            let mut state = lock(&self.state);
+            if state.epoch == epoch {
+                // Kept as the text after the suggestion's own place, as typing through sees it.
+                if let Some(shown) = state.shown.get_mut(key) {
+                    let window = &prepared.window;
+                    let typed = (window.start_char == shown.start_char && window.after == shown.after)
+                        .then(|| window.text.strip_prefix(shown.before.as_str()))
+                        .flatten();
+                    if let Some(typed) = typed {
+                        shown.alternatives = offered.iter().skip(1).map(|a| format!("{typed}{a}")).collect();
+                    }
+                }
+                if let Some(last) = state.last.as_mut() {
+                    last.alternatives = offered.len();
+                }
+            }
+        }
+        if speculates(settings, &backend) && !first.trim().is_empty() {
+            speculate(&self.state, backend, key, rope, cursor, &first, settings);
+        }
+        if offered.is_empty() {
+            vec![first]
+        } else {
+            offered
+        }
+    }
+
     fn record(&self, last: LastCompletion) {
         lock(&self.state).last = Some(last);
     }
@@ -409,6 +559,7 @@ impl Completions {
             after: prepared.window.after.clone(),
             suggestion: suggestion.clone().unwrap_or_default(),
             growth,
+            alternatives: Vec::new(),
         };
         state.shown.insert(key.to_string(), shown);
     }
@@ -469,7 +620,9 @@ impl Completions {
         }
         let typed = window.text.strip_prefix(last.before.as_str())?;
         let suggestion = last.suggestion();
-        let rest = suggestion.strip_prefix(typed)?;
+        let rest = std::iter::once(&suggestion)
+            .chain(&last.alternatives)
+            .find_map(|s| s.strip_prefix(typed).filter(|rest| !rest.trim().is_empty()))?;
         // Nothing typed (the client asking again at the same place) serves the same suggestion.
         let served_by = if typed.is_empty() && last.growth.is_some() {
             "running-generation"
