@@ -451,8 +451,9 @@ fn inline_texts(result: &Value) -> Vec<String> {
 }
 
 /// An explicit (invoked) request gets up to `alternatives` distinct suggestions, the greedy one
-/// first, exactly `phi-lsp complete`'s (grown to its end: progressive is on here); asked again, the
-/// same ones (the seeds are fixed); an automatic request gets the greedy one alone; typing the
+/// first, exactly `phi-lsp complete`'s (whole: progressive is on here); asked again, the same ones
+/// without model work, and in another document with the same text the same ones again (the seeds
+/// are fixed); an automatic request gets the greedy one alone; typing the
 /// start of an alternative is served by typing through it; with `alternatives: 1`, one item.
 #[test]
 fn an_invoked_request_offers_distinct_alternatives_the_greedy_one_first() {
@@ -490,8 +491,19 @@ fn an_invoked_request_offers_distinct_alternatives_the_greedy_one_first() {
     let status = client.status();
     assert_eq!(status["last"]["alternatives"], items.len(), "{status}");
 
+    let jobs = jobs_run(&mut client);
     let again = inline_texts(&ask(&mut client, 1, col));
     assert_eq!(again, items, "the same alternatives for the same request");
+    assert_eq!(jobs_run(&mut client), jobs, "served again without model work");
+    // The same text in another document: sampled afresh, with the same seeds, the same ones.
+    let twin = "file:///twin.py";
+    client.open(twin, text);
+    let sampled = inline_texts(&client.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": twin}, "position": {"line": line, "character": col},
+               "context": {"triggerKind": 1}}),
+    ));
+    assert_eq!(sampled, items, "deterministic seeds");
     let automatic = inline_texts(&ask(&mut client, 2, col));
     assert_eq!(
         automatic,

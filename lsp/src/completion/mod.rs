@@ -408,12 +408,13 @@ impl Completions {
     /// is then, grown. Then sampled ones ([`ALTERNATIVE_SAMPLING`], seeds 1, 2, ...: the same
     /// request gets the same alternatives), on the same slot, so the prompt is already computed
     /// and each costs only its decode; each is post-processed as the greedy one is and cut to as
-    /// many lines as it has, and one that says nothing new is dropped ([`postprocess::distinct`]).
-    /// All of them share one `deadlineMs` after the greedy answer; one cut by it keeps its complete
-    /// lines. At most `2 × (alternatives − 1)` are sampled. An automatic request, `alternatives`
+    /// many lines as it has (and stopped at about twice its length), and one that says nothing new
+    /// is dropped ([`postprocess::distinct`]). All of them share one `deadlineMs` after the greedy
+    /// answer; one cut by it is what it has, as a greedy one would be. At most `2 × (alternatives − 1)` are sampled. An automatic request, `alternatives`
     /// 1, a greedy generation still running at that deadline, or a newer request (any of them
     /// supersedes the sampling) leaves what there is, at least `first`. The speculation for
-    /// `first` is then started again.
+    /// `first` is then started again. Asked again at the same place, or typing through one of
+    /// them, the alternatives already offered are served again, without model work.
     pub async fn alternatives(
         &self,
         request: Request<'_>,
@@ -446,7 +447,18 @@ impl Completions {
             .type_through(key, &prepared)
             .map(|(rest, _)| rest)
             .unwrap_or(first);
+        // Asked again where they were offered (or typing through them): the same ones, no new work.
+        if let Some(rests) = self.shown_alternatives(key, &prepared) {
+            let offered = postprocess::distinct(std::iter::once(first).chain(rests), wanted);
+            if let Some(last) = lock(&self.state).last.as_mut() {
+                last.alternatives = offered.len();
+            }
+            return offered;
+        }
         let lines = first.lines().count().max(1);
+        // Sampled text may run on where the greedy one stopped (no line break, no dedent): about
+        // twice the greedy one's length is enough for another way to write it.
+        let longest = 2 * first.len() + 32;
         let (temperature, top_p) = ALTERNATIVE_SAMPLING;
         let mut candidates = vec![first.clone()];
         for seed in 1..=2 * (wanted as u64 - 1) {
@@ -471,7 +483,7 @@ impl Completions {
             });
             let (mut rule, context, mut seen) = (request.stop, prepared.context.clone(), 0);
             request.stop = Box::new(move |text: &str| {
-                if rule(text) {
+                if rule(text) || text.len() > longest {
                     return true;
                 }
                 let newlines = text.matches('\n').count();
@@ -487,13 +499,7 @@ impl Completions {
                 // Superseded by a newer request, or failed: what there is.
                 _ => break,
             };
-            let text = match generated.stop {
-                phi_engine::StopReason::Deadline => {
-                    &generated.text[..generated.text.rfind('\n').map_or(0, |i| i + 1)]
-                }
-                _ => generated.text.as_str(),
-            };
-            if let Some(suggestion) = prepared.suggestion(text) {
+            if let Some(suggestion) = prepared.suggestion(&generated.text) {
                 candidates.push(postprocess::first_lines(&suggestion, lines).to_string());
             }
             if postprocess::distinct(candidates.clone(), wanted).len() == wanted {
@@ -527,6 +533,30 @@ impl Completions {
         } else {
             offered
         }
+    }
+
+    /// The rests of the alternatives offered with the suggestion shown, when the cursor is still
+    /// at its place or typed through part of them; `None` when none were offered there.
+    fn shown_alternatives(&self, key: &str, prepared: &Prepared) -> Option<Vec<String>> {
+        let state = lock(&self.state);
+        let shown = state.shown.get(key)?;
+        let window = &prepared.window;
+        if shown.alternatives.is_empty()
+            || window.start_char != shown.start_char
+            || window.after != shown.after
+        {
+            return None;
+        }
+        let typed = window.text.strip_prefix(shown.before.as_str())?;
+        Some(
+            shown
+                .alternatives
+                .iter()
+                .filter_map(|a| a.strip_prefix(typed))
+                .filter(|rest| !rest.trim().is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
     }
 
     fn record(&self, last: LastCompletion) {
