@@ -936,6 +936,71 @@ mod tests {
         assert_eq!(prompts[2], "def g(ys):\n    total = 0");
     }
 
+    /// Alternatives that say nothing new are dropped, and sampling gives up after
+    /// `2 × (alternatives − 1)` tries: a backend whose every sample is the greedy text offers that
+    /// one alone, after four samples for the default of three. Each sample is the same prompt on
+    /// the same key, with seeds 1, 2, ...; an automatic request samples nothing.
+    #[tokio::test(start_paused = true)]
+    async fn alternatives_that_repeat_the_greedy_one_are_dropped_after_bounded_tries() {
+        let completions = Arc::new(Completions::new(None));
+        let backend = Scripted::new("total = 0\n");
+        let rope = Rope::from_str("def f(xs):\n    ");
+        let settings = settings();
+        assert_eq!(settings.alternatives, 3);
+        let asking = {
+            let (completions, rope, backend, settings) = (
+                completions.clone(),
+                rope.clone(),
+                backend.clone(),
+                settings.clone(),
+            );
+            tokio::spawn(async move {
+                let first = ask_with(&completions, &rope, &backend, Trigger::Invoked, &settings)
+                    .await
+                    .expect("a suggestion");
+                let request = Request {
+                    key: KEY,
+                    rope: &rope,
+                    cursor: rope.len_chars(),
+                    place: Place::default(),
+                    trigger: Trigger::Invoked,
+                    settings: &settings,
+                };
+                let dyn_backend: Arc<dyn Backend> = backend.clone();
+                completions.alternatives(request, Some(dyn_backend), first).await
+            })
+        };
+        while !asking.is_finished() {
+            tokio::task::yield_now().await;
+            backend.open_gates();
+        }
+        let offered = asking.await.expect("joins");
+        assert_eq!(offered, ["total = 0"]);
+        let prompts = backend.prompts();
+        assert_eq!(prompts.len(), 1 + 4, "{prompts:?}");
+        assert!(
+            prompts.iter().all(|p| p == &prompts[0]),
+            "the same prompt each time"
+        );
+        assert_eq!(completions.last().expect("recorded").alternatives, 1);
+
+        // An automatic request: the greedy one alone, nothing sampled.
+        let request = Request {
+            key: KEY,
+            rope: &rope,
+            cursor: rope.len_chars(),
+            place: Place::default(),
+            trigger: Trigger::Automatic,
+            settings: &settings,
+        };
+        let dyn_backend: Arc<dyn Backend> = backend.clone();
+        let single = completions
+            .alternatives(request, Some(dyn_backend), "total = 0".into())
+            .await;
+        assert_eq!(single, ["total = 0"]);
+        assert_eq!(backend.prompts().len(), 5);
+    }
+
     /// Manual-only (`automatic` off): an automatic request runs no model and answers nothing; an
     /// invoked one generates; typing through its answer is still served (automatic requests, no
     /// model work), and nothing is speculated while the user is idle.
