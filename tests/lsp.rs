@@ -441,6 +441,106 @@ fn with_automatic_off_only_invoked_requests_run_the_model() {
     assert!(client.shutdown().success());
 }
 
+fn inline_texts(result: &Value) -> Vec<String> {
+    result
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|item| item["insertText"].as_str().expect("insertText").to_string())
+        .collect()
+}
+
+/// An explicit (invoked) request gets up to `alternatives` distinct suggestions, the greedy one
+/// first, exactly `phi-lsp complete`'s (whole: progressive is on here); asked again, the same ones
+/// without model work, and in another document with the same text the same ones again (the seeds
+/// are fixed); an automatic request gets the greedy one alone; typing the
+/// start of an alternative is served by typing through it; with `alternatives: 1`, one item.
+#[test]
+fn an_invoked_request_offers_distinct_alternatives_the_greedy_one_first() {
+    let mut client = server();
+    client.initialize(
+        neovim_capabilities(),
+        json!({"maxNewTokens": MAX_NEW_TOKENS, "deadlineMs": 60000}),
+    );
+    client.wait_ready();
+    assert_eq!(client.status()["alternatives"], 3, "the default");
+    let uri = "file:///alternatives.py";
+    let text = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    ";
+    client.open(uri, text);
+    let (line, col) = end_of(text, false);
+    let ask = |client: &mut LspClient, kind: u32, col: u32| {
+        client.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col},
+                   "context": {"triggerKind": kind}}),
+        )
+    };
+
+    let invoked = ask(&mut client, 1, col);
+    let items = inline_texts(&invoked);
+    let want = complete_fresh(text, line, col, MAX_NEW_TOKENS, DEFAULT_CONTEXT_TOKENS);
+    assert_eq!(items.first(), want.as_ref(), "the greedy one first: {items:?}");
+    assert!((2..=3).contains(&items.len()), "alternatives: {items:?}");
+    for (i, item) in items.iter().enumerate() {
+        assert!(!item.trim().is_empty(), "{items:?}");
+        assert!(!items[..i].contains(item), "distinct: {items:?}");
+    }
+    for item in invoked.as_array().expect("a list") {
+        assert_eq!(item["range"]["start"], json!({"line": line, "character": col}));
+    }
+    let status = client.status();
+    assert_eq!(status["last"]["alternatives"], items.len(), "{status}");
+
+    let jobs = jobs_run(&mut client);
+    let again = inline_texts(&ask(&mut client, 1, col));
+    assert_eq!(again, items, "the same alternatives for the same request");
+    assert_eq!(jobs_run(&mut client), jobs, "served again without model work");
+    // The same text in another document: sampled afresh, with the same seeds, the same ones.
+    let twin = "file:///twin.py";
+    client.open(twin, text);
+    let sampled = inline_texts(&client.request(
+        "textDocument/inlineCompletion",
+        json!({"textDocument": {"uri": twin}, "position": {"line": line, "character": col},
+               "context": {"triggerKind": 1}}),
+    ));
+    assert_eq!(sampled, items, "deterministic seeds");
+    let automatic = inline_texts(&ask(&mut client, 2, col));
+    assert_eq!(
+        automatic,
+        items[..1],
+        "an automatic request gets the greedy one alone"
+    );
+
+    // Typing the first character of an alternative that the greedy one does not start with.
+    let other = items[1..]
+        .iter()
+        .find(|a| a.chars().next() != items[0].chars().next())
+        .cloned();
+    if let Some(other) = other {
+        let first = other.chars().next().expect("not empty");
+        client.insert(uri, 2, line, col, &first.to_string());
+        let jobs = jobs_run(&mut client);
+        let rest = inline_text(&ask(&mut client, 2, col + first.len_utf8() as u32));
+        assert_eq!(
+            rest.as_deref(),
+            other.strip_prefix(first),
+            "typed through the alternative"
+        );
+        assert_eq!(client.status()["last"]["stop"], "typed-through");
+        assert_eq!(jobs_run(&mut client), jobs, "no model job");
+        client.change(uri, 3, json!([{"text": text}]));
+    }
+
+    client.notify(
+        "workspace/didChangeConfiguration",
+        json!({"settings": {"phi-lsp": {"alternatives": 1}}}),
+    );
+    client.wait_status("alternatives off", |s| s["alternatives"] == 1);
+    let single = inline_texts(&ask(&mut client, 1, col));
+    assert_eq!(single, items[..1], "alternatives: 1 is the greedy one alone");
+    assert!(client.shutdown().success());
+}
+
 #[test]
 fn bad_input_gets_errors_and_the_server_keeps_answering() {
     let mut client = server();

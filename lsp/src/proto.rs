@@ -166,6 +166,8 @@ pub struct Suggestion {
     pub rope: Rope,
     pub cursor: usize,
     pub text: String,
+    /// The alternatives offered after `text` (an explicit inline request's), in order.
+    pub more: Vec<String>,
 }
 
 /// The suggestion as ghost text at `position`.
@@ -188,14 +190,17 @@ pub fn menu_trigger(context: Option<&CompletionContext>) -> Trigger {
 }
 
 pub fn inline_response(suggestion: Option<Suggestion>, position: Position) -> InlineCompletionResponse {
-    let items = suggestion.map(|suggestion| InlineCompletionItem {
-        insert_text: suggestion.text,
+    let texts: Vec<String> = suggestion
+        .map(|suggestion| std::iter::once(suggestion.text).chain(suggestion.more).collect())
+        .unwrap_or_default();
+    let items = texts.into_iter().map(|text| InlineCompletionItem {
+        insert_text: text,
         filter_text: None,
         range: Some(Range::new(position, position)),
         command: None,
         insert_text_format: Some(InsertTextFormat::PLAIN_TEXT),
     });
-    InlineCompletionResponse::Array(items.into_iter().collect())
+    InlineCompletionResponse::Array(items.collect())
 }
 
 /// The suggestion as one menu item at the client's `position`. It replaces from the start of the

@@ -82,11 +82,12 @@ impl Remote {
             max_new_tokens,
             deadline,
             mut stop,
+            sampling,
             ..
         } = request;
         let started = Instant::now();
         let prompt = format!("{}{}{prompt}", neighbours.text(), header.text());
-        let body = json!({
+        let mut body = json!({
             "model": self.model,
             "prompt": &prompt,
             "max_tokens": max_new_tokens,
@@ -98,6 +99,13 @@ impl Remote {
             "stream": true,
             "stop": STOP_STRINGS,
         });
+        // An alternative of an explicit request: sampled, with its seed (servers that take one
+        // repeat it).
+        if let Some(sampling) = sampling {
+            body["temperature"] = json!(sampling.temperature);
+            body["top_p"] = json!(sampling.top_p);
+            body["seed"] = json!(sampling.seed);
+        }
         let mut request = self
             .agent
             .post(&self.endpoint)

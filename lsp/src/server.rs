@@ -196,7 +196,15 @@ impl Backend {
 
     /// The suggestion at `position` in `uri`, asked for as `trigger` says. Unknown documents and
     /// positions out of range are errors; a model that is not ready gives none.
-    async fn suggest(&self, uri: &Uri, position: Position, trigger: Trigger) -> Result<Option<Suggestion>> {
+    /// With `alternatives` (inline requests), an explicit request also gets the alternatives
+    /// (`Suggestion::more`).
+    async fn suggest(
+        &self,
+        uri: &Uri,
+        position: Position,
+        trigger: Trigger,
+        alternatives: bool,
+    ) -> Result<Option<Suggestion>> {
         let key = uri.as_str();
         let settings = self.settings();
         let (rope, version, others) = {
@@ -226,8 +234,33 @@ impl Backend {
             workspace: &workspace,
         };
         let backend = self.host.backend();
+        let place = request.place;
         match self.completions.suggest(request, backend.clone()).await {
-            Ok(text) => Ok(text.map(|text| Suggestion { rope, cursor, text })),
+            Ok(Some(text)) if alternatives && trigger == Trigger::Invoked && settings.alternatives > 1 => {
+                let request = Request {
+                    key,
+                    rope: &rope,
+                    cursor,
+                    place,
+                    trigger,
+                    settings: &settings,
+                    workspace: &workspace,
+                };
+                let mut offered = self.completions.alternatives(request, backend, text).await;
+                let text = offered.remove(0);
+                Ok(Some(Suggestion {
+                    rope,
+                    cursor,
+                    text,
+                    more: offered,
+                }))
+            }
+            Ok(text) => Ok(text.map(|text| Suggestion {
+                rope,
+                cursor,
+                text,
+                more: Vec::new(),
+            })),
             Err(BackendError::Remote { message, new }) => {
                 if new {
                     self.client
@@ -278,7 +311,7 @@ impl Backend {
             let doc = &params.text_document_position;
             let trigger = proto::inline_trigger(&params.context);
             let suggestion = self
-                .suggest(&doc.text_document.uri, doc.position, trigger)
+                .suggest(&doc.text_document.uri, doc.position, trigger, true)
                 .await?;
             Ok(Some(proto::inline_response(suggestion, doc.position)))
         })
@@ -419,7 +452,7 @@ impl LanguageServer for Backend {
             let doc = &params.text_document_position;
             let trigger = proto::menu_trigger(params.context.as_ref());
             let suggestion = self
-                .suggest(&doc.text_document.uri, doc.position, trigger)
+                .suggest(&doc.text_document.uri, doc.position, trigger, false)
                 .await?;
             let client = lock(&self.session).client;
             Ok(Some(proto::completion_response(suggestion, doc.position, client)))

@@ -114,6 +114,10 @@ pub struct Settings {
     /// an explicit request (`Invoked`: a trigger key) runs the model; an automatic one is answered
     /// from the suggestion already shown (typing through it) or empty, and nothing is speculated.
     pub automatic: bool,
+    /// Suggestions offered to an explicit request (`Invoked`), the greedy one first and then
+    /// sampled ones, distinct after post-processing, for the client to cycle through; 1: the
+    /// greedy one alone. Automatic requests always get one.
+    pub alternatives: usize,
 }
 
 /// The default cap on a suggestion's tokens: a suggestion ends where the code says (the end of the
@@ -125,6 +129,7 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 384;
 pub const MAX_NEW_TOKENS_LIMIT: usize = 512;
 pub const MAX_CONTEXT_TOKENS: usize = 2048;
 pub const MAX_DEADLINE_MS: u64 = 60_000;
+pub const MAX_ALTERNATIVES: usize = 5;
 
 impl Settings {
     pub fn new(model: ModelSpec) -> Self {
@@ -138,6 +143,7 @@ impl Settings {
             progressive: true,
             token_healing: true,
             automatic: true,
+            alternatives: 3,
         }
     }
 
@@ -203,6 +209,14 @@ impl Settings {
         if let Some(automatic) = update.automatic {
             next.automatic = automatic;
         }
+        if let Some(n) = update.alternatives {
+            if !(1..=MAX_ALTERNATIVES).contains(&n) {
+                return Err(format!(
+                    "settings: alternatives must be 1..={MAX_ALTERNATIVES}, got {n}"
+                ));
+            }
+            next.alternatives = n;
+        }
         *self = next;
         Ok(())
     }
@@ -224,6 +238,7 @@ struct Update {
     progressive: Option<bool>,
     token_healing: Option<bool>,
     automatic: Option<bool>,
+    alternatives: Option<usize>,
 }
 
 #[cfg(test)]
@@ -273,6 +288,18 @@ mod tests {
         assert!(!s.automatic);
         s.apply(&json!({"automatic": true})).expect("valid");
         assert!(s.automatic);
+    }
+
+    #[test]
+    fn alternatives_default_to_three_and_stay_within_bounds() {
+        let mut s = settings();
+        assert_eq!(s.alternatives, 3);
+        s.apply(&json!({"alternatives": 1})).expect("valid");
+        assert_eq!(s.alternatives, 1);
+        for bad in [json!(0), json!(MAX_ALTERNATIVES + 1), json!("3")] {
+            assert!(s.apply(&json!({"alternatives": bad})).is_err(), "{bad}");
+        }
+        assert_eq!(s.alternatives, 1);
     }
 
     #[test]

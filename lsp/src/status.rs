@@ -36,6 +36,7 @@ pub fn status(
         "speculate": settings.speculate,
         "tokenHealing": settings.token_healing,
         "automatic": settings.automatic,
+        "alternatives": settings.alternatives,
         "speculation": completions.speculation_state(),
         "last": completions.last(),
     });

@@ -178,12 +178,15 @@ if wants nvim; then
     proof nvim-0.12-growth-plugin 180 "$CACHE/nvim-0.12/bin/nvim" --headless --clean -l tests/editors/nvim/test_growth.lua "$BIN" "$MODEL" plugin
     proof nvim-0.12-controls-native 180 "$CACHE/nvim-0.12/bin/nvim" --headless --clean -l tests/editors/nvim/test_controls.lua "$BIN" "$MODEL" native
     proof nvim-0.12-controls-plugin 180 "$CACHE/nvim-0.12/bin/nvim" --headless --clean -l tests/editors/nvim/test_controls.lua "$BIN" "$MODEL" plugin
+    proof nvim-0.12-alternatives-native 180 "$CACHE/nvim-0.12/bin/nvim" --headless --clean -l tests/editors/nvim/test_alternatives.lua "$BIN" "$MODEL" native
+    proof nvim-0.12-alternatives-plugin 180 "$CACHE/nvim-0.12/bin/nvim" --headless --clean -l tests/editors/nvim/test_alternatives.lua "$BIN" "$MODEL" plugin
   }
   [[ -x $CACHE/nvim-0.11/bin/nvim ]] && {
     proof nvim-0.11-setup 180 "$CACHE/nvim-0.11/bin/nvim" --headless --clean -l $NVIM_TEST "$BIN" "$MODEL" auto setup
     proof nvim-0.11-defaults 180 "$CACHE/nvim-0.11/bin/nvim" --headless --clean -l $NVIM_TEST "$BIN" "$MODEL" auto env
     proof nvim-0.11-growth 180 "$CACHE/nvim-0.11/bin/nvim" --headless --clean -l tests/editors/nvim/test_growth.lua "$BIN" "$MODEL" auto
     proof nvim-0.11-controls 180 "$CACHE/nvim-0.11/bin/nvim" --headless --clean -l tests/editors/nvim/test_controls.lua "$BIN" "$MODEL" auto
+    proof nvim-0.11-alternatives 180 "$CACHE/nvim-0.11/bin/nvim" --headless --clean -l tests/editors/nvim/test_alternatives.lua "$BIN" "$MODEL" auto
   }
 fi
 

@@ -138,6 +138,7 @@ function serverSettings(): Record<string, unknown> {
     speculate: c.get<boolean>("speculate", true),
     tokenHealing: c.get<boolean>("tokenHealing", true),
     automatic: c.get<boolean>("automatic", true),
+    alternatives: c.get<number>("alternatives", 3),
     // An empty string clears a tokenizer set before.
     tokenizer: expandHome(c.get<string>("tokenizer", "").trim()),
   };
@@ -238,7 +239,17 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
         if (!enabled()) {
           return null;
         }
-        const items = await next(document, position, context, token);
+        // A growth refresh is VS Code's explicit trigger, but not the user asking: the server
+        // answers it as typing would (from the generation running), not with alternatives.
+        const refresh = refreshAsked;
+        refreshAsked = false;
+        const explicit = !refresh && context.triggerKind === vscode.InlineCompletionTriggerKind.Invoke;
+        // vscode-languageclient 9 copies VS Code's triggerKind into the request as it is, but VS
+        // Code counts from 0 (Invoke 0, Automatic 1) and LSP from 1 (Invoked 1, Automatic 2): typing
+        // would reach the server as Invoked and Alt+\ as an unknown 0. The LSP value goes in instead.
+        const lspKind = explicit ? 1 : 2;
+        const asked = { ...context, triggerKind: lspKind as unknown as vscode.InlineCompletionTriggerKind };
+        const items = await next(document, position, asked, token);
         scheduleStatus(50);
         return items;
       },
@@ -298,6 +309,8 @@ const growthFeature: StaticFeature = {
 /** The newest growth not yet shown; a refresh in progress picks it up when it ends. */
 let grown: { client: LanguageClient; grew: SuggestionGrew } | undefined;
 let refreshing = false;
+/** The next inline request is the refresh's trigger (see provideInlineCompletionItems). */
+let refreshAsked = false;
 
 /** Where the cursor is now, as the server names documents and positions. */
 function caret(current: LanguageClient): Caret | undefined {
@@ -346,7 +359,9 @@ async function refreshGhostText() {
       // answer first.
       await vscode.commands.executeCommand("editor.action.inlineSuggest.hide");
       if (growthApplies(grew, caret(from))) {
+        refreshAsked = true;
         await vscode.commands.executeCommand("editor.action.inlineSuggest.trigger");
+        refreshAsked = false;
       }
     }
   } catch (error) {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use phi_engine::{
-    GenerateParams, GenerationStats, Job, JobOutcome, ProgressFn, Prompt, StopReason, Worker, WorkerStats,
+    GenerateParams, GenerationStats, Job, JobOutcome, ProgressFn, Prompt, Sampling, StopReason, Worker,
+    WorkerStats,
 };
 use tokio::sync::oneshot;
 
@@ -36,6 +37,9 @@ pub struct GenerationRequest {
     pub stop: StopRule,
     /// Sees the figures so far after the prefill and after each token (local backends only).
     pub progress: Option<ProgressFn>,
+    /// Sampled instead of greedy (the alternatives of an explicit request); `None`: greedy, as
+    /// every other suggestion is.
+    pub sampling: Option<Sampling>,
 }
 
 /// What a backend generated: the raw continuation, why it ended, and what it cost.
@@ -220,6 +224,7 @@ pub fn job(
         prompt: Prompt::Ids(ids),
         params: GenerateParams {
             max_new_tokens: request.max_new_tokens,
+            sampling: request.sampling.unwrap_or_default(),
             deadline: request.deadline,
             prefix: healed
                 .as_deref()

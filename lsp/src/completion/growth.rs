@@ -202,6 +202,22 @@ impl Growth {
         }
     }
 
+    /// Waits until the generation ends or `deadline` passes; whether it ended.
+    pub async fn ended_by(&self, deadline: Instant) -> bool {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_finished() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_finished();
+            }
+        }
+    }
+
     /// The suggestion as it is now.
     pub fn suggestion(&self) -> Option<String> {
         lock(&self.shared.state).suggestion.clone()

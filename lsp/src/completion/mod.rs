@@ -76,7 +76,14 @@ pub struct LastCompletion {
     /// The prompt exactly as the model got it: the text before the cursor from the window's start,
     /// fitted to `contextTokens`, without `healed` (`None`: no model work for this request).
     pub prompt: Option<String>,
+    /// Suggestions offered to this explicit request, the greedy one among them (0: not an
+    /// explicit request with `alternatives` above 1, or nothing to suggest).
+    pub alternatives: usize,
 }
+
+/// The temperature and nucleus (top-p) the alternatives are sampled with: varied enough to write
+/// something else, close enough to the model's choice to stay plausible code.
+pub const ALTERNATIVE_SAMPLING: (f64, f64) = (0.8, 0.95);
 
 /// Why the client asked (LSP's `triggerKind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,6 +118,9 @@ struct Shown {
     suggestion: String,
     /// The suggestion's generation when it may still grow: typing through serves its latest text.
     growth: Option<Growth>,
+    /// The other suggestions offered with it (an explicit request's alternatives): typing through
+    /// one of them is served too.
+    alternatives: Vec<String>,
 }
 
 impl Shown {
@@ -195,6 +205,19 @@ impl Completions {
             settings,
             workspace,
         } = request;
+        // An explicit request that will offer alternatives answers with the whole greedy
+        // suggestion (cut at `deadlineMs`), not its first line: the alternatives are sampled on
+        // the same slot once it has ended, and a client that asked explicitly waits for them.
+        let whole;
+        let settings = if trigger == Trigger::Invoked && settings.alternatives > 1 && settings.progressive {
+            whole = Settings {
+                progressive: false,
+                ..settings.clone()
+            };
+            &whole
+        } else {
+            settings
+        };
         let prepared = prepared::prepare(key, rope, cursor, workspace, settings);
         let epoch = lock(&self.state).epoch;
 
@@ -411,6 +434,170 @@ impl Completions {
         growth
     }
 
+    /// For an explicit request that [`Completions::suggest`] answered with `first`: up to
+    /// `settings.alternatives` distinct suggestions, to cycle through. The greedy one comes first:
+    /// once the generation behind it (which shares the document's KV-cache slot) has ended, as it
+    /// is then, grown. Then sampled ones ([`ALTERNATIVE_SAMPLING`], seeds 1, 2, ...: the same
+    /// request gets the same alternatives), on the same slot, so the prompt is already computed
+    /// and each costs only its decode; each is post-processed as the greedy one is and cut to as
+    /// many lines as it has (and stopped at about twice its length), and one that says nothing new
+    /// is dropped ([`postprocess::distinct`]). All of them share one `deadlineMs` after the greedy
+    /// answer; one cut by it is what it has, as a greedy one would be. At most `2 × (alternatives − 1)` are sampled. An automatic request, `alternatives`
+    /// 1, a greedy generation still running at that deadline, or a newer request (any of them
+    /// supersedes the sampling) leaves what there is, at least `first`. The speculation for
+    /// `first` is then started again. Asked again at the same place, or typing through one of
+    /// them, the alternatives already offered are served again, without model work.
+    pub async fn alternatives(
+        &self,
+        request: Request<'_>,
+        backend: Option<Arc<dyn Backend>>,
+        first: String,
+    ) -> Vec<String> {
+        let Request {
+            key,
+            rope,
+            cursor,
+            trigger,
+            settings,
+            workspace,
+            ..
+        } = request;
+        let wanted = settings.alternatives;
+        let Some(backend) = backend.filter(|_| wanted > 1 && trigger == Trigger::Invoked) else {
+            return vec![first];
+        };
+        let deadline = Instant::now() + Duration::from_millis(settings.deadline_ms);
+        let prepared = prepared::prepare(key, rope, cursor, workspace, settings);
+        let epoch = lock(&self.state).epoch;
+        let growing = lock(&self.state).growing.get(key).map(|g| g.growth.clone());
+        if let Some(growth) = growing {
+            if !growth.ended_by(deadline).await {
+                return vec![first];
+            }
+        }
+        // What is shown now, grown to its end.
+        let first = self
+            .type_through(key, &prepared)
+            .map(|(rest, _)| rest)
+            .unwrap_or(first);
+        // Asked again where they were offered (or typing through them): the same ones, no new work.
+        if let Some(rests) = self.shown_alternatives(key, &prepared) {
+            let offered = postprocess::distinct(std::iter::once(first).chain(rests), wanted);
+            if let Some(last) = lock(&self.state).last.as_mut() {
+                last.alternatives = offered.len();
+            }
+            return offered;
+        }
+        let lines = first.lines().count().max(1);
+        // Sampled text may run on where the greedy one stopped (no line break, no dedent): about
+        // twice the greedy one's length is enough for another way to write it.
+        let longest = 2 * first.len() + 32;
+        let (temperature, top_p) = ALTERNATIVE_SAMPLING;
+        let mut candidates = vec![first.clone()];
+        for seed in 1..=2 * (wanted as u64 - 1) {
+            if Instant::now() >= deadline {
+                break;
+            }
+            {
+                let mut state = lock(&self.state);
+                if state.epoch != epoch {
+                    break;
+                }
+                // Counts as a request: no speculation starts (or goes on) on the slot meanwhile.
+                state.requests += 1;
+                state.speculation = None;
+            }
+            let mut request = prepared.request(key, settings);
+            request.deadline = Some(deadline);
+            request.sampling = Some(phi_engine::Sampling {
+                temperature,
+                top_p,
+                seed,
+            });
+            let (mut rule, context, mut seen) = (request.stop, prepared.context.clone(), 0);
+            request.stop = Box::new(move |text: &str| {
+                if rule(text) || text.len() > longest {
+                    return true;
+                }
+                let newlines = text.matches('\n').count();
+                if newlines == seen {
+                    return false;
+                }
+                seen = newlines;
+                let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+                postprocess::finish(&context, complete).is_some_and(|s| s.lines().count() >= lines)
+            });
+            let generated = match backend.start(request).wait().await {
+                Ok(Some(generated)) => generated,
+                // Superseded by a newer request, or failed: what there is.
+                _ => break,
+            };
+            if let Some(suggestion) = prepared.suggestion(&generated.text) {
+                candidates.push(postprocess::first_lines(&suggestion, lines).to_string());
+            }
+            if postprocess::distinct(candidates.clone(), wanted).len() == wanted {
+                break;
+            }
+        }
+        let offered = postprocess::distinct(candidates, wanted);
+        {
+            let mut state = lock(&self.state);
+            if state.epoch == epoch {
+                // Kept as the text after the suggestion's own place, as typing through sees it.
+                if let Some(shown) = state.shown.get_mut(key) {
+                    let window = &prepared.window;
+                    let typed = (window.start_char == shown.start_char && window.after == shown.after)
+                        .then(|| window.text.strip_prefix(shown.before.as_str()))
+                        .flatten();
+                    if let Some(typed) = typed {
+                        shown.alternatives = offered.iter().skip(1).map(|a| format!("{typed}{a}")).collect();
+                    }
+                }
+                if let Some(last) = state.last.as_mut() {
+                    last.alternatives = offered.len();
+                }
+            }
+        }
+        if speculates(settings, &backend) && !first.trim().is_empty() {
+            let at = At {
+                key,
+                rope,
+                cursor,
+                workspace,
+            };
+            speculate(&self.state, backend, at, &first, settings);
+        }
+        if offered.is_empty() {
+            vec![first]
+        } else {
+            offered
+        }
+    }
+
+    /// The rests of the alternatives offered with the suggestion shown, when the cursor is still
+    /// at its place or typed through part of them; `None` when none were offered there.
+    fn shown_alternatives(&self, key: &str, prepared: &Prepared) -> Option<Vec<String>> {
+        let state = lock(&self.state);
+        let shown = state.shown.get(key)?;
+        let window = &prepared.window;
+        if shown.alternatives.is_empty()
+            || window.start_char != shown.start_char
+            || window.after != shown.after
+        {
+            return None;
+        }
+        let typed = window.text.strip_prefix(shown.before.as_str())?;
+        Some(
+            shown
+                .alternatives
+                .iter()
+                .filter_map(|a| a.strip_prefix(typed))
+                .filter(|rest| !rest.trim().is_empty())
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
     fn record(&self, last: LastCompletion) {
         lock(&self.state).last = Some(last);
     }
@@ -441,6 +628,7 @@ impl Completions {
             after: prepared.window.after.clone(),
             suggestion: suggestion.clone().unwrap_or_default(),
             growth,
+            alternatives: Vec::new(),
         };
         state.shown.insert(key.to_string(), shown);
     }
@@ -501,7 +689,9 @@ impl Completions {
         }
         let typed = window.text.strip_prefix(last.before.as_str())?;
         let suggestion = last.suggestion();
-        let rest = suggestion.strip_prefix(typed)?;
+        let rest = std::iter::once(&suggestion)
+            .chain(&last.alternatives)
+            .find_map(|s| s.strip_prefix(typed).filter(|rest| !rest.trim().is_empty()))?;
         // Nothing typed (the client asking again at the same place) serves the same suggestion.
         let served_by = if typed.is_empty() && last.growth.is_some() {
             "running-generation"
@@ -798,6 +988,73 @@ mod tests {
         let prompts = backend.prompts();
         assert_eq!(prompts.len(), 3, "{prompts:?}");
         assert_eq!(prompts[2], "def g(ys):\n    total = 0");
+    }
+
+    /// Alternatives that say nothing new are dropped, and sampling gives up after
+    /// `2 × (alternatives − 1)` tries: a backend whose every sample is the greedy text offers that
+    /// one alone, after four samples for the default of three. Each sample is the same prompt on
+    /// the same key, with seeds 1, 2, ...; an automatic request samples nothing.
+    #[tokio::test(start_paused = true)]
+    async fn alternatives_that_repeat_the_greedy_one_are_dropped_after_bounded_tries() {
+        let completions = Arc::new(Completions::new(None));
+        let backend = Scripted::new("total = 0\n");
+        let rope = Rope::from_str("def f(xs):\n    ");
+        let settings = settings();
+        assert_eq!(settings.alternatives, 3);
+        let asking = {
+            let (completions, rope, backend, settings) = (
+                completions.clone(),
+                rope.clone(),
+                backend.clone(),
+                settings.clone(),
+            );
+            tokio::spawn(async move {
+                let first = ask_with(&completions, &rope, &backend, Trigger::Invoked, &settings)
+                    .await
+                    .expect("a suggestion");
+                let request = Request {
+                    key: KEY,
+                    rope: &rope,
+                    cursor: rope.len_chars(),
+                    place: Place::default(),
+                    trigger: Trigger::Invoked,
+                    settings: &settings,
+                    workspace: &Workspace::default(),
+                };
+                let dyn_backend: Arc<dyn Backend> = backend.clone();
+                completions.alternatives(request, Some(dyn_backend), first).await
+            })
+        };
+        while !asking.is_finished() {
+            tokio::task::yield_now().await;
+            backend.open_gates();
+        }
+        let offered = asking.await.expect("joins");
+        assert_eq!(offered, ["total = 0"]);
+        let prompts = backend.prompts();
+        assert_eq!(prompts.len(), 1 + 4, "{prompts:?}");
+        assert!(
+            prompts.iter().all(|p| p == &prompts[0]),
+            "the same prompt each time"
+        );
+        assert_eq!(completions.last().expect("recorded").alternatives, 1);
+
+        // An automatic request: the greedy one alone, nothing sampled.
+        let request = Request {
+            key: KEY,
+            rope: &rope,
+            cursor: rope.len_chars(),
+            place: Place::default(),
+            trigger: Trigger::Automatic,
+            settings: &settings,
+            workspace: &Workspace::default(),
+        };
+        let dyn_backend: Arc<dyn Backend> = backend.clone();
+        let single = completions
+            .alternatives(request, Some(dyn_backend), "total = 0".into())
+            .await;
+        assert_eq!(single, ["total = 0"]);
+        assert_eq!(backend.prompts().len(), 5);
     }
 
     /// Manual-only (`automatic` off): an automatic request runs no model and answers nothing; an

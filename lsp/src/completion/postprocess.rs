@@ -112,6 +112,38 @@ pub fn finish(ctx: &Context, generated: &str) -> Option<String> {
     Some(suggestion)
 }
 
+/// The suggestions (already post-processed, the greedy one first) that are worth offering side by
+/// side, in order, at most `max`: a blank one, or one that differs from an earlier one only in
+/// trailing whitespace (of a line or of the whole), is dropped, since cycling to it would show
+/// nothing new.
+pub fn distinct(suggestions: impl IntoIterator<Item = String>, max: usize) -> Vec<String> {
+    fn key(text: &str) -> String {
+        let lines: Vec<&str> = text.trim_end().lines().map(str::trim_end).collect();
+        lines.join("\n")
+    }
+    let mut kept: Vec<(String, String)> = Vec::new();
+    for suggestion in suggestions {
+        if kept.len() == max {
+            break;
+        }
+        let k = key(&suggestion);
+        if k.trim().is_empty() || kept.iter().any(|(seen, _)| *seen == k) {
+            continue;
+        }
+        kept.push((k, suggestion));
+    }
+    kept.into_iter().map(|(_, s)| s).collect()
+}
+
+/// `text` up to the end of its `n`th line (without that newline), or all of it when it has fewer.
+pub fn first_lines(text: &str, n: usize) -> &str {
+    match text.match_indices('\n').nth(n.saturating_sub(1)) {
+        Some((at, _)) if n > 0 => &text[..at],
+        _ if n == 0 => "",
+        _ => text,
+    }
+}
+
 /// Where in `generated` the suggestion ends, if that is already decided. `at_eof`: the text is
 /// complete, so its last, unterminated line can be judged as it stands.
 ///

@@ -49,6 +49,7 @@ impl Prepared {
             deadline: Some(Instant::now() + Duration::from_millis(settings.deadline_ms)),
             stop: Box::new(move |text: &str| postprocess::should_stop(&context, text)),
             progress: None,
+            sampling: None,
         }
     }
 

@@ -3,9 +3,11 @@
 // the ghost text, checks it equals `phi-lsp complete` at that position, takes its first word with
 // Ctrl+Right (VS Code's accept next word) and the rest with Tab, saves and reads the file, and takes
 // a screenshot. Then manual-only mode (the phi-lsp.toggleAutomatic command): typing shows nothing,
-// Alt+\ asks, the tooltip gives tokens/s, accept next line takes the suggestion, and the command
-// turns automatic suggestions back on. Then progressive suggestions (opt-in): with the server slowed
-// by PHI_LSP_TEST_TOKEN_DELAY_MS it types tests/editors/growing.json into a second file and reads
+// Trigger Inline Suggestion asks (so the server got LSP triggerKind Invoked, 1, not VS Code's 0),
+// Show Next Inline Suggestion shows another of the alternatives it got and Show Previous the greedy
+// one again (VS Code's commands, on keys of keybindings.json), the tooltip gives tokens/s, accept
+// next line takes the suggestion, and the command turns automatic suggestions back on. Then
+// progressive suggestions (opt-in): with the server slowed by PHI_LSP_TEST_TOKEN_DELAY_MS it types tests/editors/growing.json into a second file and reads
 // the ghost text during that one generation: it must grow (each reading longer than the one before
 // and starting with it) and end as `phi-lsp complete` prints it.
 //
@@ -112,6 +114,11 @@ writeJson(userSettingsFile, userSettings);
 // VS Code has no default key for accepting the next line of an inline suggestion: one for the test.
 writeJson(path.join(userData, "User", "keybindings.json"), [
   { key: "ctrl+alt+l", command: "editor.action.inlineSuggest.acceptNextLine", when: "inlineSuggestionVisible" },
+  // VS Code's own commands on keys that reach it from Playwright's Chromium (its defaults Alt+\,
+  // Alt+] and Alt+[ do not arrive there as VS Code's keybindings expect).
+  { key: "ctrl+alt+t", command: "editor.action.inlineSuggest.trigger" },
+  { key: "ctrl+alt+n", command: "editor.action.inlineSuggest.showNext" },
+  { key: "ctrl+alt+p", command: "editor.action.inlineSuggest.showPrevious" },
 ]);
 writeJson(machineSettingsFile, machineSettings);
 
@@ -412,9 +419,10 @@ async function main() {
 }
 
 /**
- * Manual-only mode: the command turns automatic suggestions off, typing then shows none, Alt+\\
- * (VS Code's Trigger Inline Suggestion, an Invoked request) asks and one appears, the tooltip gives
- * its tokens/s, and accepting its next line (VS Code's command) puts it in the file.
+ * Manual-only mode: the command turns automatic suggestions off, typing then shows none, VS Code's
+ * Trigger Inline Suggestion (an Invoked request) asks and one appears, Show Next/Previous Inline
+ * Suggestion cycle through its alternatives, the tooltip gives its tokens/s, and accepting its next
+ * line (VS Code's command) puts it in the file.
  */
 async function manualOnly(page, editor, runCommand, before) {
   await runCommand("phi-lsp: Turn automatic suggestions on or off");
@@ -432,15 +440,37 @@ async function manualOnly(page, editor, runCommand, before) {
   await new Promise((r) => setTimeout(r, 2000));
   check(await readGhostText(page) === "", "manual-only: no ghost text appears while typing", await readGhostText(page));
 
-  await page.keyboard.press("Alt+Backslash");
+  await page.keyboard.press("Control+Alt+T"); // editor.action.inlineSuggest.trigger (keybindings.json)
   const asked = await page.locator(".ghost-text-decoration").first().waitFor({ timeout: 60000 })
     .then(() => true, () => false);
-  check(asked, "manual-only: Alt+\\ (Trigger Inline Suggestion) asks and the ghost text appears");
+  check(asked, "manual-only: Trigger Inline Suggestion asks and the ghost text appears");
   const text = before + more;
   const expected = cliSuggestion(text, typing.maxNewTokens);
   const shown = await readGhostText(page);
   check(shown === expected, "manual-only: it is what `phi-lsp complete` suggests there",
     `ghost:    ${JSON.stringify(shown)}\nexpected: ${JSON.stringify(expected)}`);
+
+  // Alternatives: the explicit request got several; VS Code's next/previous cycle through them.
+  await page.keyboard.press("Control+Alt+N"); // editor.action.inlineSuggest.showNext (keybindings.json)
+  let other = "";
+  for (const end = Date.now() + 10000; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    other = await readGhostText(page);
+    if (other !== "" && other !== expected) {
+      break;
+    }
+  }
+  check(other !== "" && other !== expected, "alternatives: Show Next Inline Suggestion shows another suggestion",
+    `ghost:  ${JSON.stringify(other)}\ngreedy: ${JSON.stringify(expected)}`);
+  await page.keyboard.press("Control+Alt+P"); // editor.action.inlineSuggest.showPrevious (keybindings.json)
+  let previous = "";
+  for (const end = Date.now() + 10000; Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    previous = await readGhostText(page);
+    if (previous === expected) {
+      break;
+    }
+  }
+  check(previous === expected, "alternatives: Show Previous Inline Suggestion goes back to the greedy one",
+    `ghost:  ${JSON.stringify(previous)}\ngreedy: ${JSON.stringify(expected)}`);
 
   // The status bar item's tooltip: the last suggestion's decoding speed.
   await page.waitForTimeout(500);

@@ -15,6 +15,7 @@ local buffers = {}
 
 local function set_highlight()
   api.nvim_set_hl(0, 'PhiLspGhostText', { link = 'Comment', default = true })
+  api.nvim_set_hl(0, 'PhiLspGhostTextMore', { link = 'Comment', default = true })
 end
 
 local function stop_timer(state)
@@ -82,8 +83,10 @@ local function in_insert_mode()
   return api.nvim_get_mode().mode:sub(1, 1) == 'i'
 end
 
---- Shows `text`, to be inserted over `range` (0-based rows, byte columns), at the cursor.
-local function show(bufnr, row, col, text, range)
+--- Shows `text`, to be inserted over `range` (0-based rows, byte columns), at the cursor. With
+--- `items` (the texts of the server's answer, `text` the `index`th), cycle() can move to the others;
+--- with `hint`, "(index/n)" follows the text (as 0.12's native ghost text shows it once cycled).
+local function show(bufnr, row, col, text, range, items, index, hint)
   M.clear(bufnr)
   -- The part of the suggestion already typed between the range start and the cursor is not shown
   -- again; a suggestion that disagrees with it is not shown at all.
@@ -101,23 +104,50 @@ local function show(bufnr, row, col, text, range)
     return
   end
   local lines = vim.split(rest, '\n', { plain = true })
+  local chunks = {}
+  for i, line in ipairs(lines) do
+    chunks[i] = line ~= '' and { { line, 'PhiLspGhostText' } } or {}
+  end
+  if hint and items and #items > 1 and index then
+    table.insert(chunks[#chunks], { (' (%d/%d)'):format(index, #items), 'PhiLspGhostTextMore' })
+  end
   local virt_lines = {}
-  for i = 2, #lines do
-    virt_lines[#virt_lines + 1] = { { lines[i], 'PhiLspGhostText' } }
+  for i = 2, #chunks do
+    virt_lines[#virt_lines + 1] = chunks[i]
   end
   api.nvim_buf_set_extmark(bufnr, ns, row, col, {
-    virt_text = lines[1] ~= '' and { { lines[1], 'PhiLspGhostText' } } or nil,
+    virt_text = #chunks[1] > 0 and chunks[1] or nil,
     virt_text_pos = 'inline',
     virt_lines = #virt_lines > 0 and virt_lines or nil,
     hl_mode = 'combine',
   })
-  buffers[bufnr].shown =
-    { row = row, col = col, text = text, range = range, tick = api.nvim_buf_get_changedtick(bufnr) }
+  buffers[bufnr].shown = {
+    row = row,
+    col = col,
+    text = text,
+    range = range,
+    tick = api.nvim_buf_get_changedtick(bufnr),
+    items = items,
+    index = index,
+  }
+end
+
+--- The plain-text insertText of an inline completion item, or nil.
+local function item_text(item)
+  local text = type(item) == 'table' and item.insertText
+  if type(text) == 'table' then
+    if text.kind == 'snippet' then
+      return nil -- snippets need the native implementation (0.12+)
+    end
+    text = text.value
+  end
+  return type(text) == 'string' and text ~= '' and text or nil
 end
 
 --- Asks the server for a suggestion at the cursor and shows it if nothing changed meanwhile;
---- `kind` is the LSP triggerKind (default 2, Automatic; 1, Invoked, is the user asking).
-function M.request(bufnr, kind)
+--- `kind` is the LSP triggerKind (default 2, Automatic; 1, Invoked, is the user asking). With
+--- `delta`, the answer's item that far from the first is shown (cycle()).
+function M.request(bufnr, kind, delta)
   local state = buffers[bufnr]
   local win = api.nvim_get_current_win()
   if not state or api.nvim_win_get_buf(win) ~= bufnr or not in_insert_mode() then
@@ -163,23 +193,29 @@ function M.request(bufnr, kind)
       M.clear(bufnr)
       return
     end
-    local text = item.insertText
-    if type(text) == 'table' then
-      if text.kind == 'snippet' then
-        return -- snippets need the native implementation (0.12+)
-      end
-      text = text.value
+    if type(item.insertText) == 'table' and item.insertText.kind == 'snippet' then
+      return
     end
-    if type(text) ~= 'string' or text == '' then
+    local text = item_text(item)
+    if not text then
       M.clear(bufnr)
       return
     end
+    -- The alternatives (an explicit request's): the items with the first one's range.
+    local items = { text }
+    for i, other in ipairs(result.items or result) do
+      local other_text = i > 1 and item_text(other)
+      if other_text and vim.deep_equal(other.range, item.range) then
+        items[#items + 1] = other_text
+      end
+    end
+    local index = (((delta or 0) % #items) + 1)
     local range = { start_row = row, start_col = col, end_row = row, end_col = col }
     if item.range then
       range.start_row, range.start_col = to_pos(bufnr, item.range.start, encoding)
       range.end_row, range.end_col = to_pos(bufnr, item.range['end'], encoding)
     end
-    show(bufnr, row, col, text, range)
+    show(bufnr, row, col, items[index], range, items, index, index ~= 1)
   end, bufnr)
   if ok then
     state.pending = id
@@ -287,6 +323,34 @@ function M.trigger(bufnr)
   end
   stop_timer(state)
   M.request(bufnr, 1)
+  return true
+end
+
+--- Shows the next (`delta` 1) or previous (-1) of the suggestions the server answered with,
+--- wrapping around; over one that came alone, or none, asks explicitly (its alternatives) and
+--- shows the one `delta` from the first.
+function M.cycle(bufnr, delta)
+  bufnr = bufnr or api.nvim_get_current_buf()
+  local state = buffers[bufnr]
+  if not state then
+    return false
+  end
+  local shown = state.shown
+  local row, col = cursor_of(api.nvim_get_current_win())
+  if
+    shown
+    and shown.items
+    and #shown.items > 1
+    and shown.row == row
+    and shown.col == col
+    and shown.tick == api.nvim_buf_get_changedtick(bufnr)
+  then
+    local index = (shown.index - 1 + delta) % #shown.items + 1
+    show(bufnr, row, col, shown.items[index], shown.range, shown.items, index, true)
+    return true
+  end
+  stop_timer(state)
+  M.request(bufnr, 1, shown and delta or 0)
   return true
 end
 

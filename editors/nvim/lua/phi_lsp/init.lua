@@ -13,7 +13,8 @@ M.defaults = {
   filetypes = { 'python' },
   root_markers = { 'pyproject.toml', 'setup.py', 'setup.cfg', 'requirements.txt', '.git' },
   --- Server options, as the server names them: model, tokenizer, device, dtype, maxNewTokens,
-  --- deadlineMs, contextTokens, completionMode, speculate, tokenHealing, automatic. Sent as
+  --- deadlineMs, contextTokens, completionMode, speculate, tokenHealing, automatic,
+  --- alternatives. Sent as
   --- initializationOptions and as workspace/didChangeConfiguration settings under "phi-lsp".
   settings = {},
   --- 'auto' (native on 0.12+, else the plugin's), 'native', 'plugin', or false for none (the
@@ -29,6 +30,11 @@ M.defaults = {
   --- Insert-mode key that asks for a suggestion now (an Invoked request: the way to ask when
   --- settings.automatic is false); false for no mapping.
   trigger_key = '<M-\\>',
+  --- Insert-mode keys that show the next and the previous of the alternatives the server offers to
+  --- an explicit request (settings.alternatives, 3 by default): pressed over a suggestion that came
+  --- alone (as you typed), they ask explicitly first; false for no mapping.
+  next_key = '<M-]>',
+  prev_key = '<M-[>',
   --- Milliseconds between two phi-lsp/status requests of the statusline component (statusline()).
   status_refresh_ms = 1000,
   --- Plugin ghost text only: milliseconds after the last keystroke before asking.
@@ -203,6 +209,18 @@ function M.on_attach(client, bufnr)
       M.trigger(bufnr)
     end, { buffer = bufnr, desc = 'phi-lsp: ask for a suggestion now' })
   end
+  local cycles = {
+    { M.config.next_key, 1, 'phi-lsp: the next alternative suggestion' },
+    { M.config.prev_key, -1, 'phi-lsp: the previous alternative suggestion' },
+  }
+  for _, cycle in ipairs(cycles) do
+    local key, delta, desc = cycle[1], cycle[2], cycle[3]
+    if key then
+      vim.keymap.set('i', key, function()
+        M.cycle(bufnr, delta)
+      end, { buffer = bufnr, desc = desc })
+    end
+  end
 end
 
 --- Asks 0.12's native inline completion again in a buffer, as typing would; the server answers
@@ -366,6 +384,18 @@ function M._guard_native(bufnr)
   if not completor or rawget(completor, '_phi_lsp_show') or type(completor.show) ~= 'function' then
     return
   end
+  -- After an explicit request made to cycle (M.cycle), its answer is shown moved by that much.
+  local handler = completor.handler
+  completor.handler = function(self, err, result, ctx)
+    handler(self, err, result, ctx)
+    local after = rawget(self, '_phi_lsp_cycle')
+    if after and vim.api.nvim_buf_get_changedtick(self.bufnr) ~= after.tick then
+      self._phi_lsp_cycle = nil
+    elseif after and self.current and self:count_items() > 1 then
+      self._phi_lsp_cycle = nil
+      vim.lsp.inline_completion.select({ bufnr = self.bufnr, count = after.delta })
+    end
+  end
   local show = completor.show
   completor._phi_lsp_show = show
   completor.show = function(self, ...)
@@ -475,6 +505,49 @@ function M.trigger(bufnr)
     return require('phi_lsp.ghost').trigger(bufnr)
   end
   return false
+end
+
+--- Shows the next (`delta` 1) or previous (-1) of the suggestions the server offered at the
+--- cursor, wrapping around. Over a suggestion that came alone (an automatic request's), or with
+--- none shown, it asks explicitly (triggerKind Invoked), which the server answers with up to
+--- settings.alternatives of them, the same greedy one first; the shown one then moves by `delta`.
+--- 0.12's native ghost text cycles with vim.lsp.inline_completion.select(), which also shows
+--- "(2/3)" after it; the plugin's own does the same. False when there is nothing to ask.
+---@param bufnr? integer
+---@param delta integer
+function M.cycle(bufnr, delta)
+  bufnr = bufnr or vim.api.nvim_get_current_buf()
+  if not M.enabled then
+    return false
+  end
+  local kind = M.inline_kind()
+  if kind == 'native' then
+    local completor = native_completor(bufnr)
+    if not (completor and type(completor.request) == 'function') then
+      return false
+    end
+    M._guard_native(bufnr)
+    if completor.current and completor:count_items() > 1 then
+      vim.lsp.inline_completion.select({ bufnr = bufnr, count = delta })
+      return true
+    end
+    if completor.current then
+      completor._phi_lsp_cycle = { delta = delta, tick = vim.api.nvim_buf_get_changedtick(bufnr) }
+    end
+    completor:request(vim.lsp.protocol.InlineCompletionTriggerKind.Invoked)
+    return true
+  elseif kind == 'plugin' then
+    return require('phi_lsp.ghost').cycle(bufnr, delta)
+  end
+  return false
+end
+
+function M.next(bufnr)
+  return M.cycle(bufnr, 1)
+end
+
+function M.prev(bufnr)
+  return M.cycle(bufnr, -1)
 end
 
 --- The phi-lsp settings a client runs with (however they were configured), or nil.

@@ -392,3 +392,35 @@ fn humaneval_canonical_solutions() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn distinct_keeps_the_first_of_each_suggestion_in_order() {
+    let got = distinct(
+        [
+            "total = 0".to_string(),
+            "total = 0  ".into(),
+            "   ".into(),
+            "count = 0\n    for x in xs:".into(),
+            "total = 0\n".into(),
+            "count = 0  \n    for x in xs:\n".into(),
+            "return 0".into(),
+        ],
+        5,
+    );
+    assert_eq!(got, ["total = 0", "count = 0\n    for x in xs:", "return 0"]);
+    // At most `max`, the greedy one (first) always among them.
+    let got = distinct(["a".to_string(), "b".into(), "c".into()], 2);
+    assert_eq!(got, ["a", "b"]);
+    assert_eq!(distinct(["a".to_string(), "a".into()], 3), ["a"]);
+    assert!(distinct(Vec::<String>::new(), 3).is_empty());
+}
+
+#[test]
+fn first_lines_cuts_before_the_nth_newline() {
+    assert_eq!(first_lines("a\nb\nc", 1), "a");
+    assert_eq!(first_lines("a\nb\nc", 2), "a\nb");
+    assert_eq!(first_lines("a\nb\nc", 3), "a\nb\nc");
+    assert_eq!(first_lines("a\nb\n", 2), "a\nb");
+    assert_eq!(first_lines("a", 4), "a");
+    assert_eq!(first_lines("a\nb", 0), "");
+}
