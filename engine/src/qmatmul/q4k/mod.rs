@@ -12,7 +12,7 @@
 //! through the row kernels in chunks.
 
 use super::q8k::Part;
-pub(super) use super::q8k::{Q8Block, QK_K, SUB_BLOCK_AT};
+pub(super) use super::q8k::{Q8Block, QK_K};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::Isa;
 use crate::cpu::{self, Implementation, Kernel};

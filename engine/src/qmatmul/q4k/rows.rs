@@ -5,7 +5,7 @@
 //! fallback.
 
 #[cfg(target_arch = "x86_64")]
-use super::SUB_BLOCK_AT;
+use crate::qmatmul::q8k::SUB_BLOCK_AT;
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
 use crate::qmatmul::q8k::multiply_rows;
