@@ -4,11 +4,11 @@
 //! product widened to several rows), on AVX-512 VNNI, AVX2 or NEON (aarch64), with a portable
 //! fallback.
 
-#[cfg(target_arch = "x86_64")]
-use crate::qmatmul::q8k::SUB_BLOCK_AT;
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
 use crate::qmatmul::q8k::multiply_rows;
+#[cfg(target_arch = "x86_64")]
+use crate::qmatmul::q8k::SUB_BLOCK_AT;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::{cpu::Isa, simd::prefetch};
 #[cfg(target_arch = "aarch64")]
