@@ -134,8 +134,12 @@ impl Features {
             (Kernel::DensePanels, Isa::Avx512) => self.avx512f,
             (Kernel::DensePanels | Kernel::Attention | Kernel::Gelu, Isa::Avx2) => self.avx2 && self.fma,
             (Kernel::AttentionF16, Isa::Avx2) => avx2,
-            (Kernel::Q8_0Rows | Kernel::Q4kRows, Isa::NeonDotprod) => self.neon && self.dotprod,
-            (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::DenseRows, Isa::Neon) => self.neon,
+            (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::Q6kRows, Isa::NeonDotprod) => {
+                self.neon && self.dotprod
+            }
+            (Kernel::Q8_0Rows | Kernel::Q4kRows | Kernel::Q6kRows | Kernel::DenseRows, Isa::Neon) => {
+                self.neon
+            }
             _ => false,
         }
     }
@@ -391,7 +395,12 @@ mod tests {
             neon: true,
             ..Features::default()
         };
-        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows, Kernel::DenseRows] {
+        for kernel in [
+            Kernel::Q4kRows,
+            Kernel::Q6kRows,
+            Kernel::Q8_0Rows,
+            Kernel::DenseRows,
+        ] {
             let isas: Vec<Isa> = neon.implementations(kernel).map(Implementation::isa).collect();
             assert_eq!(isas[0], Isa::Neon, "{kernel:?}");
         }
@@ -400,7 +409,7 @@ mod tests {
             dotprod: true,
             ..neon
         };
-        for kernel in [Kernel::Q4kRows, Kernel::Q8_0Rows] {
+        for kernel in [Kernel::Q4kRows, Kernel::Q6kRows, Kernel::Q8_0Rows] {
             let isas: Vec<Isa> = dotprod.implementations(kernel).map(Implementation::isa).collect();
             assert_eq!(isas[..2], [Isa::NeonDotprod, Isa::Neon], "{kernel:?}");
         }

@@ -1,18 +1,19 @@
 //! The q6k row kernels: a few activation rows against stored q6k blocks, weight row by weight
 //! row. Each weight block is unpacked once (to 6-bit values in bytes, its 16 scales widened) for up
 //! to four activation rows; every row is computed as it would be alone. AVX-512 VNNI and AVX2
-//! (ggml's `q6_K·q8_K` dot product widened to several rows), with a portable fallback.
+//! (ggml's `q6_K·q8_K` dot product widened to several rows), NEON with or without `sdot`
+//! (aarch64), and a portable fallback.
 
 use super::{block_sum, BlockQ6K, Q6kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
 use crate::qmatmul::q8k::multiply_rows;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use {crate::cpu::Isa, crate::simd::prefetch};
 
 type RowKernel = crate::qmatmul::q8k::RowKernel<BlockQ6K>;
 
 /// How far ahead of the block it works on a kernel prefetches the weights (~14 blocks).
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const PREFETCH_BYTES: usize = 2944;
 
 fn row_generic(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
@@ -246,6 +247,93 @@ unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [
     }
 }
 
+/// Defines a q6k NEON row kernel `$name` (enabling `$features`) from how it sums one group of 16
+/// weights: `$dot`, the `int32x4_t` of partial sums of the 16 products of `$q` (the weights less
+/// their offset, `int8x16_t`) and activations `$a`, which the group's scale then multiplies.
+#[cfg(target_arch = "aarch64")]
+macro_rules! q6k_rows_neon {
+    ($(#[$doc:meta])* $name:ident, $features:literal, |$q:ident, $a:ident| $dot:expr) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
+            use std::arch::aarch64::*;
+            assert!(x.len() >= m * kb && out.len() >= w.len() / kb * m);
+            let (low4, low2, offset) = (vdupq_n_u8(0xF), vdupq_n_u8(3), vdupq_n_s8(32));
+            for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
+                out.fill(0.0);
+                for (b, block) in w.iter().enumerate() {
+                    // The blocks stream from memory: ask for the bytes [`PREFETCH_BYTES`] ahead.
+                    let ahead = (block as *const BlockQ6K as *const u8).wrapping_add(PREFETCH_BYTES);
+                    for line in 0..4 {
+                        prefetch(ahead.wrapping_add(64 * line));
+                    }
+                    let d = half::f16::from_bits(block.d).to_f32();
+                    // Group `g` of 16 weights: sub-block `j = g / 2` (half `h`, quarter `t`),
+                    // its values `16(g % 2)..` (the layout [`BlockQ6K`] describes), less 32.
+                    let q: [int8x16_t; 16] = std::array::from_fn(|g| {
+                        let (h, t, l) = (g / 8, g / 2 % 4, 16 * (g % 2));
+                        // SAFETY: 16 of the block's 128 bytes of `ql` and 64 of `qh`.
+                        let (ql, qh) = unsafe {
+                            (
+                                vld1q_u8(block.ql.as_ptr().add(64 * h + 32 * (t & 1) + l)),
+                                vld1q_u8(block.qh.as_ptr().add(32 * h + l)),
+                            )
+                        };
+                        let low = if t < 2 { vandq_u8(ql, low4) } else { vshrq_n_u8::<4>(ql) };
+                        let high = match t {
+                            0 => qh,
+                            1 => vshrq_n_u8::<2>(qh),
+                            2 => vshrq_n_u8::<4>(qh),
+                            _ => vshrq_n_u8::<6>(qh),
+                        };
+                        let value = vorrq_u8(low, vshlq_n_u8::<4>(vandq_u8(high, low2)));
+                        vsubq_s8(vreinterpretq_s8_u8(value), offset)
+                    });
+                    for (r, acc) in out.iter_mut().enumerate() {
+                        let a = &x[r * kb + b];
+                        let mut sum = vdupq_n_s32(0);
+                        for (g, q) in q.iter().enumerate() {
+                            // SAFETY: 16 of a sub-block's 32 activations.
+                            let act = unsafe { vld1q_s8(a.sub_block(g / 2).as_ptr().add(16 * (g % 2))) };
+                            let ($q, $a) = (*q, act);
+                            sum = vmlaq_n_s32(sum, $dot, block.scales[g] as i32);
+                        }
+                        *acc += d * a.d * vaddvq_s32(sum) as f32;
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+q6k_rows_neon!(
+    /// [`row_generic`] on NEON: each block's 6-bit values unpacked once (less their offset, as
+    /// bytes) for all `m` activation rows, a group's 16 products summed in 16 bits (`smull`,
+    /// `smlal2`: at most 2·32·128 per lane) then widened (`saddlp`) and scaled into 32-bit sums.
+    /// The integer sums are exact and the f32 arithmetic on them is [`row_generic`]'s, so the
+    /// outputs equal the portable kernel's bit for bit.
+    ///
+    /// # Safety
+    ///
+    /// None beyond [`RowKernel`]'s: NEON is part of aarch64.
+    row_neon,
+    "neon",
+    |q, a| vpaddlq_s16(vmlal_high_s8(vmull_s8(vget_low_s8(q), vget_low_s8(a)), q, a))
+);
+
+#[cfg(target_arch = "aarch64")]
+q6k_rows_neon!(
+    /// [`row_neon`] with the dot products: a group is one `sdot`, the same exact integer sums.
+    ///
+    /// # Safety
+    ///
+    /// The CPU has FEAT_DotProd ([`RowKernel`]'s contract).
+    row_sdot,
+    "neon,dotprod",
+    |q, a| crate::simd::sdot!(vdupq_n_s32(0), q, a)
+);
+
 /// The row kernel of `imp`, an implementation of [`Kernel::Q6kRows`] this CPU runs.
 pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
     debug_assert_eq!(imp.kernel(), Kernel::Q6kRows);
@@ -254,6 +342,10 @@ pub(super) fn row_kernel(imp: Implementation) -> RowKernel {
         Isa::Avx512Vnni => row_avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => row_avx2,
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDotprod => row_sdot,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => row_neon,
         _ => row_generic,
     }
 }

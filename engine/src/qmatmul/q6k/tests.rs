@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use super::*;
-use crate::cpu::{self, Kernel};
+use crate::cpu::{self, Isa, Kernel};
 use crate::qmatmul::q8k::{MAX_ROWS, QK_K};
 use crate::qmatmul::tests::random;
 use crate::qmatmul::{linear_rows, linear_rows_as, Result, Rows, Weight};
@@ -72,13 +72,25 @@ fn row_kernels_compute_the_blocks_dot_products() -> Result<()> {
             })
             .collect();
         let scale = expected.iter().fold(0f64, |s, v| s.max(v.abs()));
-        for imp in cpu::features().implementations(Kernel::Q6kRows) {
-            let kernel = rows::row_kernel(imp);
+        let run = |imp| {
             let mut got = vec![f32::NAN; n * m];
             // SAFETY: the probe listed the implementation, so the CPU has its features.
-            unsafe { kernel(blocks, kb, &x, m, &mut got) };
+            unsafe { rows::row_kernel(imp)(blocks, kb, &x, m, &mut got) };
+            got
+        };
+        let features = cpu::features();
+        let portable = run(features
+            .implementation(Kernel::Q6kRows, Isa::Portable)
+            .expect("portable"));
+        for imp in features.implementations(Kernel::Q6kRows) {
+            let got = run(imp);
             for (g, e) in got.iter().zip(&expected) {
                 assert!((*g as f64 - e).abs() <= 1e-5 * scale, "{imp}, m={m}: {g} vs {e}");
+            }
+            // The NEON kernels sum the same exact integers and do the portable kernel's f32
+            // arithmetic on them: bit for bit.
+            if matches!(imp.isa(), Isa::Neon | Isa::NeonDotprod) {
+                assert_eq!(got, portable, "{imp}, m={m}: not the portable kernel's bits");
             }
         }
     }
