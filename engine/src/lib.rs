@@ -8,6 +8,7 @@ pub mod draft;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod hugepages;
 mod kernels;
 pub mod model;
 mod qmatmul;

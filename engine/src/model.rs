@@ -339,7 +339,7 @@ impl PhiModel {
         let final_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, &vb_m.pp("final_layernorm"))?;
         let lm_head = Linear::load(cfg.hidden_size, cfg.vocab_size, &vb.pp("lm_head"))?;
         let narrow = !lm_head.weight.is_f32() || layers.iter().any(|l| !l.mlp.fc1.weight.is_f32());
-        Ok(PhiModel {
+        let model = PhiModel {
             embed_tokens,
             layers,
             final_layernorm,
@@ -353,7 +353,31 @@ impl PhiModel {
                 src.dtype()
             },
             device: src.device().clone(),
-        })
+        };
+        crate::hugepages::advise(model.weight_spans());
+        Ok(model)
+    }
+
+    /// Where every matmul weight's and the embedding's bytes lie (address, length), for the
+    /// huge-page pass after load ([`crate::hugepages`]).
+    fn weight_spans(&self) -> Vec<(usize, usize)> {
+        let mut spans = Vec::new();
+        crate::qmatmul::matmul_spans(&self.embed_tokens, &mut spans);
+        for layer in &self.layers {
+            let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+            for linear in [
+                &attn.q_proj,
+                &attn.k_proj,
+                &attn.v_proj,
+                &attn.dense,
+                &mlp.fc1,
+                &mlp.fc2,
+            ] {
+                linear.weight.spans(&mut spans);
+            }
+        }
+        self.lm_head.weight.spans(&mut spans);
+        spans
     }
 
     pub fn config(&self) -> &PhiConfig {

@@ -51,10 +51,50 @@ impl Weight {
         Ok(Weight::Candle(weight))
     }
 
+    /// Where the weight's bytes lie, as (address, length) spans pushed onto `spans` (for the
+    /// huge-page pass, [`crate::hugepages`]); nothing for weights off the CPU.
+    pub(crate) fn spans(&self, spans: &mut Vec<(usize, usize)>) {
+        match self {
+            Weight::Candle(w) => matmul_spans(w, spans),
+            #[cfg(target_arch = "x86_64")]
+            Weight::Q8_0(packed) => spans.push(span(&packed.tiles)),
+        }
+    }
+
     /// Whether the weight is held as f32 (not quantized, not 16-bit).
     pub(crate) fn is_f32(&self) -> bool {
         matches!(self, Weight::Candle(QMatMul::Tensor(w)) if w.dtype() == DType::F32)
     }
+}
+
+/// [`Weight::spans`] of a weight candle holds: a quantized tensor's blocks, or a dense tensor's
+/// storage (f32, f16, bf16).
+pub(crate) fn matmul_spans(weight: &QMatMul, spans: &mut Vec<(usize, usize)>) {
+    let tensor = match weight {
+        QMatMul::QTensor(q) => {
+            if q.device().is_cpu() {
+                if let Ok(std::borrow::Cow::Borrowed(data)) = q.data() {
+                    spans.push(span(data));
+                }
+            }
+            return;
+        }
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t,
+    };
+    let (storage, _) = tensor.storage_and_layout();
+    if let Storage::Cpu(cpu) = &*storage {
+        match cpu {
+            candle_core::CpuStorage::F32(v) => spans.push(span(v)),
+            candle_core::CpuStorage::F16(v) => spans.push(span(v)),
+            candle_core::CpuStorage::BF16(v) => spans.push(span(v)),
+            _ => {}
+        }
+    }
+}
+
+/// The address and byte length of `values`.
+fn span<T>(values: &[T]) -> (usize, usize) {
+    (values.as_ptr() as usize, std::mem::size_of_val(values))
 }
 
 /// Which kernels may take the rows of one call.

@@ -29,7 +29,7 @@ use crate::args::{BenchArgs, ModelArgs};
 use crate::loading;
 use crate::settings::ModelSpec;
 use crate::stdout::print_line;
-use bandwidth::measure_bandwidth;
+use bandwidth::{measure_bandwidth, Bandwidth};
 use keystroke::{prompt_tokens, KeystrokeText};
 use machine::Machine;
 use report::Measured;
@@ -70,7 +70,7 @@ pub fn benchmark(model: &ModelArgs, args: BenchArgs) -> Result<()> {
 
     if !args.json {
         print_line(&format!(
-            "phi-lsp bench: {}, {threads} threads ({}); {}; read bandwidth over {} MiB, measured before and after each dtype's runs",
+            "phi-lsp bench: {}, {threads} threads ({}); {}; read bandwidth over {} MiB (the best of several methods), measured before and after each dtype's runs",
             machine.cpu, machine.features, target.description, args.bandwidth_mib
         ));
     }
@@ -98,7 +98,7 @@ fn measure_dtype(
     args: &BenchArgs,
     threads: usize,
     machine: &Machine,
-    bandwidth_before: Vec<f64>,
+    bandwidth_before: Bandwidth,
 ) -> Result<Value> {
     let name = dtype.name();
     let spec = ModelSpec {
@@ -132,6 +132,8 @@ fn measure_dtype(
     )?;
     let runs = in_process::measure_in_process(&engine, dtype, args, &text)?;
     let peak_rss = rss::peak_rss_bytes(None);
+    // With the model still loaded: how much of it (the weights, mostly) sits in huge pages.
+    let anon_huge_pages = phi_engine::hugepages::anon_huge_pages_bytes();
     let replay = match &args.replay {
         Some(_) => {
             let problems = replay::humaneval(args.replay_limit)?;
@@ -170,6 +172,7 @@ fn measure_dtype(
         cfg,
         runs,
         peak_rss,
+        anon_huge_pages,
         bandwidth_before,
         bandwidth_after,
         profile,

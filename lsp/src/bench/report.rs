@@ -4,6 +4,7 @@
 use phi_engine::{PhiConfig, WeightDType};
 use serde_json::{json, Value};
 
+use super::bandwidth::Bandwidth;
 use super::in_process::Runs;
 use super::machine::Machine;
 use super::server::ServerRuns;
@@ -23,9 +24,11 @@ pub struct Measured<'a> {
     pub runs: Runs,
     /// This process's peak RSS after the in-process runs.
     pub peak_rss: Option<u64>,
-    /// Read bandwidth (GB/s per pass) before and after the dtype's runs.
-    pub bandwidth_before: Vec<f64>,
-    pub bandwidth_after: Vec<f64>,
+    /// `AnonHugePages` of this process with the model loaded.
+    pub anon_huge_pages: Option<u64>,
+    /// Read bandwidth (GB/s per pass, per method) before and after the dtype's runs.
+    pub bandwidth_before: Bandwidth,
+    pub bandwidth_after: Bandwidth,
     pub profile: Option<Value>,
     pub server: Option<ServerRuns>,
 }
@@ -43,6 +46,7 @@ impl Measured<'_> {
             cfg,
             runs,
             peak_rss,
+            anon_huge_pages,
             bandwidth_before,
             bandwidth_after,
             profile,
@@ -50,7 +54,19 @@ impl Measured<'_> {
         } = self;
         let name = dtype.name();
         let (per_token, resident) = (dtype.weight_bytes_per_token(&cfg), dtype.weight_bytes(&cfg));
-        let bandwidth = Spread::of(&[bandwidth_before.as_slice(), &bandwidth_after].concat());
+        // Each method's passes before and after together; the ceiling is the best method's.
+        let bandwidth_all = bandwidth_before.merged(&bandwidth_after);
+        let (bandwidth_method, bandwidth) = bandwidth_all
+            .best()
+            .map_or(("none", Spread::of(&[])), |(name, rates)| {
+                (name, Spread::of(rates))
+            });
+        let best_of = |b: &Bandwidth| b.best().map_or(f64::NAN, |(_, rates)| Spread::of(rates).median);
+        let methods: serde_json::Map<String, Value> = bandwidth_all
+            .figures()
+            .into_iter()
+            .map(|(name, gb_s)| (name, round(gb_s)))
+            .collect();
         let ceiling = bandwidth.median * 1e9 / per_token as f64;
         let kv_read = cfg.kv_bytes_per_token(dtype.kv_dtype().size_in_bytes()) * PROMPT_TOKENS as u64;
         let mut report = json!({
@@ -71,8 +87,8 @@ impl Measured<'_> {
             "decode_tok_s_spread": runs.decode.json(),
             "bandwidth_gb_s": round(bandwidth.median),
             "bandwidth_gb_s_spread": bandwidth.json(),
-            "bandwidth_gb_s_before": round(Spread::of(&bandwidth_before).median),
-            "bandwidth_gb_s_after": round(Spread::of(&bandwidth_after).median),
+            "bandwidth_gb_s_before": round(best_of(&bandwidth_before)),
+            "bandwidth_gb_s_after": round(best_of(&bandwidth_after)),
             "weight_bytes_per_token": per_token,
             "kv_bytes_read_per_token_at_512": kv_read,
             "decode_ceiling_tok_s": round(ceiling),
@@ -96,6 +112,11 @@ impl Measured<'_> {
             "draft_decode_speedup": round(runs.draft_speedup),
             "draft_acceptance": round(runs.draft_acceptance),
         });
+        if let Value::Object(map) = &mut report {
+            map.insert("bandwidth_method".into(), json!(bandwidth_method));
+            map.insert("bandwidth_methods".into(), Value::Object(methods));
+            map.insert("anon_huge_pages_bytes".into(), json!(anon_huge_pages));
+        }
         if let (Some(server), Value::Object(map)) = (&server, &mut report) {
             map.insert("server".into(), server.json());
             map.insert("server_peak_rss_bytes".into(), json!(server.peak_rss));
@@ -140,12 +161,13 @@ pub fn table(r: &Value) -> String {
             spread_text(&r["first_token_ms_16_spread"])
         ),
         format!(
-            "  decode at context {:<4}   {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s ({:.1} before the runs, {:.1} after): ratio {:.2}",
+            "  decode at context {:<4}   {:>8.2} tok/s   ({}); ceiling {:.1} tok/s at {:.1} GB/s ({}; {:.1} before the runs, {:.1} after): ratio {:.2}",
             r["prefill_tokens"],
             num("decode_tok_s"),
             spread_text(&r["decode_tok_s_spread"]),
             num("decode_ceiling_tok_s"),
             num("bandwidth_gb_s"),
+            r["bandwidth_method"].as_str().unwrap_or("?"),
             num("bandwidth_gb_s_before"),
             num("bandwidth_gb_s_after"),
             num("decode_ceiling_ratio"),
@@ -205,13 +227,14 @@ pub fn table(r: &Value) -> String {
         ));
     }
     lines.push(format!(
-        "  peak RSS                 {} bench{} (weights as stored {})",
+        "  peak RSS                 {} bench{} (weights as stored {}; {} in huge pages with the model loaded)",
         bytes("peak_rss_bytes"),
         r.get("server_peak_rss_bytes")
             .and_then(Value::as_u64)
             .map(|b| format!(", {} server", gb(b)))
             .unwrap_or_default(),
         bytes("weights_bytes_resident_nominal"),
+        bytes("anon_huge_pages_bytes"),
     ));
     if let Some(profile) = r.get("profile").and_then(Value::as_object) {
         for (label, stages) in profile {
