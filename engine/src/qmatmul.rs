@@ -56,7 +56,7 @@ impl Weight {
     pub(crate) fn spans(&self, spans: &mut Vec<(usize, usize)>) {
         match self {
             Weight::Candle(w) => matmul_spans(w, spans),
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             Weight::Q8_0(packed) => spans.push(span(&packed.tiles)),
         }
     }
