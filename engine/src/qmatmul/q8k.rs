@@ -137,3 +137,32 @@ pub(super) unsafe fn multiply_rows<B: Sync>(
         }
     });
 }
+
+/// A [`RowKernel`] body (for the q4k and q6k kernels): for each weight row, the `m` activation rows in groups of up to four,
+/// each group through `$rows::<M>(w, x, out, $extra)` (which unpacks the weights once for its `M`
+/// rows).
+#[cfg(target_arch = "x86_64")]
+macro_rules! in_groups_of_four {
+    ($rows:ident, $w:expr, $kb:expr, $x:expr, $m:expr, $out:expr, $extra:expr) => {{
+        let (kb, x, m, extra) = ($kb, $x, $m, $extra);
+        for (w, out) in $w.chunks_exact(kb).zip($out.chunks_exact_mut(m)) {
+            let mut r = 0;
+            while r < m {
+                let (x, out) = (&x[r * kb..], &mut out[r..]);
+                // SAFETY: the CPU has the row kernel's features ([`RowKernel`]'s contract), which
+                // `$rows` enables; it asserts the rows it reads and writes.
+                unsafe {
+                    match m - r {
+                        1 => $rows::<1>(w, x, out, extra),
+                        2 => $rows::<2>(w, x, out, extra),
+                        3 => $rows::<3>(w, x, out, extra),
+                        _ => $rows::<4>(w, x, out, extra),
+                    }
+                }
+                r += 4;
+            }
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use in_groups_of_four;

@@ -6,6 +6,8 @@
 
 use super::{f16_to_f32, unpacked_scales, BlockQ4K, Q4kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
+#[cfg(target_arch = "x86_64")]
+use crate::qmatmul::q8k::in_groups_of_four;
 use crate::qmatmul::q8k::multiply_rows;
 #[cfg(target_arch = "x86_64")]
 use crate::qmatmul::q8k::SUB_BLOCK_AT;
@@ -48,33 +50,6 @@ fn row_generic_one(w: &[BlockQ4K], x: &[Q8Block], m: usize, out: &mut [f32]) {
             *acc += a.d * (d * sumi as f32 - dmin * summ as f32);
         }
     }
-}
-
-/// A [`RowKernel`] body: for each weight row, the `m` activation rows in groups of up to four,
-/// each group through `$rows::<M>(w, x, out, $extra)` (which unpacks the weights once for its `M`
-/// rows).
-#[cfg(target_arch = "x86_64")]
-macro_rules! in_groups_of_four {
-    ($rows:ident, $w:expr, $kb:expr, $x:expr, $m:expr, $out:expr, $extra:expr) => {{
-        let (kb, x, m, extra) = ($kb, $x, $m, $extra);
-        for (w, out) in $w.chunks_exact(kb).zip($out.chunks_exact_mut(m)) {
-            let mut r = 0;
-            while r < m {
-                let (x, out) = (&x[r * kb..], &mut out[r..]);
-                // SAFETY: the CPU has the row kernel's features ([`RowKernel`]'s contract), which
-                // `$rows` enables; it asserts the rows it reads and writes.
-                unsafe {
-                    match m - r {
-                        1 => $rows::<1>(w, x, out, extra),
-                        2 => $rows::<2>(w, x, out, extra),
-                        3 => $rows::<3>(w, x, out, extra),
-                        _ => $rows::<4>(w, x, out, extra),
-                    }
-                }
-                r += 4;
-            }
-        }
-    }};
 }
 
 /// `vpshufb` masks that spread byte `j` of a 64-bit lane to every 16-bit lane, zero-extended.

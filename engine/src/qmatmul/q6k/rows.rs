@@ -6,6 +6,8 @@
 
 use super::{block_sum, BlockQ6K, Q6kLinear, Q8Block};
 use crate::cpu::{self, Implementation, Kernel};
+#[cfg(target_arch = "x86_64")]
+use crate::qmatmul::q8k::in_groups_of_four;
 use crate::qmatmul::q8k::multiply_rows;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use {crate::cpu::Isa, crate::simd::prefetch};
@@ -49,23 +51,7 @@ static SCALE_PICKS: [[u8; 16]; 8] = {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
-    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
-        let mut r = 0;
-        while r < m {
-            let (x, out) = (&x[r * kb..], &mut out[r..]);
-            // SAFETY: the CPU has AVX2, FMA and F16C (this fn's contract, [`RowKernel`]'s);
-            // `rows_avx2` asserts the rows it reads and writes.
-            unsafe {
-                match m - r {
-                    1 => rows_avx2::<1>(w, x, out),
-                    2 => rows_avx2::<2>(w, x, out),
-                    3 => rows_avx2::<3>(w, x, out),
-                    _ => rows_avx2::<4>(w, x, out),
-                }
-            }
-            r += 4;
-        }
-    }
+    in_groups_of_four!(rows_avx2, w, kb, x, m, out, ())
 }
 
 /// [`row_avx2`] for `M` activation rows: each block's 256 6-bit values are unpacked once into
@@ -78,7 +64,7 @@ unsafe fn row_avx2(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32]) {
+unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32], _: ()) {
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
@@ -141,23 +127,7 @@ unsafe fn rows_avx2<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 unsafe fn row_avx512(w: &[BlockQ6K], kb: usize, x: &[Q8Block], m: usize, out: &mut [f32]) {
-    for (w, out) in w.chunks_exact(kb).zip(out.chunks_exact_mut(m)) {
-        let mut r = 0;
-        while r < m {
-            let (x, out) = (&x[r * kb..], &mut out[r..]);
-            // SAFETY: the CPU has AVX-512F/BW/VNNI, FMA and F16C (this fn's contract,
-            // [`RowKernel`]'s); `rows_avx512` asserts the rows it reads and writes.
-            unsafe {
-                match m - r {
-                    1 => rows_avx512::<1>(w, x, out),
-                    2 => rows_avx512::<2>(w, x, out),
-                    3 => rows_avx512::<3>(w, x, out),
-                    _ => rows_avx512::<4>(w, x, out),
-                }
-            }
-            r += 4;
-        }
-    }
+    in_groups_of_four!(rows_avx512, w, kb, x, m, out, ())
 }
 
 /// Which of a block's 16 scales each 16-bit lane of register `i` of [`rows_avx512`] takes: the
@@ -189,7 +159,7 @@ static SCALE_LANES: [[u16; 32]; 4] = {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma,f16c")]
 #[inline]
-unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32]) {
+unsafe fn rows_avx512<const M: usize>(w: &[BlockQ6K], x: &[Q8Block], out: &mut [f32], _: ()) {
     use std::arch::x86_64::*;
     let kb = w.len();
     assert!(x.len() >= M * kb && out.len() >= M);
