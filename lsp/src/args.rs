@@ -154,8 +154,8 @@ pub struct BenchArgs {
     /// on a separate synthetic weight set, against the measured decode and prefill.
     #[arg(long)]
     pub profile: bool,
-    /// Prompt-lookup drafts per decode pass in every run (0: one token per pass); the decode with
-    /// and without drafts is also timed.
+    /// Prompt-lookup drafts per decode pass in the keystroke runs, the drafted decode run and the
+    /// replay (0: one token per pass); the decode figure itself is always plain decoding.
     #[arg(long, default_value_t = phi_engine::DEFAULT_DRAFT)]
     pub draft: usize,
     /// Also replay a problem set through the server's completion code, each next token scripted

@@ -32,6 +32,8 @@ pub struct Runs {
     pub first_token: Spread,
     pub decode: Spread,
     pub decode_ms_per_token: f64,
+    /// Drafts verified in the decode runs: 0, as the figure is plain decoding.
+    pub decode_drafted_tokens: usize,
     pub keystroke_cached: Spread,
     pub keystroke_uncached: Spread,
     pub keystroke_prefill_cached: Spread,
@@ -57,10 +59,16 @@ pub fn measure_in_process(
     let model = &engine.model;
     let tokenizer = engine.tokenizer.as_ref();
     let prompt = &text.prefix_ids;
+    // The keystrokes draft as the server does; prefill, first token and the decode figure are
+    // plain decoding, one token per pass, as every other engine's figures are.
     let params = |max_new_tokens: usize| GenerateParams {
         max_new_tokens,
         draft: args.draft,
         ..Default::default()
+    };
+    let plain = |max_new_tokens: usize| GenerateParams {
+        draft: 0,
+        ..params(max_new_tokens)
     };
     let mut no_stop = |_: &str| false;
     let mut slot = Slot::new(model, SLOT_CAPACITY)?;
@@ -96,7 +104,7 @@ pub fn measure_in_process(
             engine,
             &mut slot,
             &prompt[..SHORT_PROMPT_TOKENS],
-            &params(1),
+            &plain(1),
             watch(&mut no_stop),
         )?;
         first_token.push(ms(start.elapsed()));
@@ -110,12 +118,13 @@ pub fn measure_in_process(
     slot.clear();
     let mut decode = Vec::new();
     let mut decode_ms_per_token = Vec::new();
+    let mut decode_drafted_tokens = 0;
     for run in 0..args.repeats {
         let generation = generate(
             engine,
             &mut slot,
             prompt,
-            &params(args.decode_tokens + 1),
+            &plain(args.decode_tokens + 1),
             watch(&mut no_stop),
         )?;
         // The first token comes from the prompt's logits; each later one is one forward.
@@ -135,6 +144,7 @@ pub fn measure_in_process(
         ));
         decode.push(rate);
         decode_ms_per_token.push(generation.stats.decode_ms / steps as f64);
+        decode_drafted_tokens += generation.stats.drafted_tokens;
     }
 
     // Keystrokes: the cached slot holds the previous prompt and its suggestion, as in the editor;
@@ -235,6 +245,7 @@ pub fn measure_in_process(
         first_token: Spread::of(&first_token),
         decode: Spread::of(&decode),
         decode_ms_per_token: Spread::of(&decode_ms_per_token).median,
+        decode_drafted_tokens,
         keystroke_cached: Spread::of(&cached),
         keystroke_uncached: Spread::of(&uncached),
         keystroke_prefill_cached: Spread::of(&cached_prefill),

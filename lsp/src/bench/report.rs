@@ -113,6 +113,7 @@ impl Measured<'_> {
             "draft_acceptance": round(runs.draft_acceptance),
         });
         if let Value::Object(map) = &mut report {
+            map.insert("decode_drafted_tokens".into(), json!(runs.decode_drafted_tokens));
             map.insert("bandwidth_method".into(), json!(bandwidth_method));
             map.insert("bandwidth_methods".into(), Value::Object(methods));
             map.insert("anon_huge_pages_bytes".into(), json!(anon_huge_pages));
