@@ -1,5 +1,6 @@
 //! The open documents: one rope per URI, its version, and incremental edits applied all-or-nothing,
-//! so a bad `didChange` leaves the server's copy exactly as it was.
+//! so a bad `didChange` leaves the server's copy exactly as it was; and the open notebooks, whose
+//! cells are documents here too, so that a cell's prompt starts with the notebook's earlier cells.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,6 +9,7 @@ use ropey::Rope;
 
 use crate::completion::OpenDocument;
 use crate::convert::{pos_to_char, Pos, PositionEncoding, PositionError};
+use crate::notebooks::{Cell, NotebookError, Notebooks};
 
 #[derive(Debug, Clone)]
 pub struct Document {
@@ -23,6 +25,36 @@ pub struct Edit {
     /// `None` replaces the whole text (full sync).
     pub range: Option<(Pos, Pos)>,
     pub text: String,
+}
+
+/// A cell's text document as a notebook's `didOpen` or `didChange` opens it.
+#[derive(Debug, Clone)]
+pub struct CellText {
+    pub uri: String,
+    pub text: String,
+    pub version: i32,
+    pub language_id: String,
+}
+
+/// One `notebookDocument/didChange` in plain types: the cells replaced (start, how many, the new
+/// ones), the cell documents it opens and closes, the cells whose kind changed, and the cells'
+/// text edits (URI, version, edits as `textDocument/didChange` carries them).
+#[derive(Debug, Default)]
+pub struct NotebookChange {
+    pub splice: Option<(usize, usize, Vec<Cell>)>,
+    pub opened: Vec<CellText>,
+    pub closed: Vec<String>,
+    pub kinds: Vec<Cell>,
+    pub text: Vec<(String, i32, Vec<Edit>)>,
+}
+
+/// What a notebook change did: the problems (each already applied part stays), the cells whose
+/// documents closed, and every cell of the notebook with the text its prompt now reads.
+#[derive(Debug, Default)]
+pub struct NotebookChanged {
+    pub problems: Vec<String>,
+    pub closed: Vec<String>,
+    pub prompts: Vec<(String, Rope)>,
 }
 
 #[derive(Debug)]
@@ -98,6 +130,8 @@ impl From<PositionError> for DocumentError {
 pub struct Documents {
     by_uri: HashMap<String, Document>,
     max_bytes: usize,
+    /// The open notebooks' cell order (their cells' text is in `by_uri`).
+    pub notebooks: Notebooks,
 }
 
 impl Documents {
@@ -106,6 +140,7 @@ impl Documents {
         Documents {
             by_uri: HashMap::new(),
             max_bytes,
+            notebooks: Notebooks::default(),
         }
     }
 
@@ -173,6 +208,112 @@ impl Documents {
 
     pub fn get(&self, uri: &str) -> Option<&Document> {
         self.by_uri.get(uri)
+    }
+
+    /// Opens notebook `uri` with `cells` in order and the cells' documents; the problems of cells
+    /// that could not be opened (too large), each named.
+    pub fn open_notebook(&mut self, uri: &str, cells: Vec<Cell>, texts: &[CellText]) -> Vec<String> {
+        let problems = (texts.iter())
+            .filter_map(|cell| {
+                let opened = self.open(&cell.uri, &cell.text, cell.version, &cell.language_id);
+                opened.err().map(|e| e.to_string())
+            })
+            .collect();
+        self.notebooks.open(uri, cells);
+        problems
+    }
+
+    /// Applies one notebook change in LSP's order: cell documents opened, the cells replaced, cell
+    /// documents closed, kinds, then text edits. Each part is all-or-nothing on its own (a
+    /// structure change past the end leaves the cells, an edit out of range its cell), and a
+    /// problem in one does not stop the others.
+    pub fn change_notebook(
+        &mut self,
+        uri: &str,
+        change: NotebookChange,
+        enc: PositionEncoding,
+    ) -> NotebookChanged {
+        let mut out = NotebookChanged::default();
+        if !self.notebooks.contains(uri) {
+            out.problems
+                .push(NotebookError::Unknown(uri.to_string()).to_string());
+            return out;
+        }
+        let problem = |out: &mut NotebookChanged, e: &dyn fmt::Display| {
+            out.problems.push(e.to_string());
+        };
+        for cell in &change.opened {
+            if let Err(e) = self.open(&cell.uri, &cell.text, cell.version, &cell.language_id) {
+                problem(&mut out, &e);
+            }
+        }
+        if let Some((start, delete, cells)) = change.splice {
+            if let Err(e) = self.notebooks.splice(uri, start, delete, cells) {
+                problem(&mut out, &e);
+            }
+        }
+        for cell in change.closed {
+            self.close(&cell);
+            out.closed.push(cell);
+        }
+        if !change.kinds.is_empty() {
+            if let Err(e) = self.notebooks.set_kinds(uri, &change.kinds) {
+                problem(&mut out, &e);
+            }
+        }
+        for (cell, version, edits) in &change.text {
+            if let Err(e) = self.change(cell, *version, edits, enc) {
+                problem(&mut out, &e);
+            }
+        }
+        let cells: Vec<String> = (self.notebooks.cells(uri).iter())
+            .map(|cell| cell.uri.clone())
+            .collect();
+        out.prompts = (cells.into_iter())
+            .filter_map(|cell| Some((cell.clone(), self.prompt_text(&cell)?.0)))
+            .collect();
+        out
+    }
+
+    /// Closes notebook `uri` and its cells' documents (those it has and `also`, the ones the client
+    /// names); the cells closed. An unknown notebook closes only `also`, as closing an unknown
+    /// document does nothing.
+    pub fn close_notebook(&mut self, uri: &str, also: Vec<String>) -> Vec<String> {
+        let mut closed: Vec<String> = (self.notebooks.close(uri).unwrap_or_default().into_iter())
+            .map(|cell| cell.uri)
+            .collect();
+        for cell in also {
+            if !closed.contains(&cell) {
+                closed.push(cell);
+            }
+        }
+        for cell in &closed {
+            self.close(cell);
+        }
+        closed
+    }
+
+    /// The text a completion in `uri` reads, and the char where `uri`'s own text starts in it: the
+    /// document itself (at 0), or for a notebook cell the notebook's earlier code cells first, each
+    /// followed by one blank line (cells not open as documents are skipped). Joining shares the
+    /// cells' ropes (O(cells · log size)), so the earlier cells cost nothing per keystroke.
+    pub fn prompt_text(&self, uri: &str) -> Option<(Rope, usize)> {
+        let own = self.by_uri.get(uri)?.rope.clone();
+        let Some(earlier) = self.notebooks.preceding(uri) else {
+            return Some((own, 0));
+        };
+        let mut text = Rope::new();
+        for cell in earlier.iter().filter_map(|cell| self.by_uri.get(*cell)) {
+            if cell.rope.len_chars() == 0 {
+                continue;
+            }
+            text.append(cell.rope.clone());
+            let ends_line = cell.rope.char(cell.rope.len_chars() - 1) == '\n';
+            text.append(Rope::from_str(if ends_line { "\n" } else { "\n\n" }));
+        }
+        let offset = text.len_chars();
+        text.append(own);
+        Some((text, offset))
     }
 
     /// The open documents other than `uri`, for a completion in `uri` to read what they define
@@ -287,6 +428,47 @@ mod tests {
         assert!(docs.close(URI));
         assert!(!docs.close(URI));
         assert!(docs.get(URI).is_none());
+    }
+
+    #[test]
+    fn a_cell_reads_the_earlier_code_cells_first() {
+        use crate::notebooks::Cell;
+        let mut docs = Documents::new(1 << 20);
+        let cell = |uri: &str, code| Cell {
+            uri: uri.to_string(),
+            code,
+        };
+        for (uri, text) in [
+            ("c0", "import math"),
+            ("m1", "# Areas"),
+            ("c2", "R = 2\n"),
+            ("c3", ""),
+            ("c4", "def area(r):\n    "),
+        ] {
+            docs.open(uri, text, 1, "python").expect("open");
+        }
+        let cells = vec![
+            cell("c0", true),
+            cell("m1", false),
+            cell("c2", true),
+            cell("c3", true),
+            cell("gone", true),
+            cell("c4", true),
+        ];
+        docs.notebooks.open("file:///n.ipynb", cells);
+        let (text, offset) = docs.prompt_text("c4").expect("open");
+        // The markup cell, the empty cell and the cell that is not open are left out; each cell
+        // ends its line and is followed by one blank line.
+        let joined = "import math\n\nR = 2\n\n";
+        assert_eq!(text.to_string(), format!("{joined}def area(r):\n    "));
+        assert_eq!(offset, joined.chars().count());
+        let (text, offset) = docs.prompt_text("c0").expect("open");
+        assert_eq!((text.to_string().as_str(), offset), ("import math", 0));
+        // A plain document is itself.
+        docs.open(URI, "x = 1\n", 1, "python").expect("open");
+        let (text, offset) = docs.prompt_text(URI).expect("open");
+        assert_eq!((text.to_string().as_str(), offset), ("x = 1\n", 0));
+        assert!(docs.prompt_text("file:///unknown.py").is_none());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod loading;
 pub mod lsp_client;
 pub mod memory;
+pub mod notebooks;
 pub mod params;
 pub mod progress;
 pub mod proto;

@@ -8,7 +8,8 @@ use tower_lsp_server::ls_types::*;
 use crate::completion::growth::Grew;
 use crate::completion::Trigger;
 use crate::convert::{self, PositionEncoding};
-use crate::documents::Edit;
+use crate::documents::{CellText, Edit, NotebookChange};
+use crate::notebooks::Cell;
 use crate::settings::CompletionMode;
 
 /// What the client declared at `initialize` that the server acts on.
@@ -111,6 +112,17 @@ pub fn capabilities(facts: ClientFacts, mode: CompletionMode) -> ServerCapabilit
             change: Some(TextDocumentSyncKind::INCREMENTAL),
             ..Default::default()
         })),
+        // Jupyter notebooks (VS Code): their Python cells, in order, so a cell's prompt can start
+        // with the earlier cells (`notebooks.rs`).
+        notebook_document_sync: Some(OneOf::Left(NotebookDocumentSyncOptions {
+            notebook_selector: vec![NotebookSelector::ByNotebook {
+                notebook: Notebook::String("*".into()),
+                cells: Some(vec![NotebookCellSelector {
+                    language: "python".into(),
+                }]),
+            }],
+            save: None,
+        })),
         inline_completion_provider: inline.then_some(OneOf::Left(true)),
         completion_provider: menu.then(|| CompletionOptions {
             trigger_characters: Some([".", "(", "[", ",", ":", "="].map(String::from).to_vec()),
@@ -158,6 +170,55 @@ pub fn edits(changes: Vec<TextDocumentContentChangeEvent>) -> Vec<Edit> {
             text: change.text,
         })
         .collect()
+}
+
+/// A notebook's cells as `notebooks.rs` keeps them.
+pub fn cells(cells: &[NotebookCell]) -> Vec<Cell> {
+    (cells.iter())
+        .map(|cell| Cell {
+            uri: cell.document.as_str().to_string(),
+            code: cell.kind == NotebookCellKind::CODE,
+        })
+        .collect()
+}
+
+pub fn cell_texts(items: Vec<TextDocumentItem>) -> Vec<CellText> {
+    (items.into_iter())
+        .map(|item| CellText {
+            uri: item.uri.as_str().to_string(),
+            text: item.text,
+            version: item.version,
+            language_id: item.language_id,
+        })
+        .collect()
+}
+
+/// A `notebookDocument/didChange`'s cell changes in plain types (its metadata is not read).
+pub fn notebook_change(change: NotebookDocumentChangeEvent) -> NotebookChange {
+    let Some(cells) = change.cells else {
+        return NotebookChange::default();
+    };
+    let mut out = NotebookChange::default();
+    if let Some(structure) = cells.structure {
+        let array = structure.array;
+        out.splice = Some((
+            array.start as usize,
+            array.delete_count as usize,
+            self::cells(&array.cells.unwrap_or_default()),
+        ));
+        out.opened = cell_texts(structure.did_open.unwrap_or_default());
+        out.closed = (structure.did_close.unwrap_or_default().into_iter())
+            .map(|doc| doc.uri.as_str().to_string())
+            .collect();
+    }
+    out.kinds = self::cells(&cells.data.unwrap_or_default());
+    out.text = (cells.text_content.unwrap_or_default().into_iter())
+        .map(|content| {
+            let doc = content.document;
+            (doc.uri.as_str().to_string(), doc.version, edits(content.changes))
+        })
+        .collect();
+    out
 }
 
 /// A suggestion and where it goes: `text` is inserted at char `cursor` of `rope`, the document as

@@ -207,12 +207,14 @@ impl Backend {
     ) -> Result<Option<Suggestion>> {
         let key = uri.as_str();
         let settings = self.settings();
-        let (rope, version, others) = {
+        // A notebook cell's prompt reads the notebook's earlier cells first (`text`, with the
+        // cell's own from `offset` on); the answer is placed in the cell (`rope`, `cursor`).
+        let (rope, version, others, (prompt_text, offset)) = {
             let documents = lock(&self.documents);
-            let doc = documents.get(key).ok_or_else(|| {
-                Error::invalid_params(format!("unknown document {key}: send didOpen first"))
-            })?;
-            (doc.rope.clone(), doc.version, documents.others(key))
+            let unknown = || Error::invalid_params(format!("unknown document {key}: send didOpen first"));
+            let doc = documents.get(key).ok_or_else(unknown)?;
+            let prompt = documents.prompt_text(key).ok_or_else(unknown)?;
+            (doc.rope.clone(), doc.version, documents.others(key), prompt)
         };
         let workspace = Workspace {
             roots: lock(&self.session).roots.clone(),
@@ -222,8 +224,8 @@ impl Backend {
             .map_err(|e| Error::invalid_params(e.to_string()))?;
         let request = Request {
             key,
-            rope: &rope,
-            cursor,
+            rope: &prompt_text,
+            cursor: offset + cursor,
             place: Place {
                 version,
                 line: position.line,
@@ -239,8 +241,8 @@ impl Backend {
             Ok(Some(text)) if alternatives && trigger == Trigger::Invoked && settings.alternatives > 1 => {
                 let request = Request {
                     key,
-                    rope: &rope,
-                    cursor,
+                    rope: &prompt_text,
+                    cursor: offset + cursor,
                     place,
                     trigger,
                     settings: &settings,
@@ -289,6 +291,27 @@ impl Backend {
                 tracing::error!("completion failed: {e}");
                 Err(internal_error(format!("completion failed: {e}")))
             }
+        }
+    }
+
+    /// Closed documents: nothing of them may be served again, and their KV caches go.
+    fn forget(&self, uris: &[String]) {
+        let backend = self.host.backend();
+        for uri in uris {
+            self.completions.forget(uri);
+            if let Some(backend) = &backend {
+                backend.forget(uri);
+            }
+        }
+    }
+
+    /// Each problem as a warning in the log and the client's.
+    async fn warn_all(&self, what: &str, problems: Vec<String>) {
+        for problem in problems {
+            tracing::warn!("{what}: {problem}");
+            self.client
+                .log_message(MessageType::WARNING, format!("phi-lsp: {what}: {problem}"))
+                .await;
         }
     }
 
@@ -395,10 +418,10 @@ impl LanguageServer for Backend {
                 let mut documents = lock(&self.documents);
                 documents
                     .change(&uri, params.text_document.version, &edits, encoding)
-                    .map(|()| documents.get(&uri).map(|doc| doc.rope.clone()))
+                    .map(|()| documents.prompt_text(&uri).map(|(text, _)| text))
             };
-            if let Ok(Some(rope)) = &result {
-                self.completions.changed(&uri, rope);
+            if let Ok(Some(text)) = &result {
+                self.completions.changed(&uri, text);
             }
             if let Err(e) = result {
                 tracing::warn!("didChange {uri}: {e}");
@@ -414,10 +437,51 @@ impl LanguageServer for Backend {
         self.guarded_notification("textDocument/didClose", async move {
             let uri = params.text_document.uri.as_str();
             lock(&self.documents).close(uri);
-            self.completions.forget(uri);
-            if let Some(backend) = self.host.backend() {
-                backend.forget(uri);
+            self.forget(&[uri.to_string()]);
+        })
+        .await
+    }
+
+    async fn notebook_did_open(&self, params: DidOpenNotebookDocumentParams) {
+        self.guarded_notification("notebookDocument/didOpen", async move {
+            let notebook = params.notebook_document;
+            let uri = notebook.uri.as_str();
+            let texts = proto::cell_texts(params.cell_text_documents);
+            let problems = lock(&self.documents).open_notebook(uri, proto::cells(&notebook.cells), &texts);
+            self.warn_all(&format!("notebook {uri}"), problems).await;
+        })
+        .await
+    }
+
+    async fn notebook_did_change(&self, params: DidChangeNotebookDocumentParams) {
+        self.guarded_notification("notebookDocument/didChange", async move {
+            let uri = params.notebook_document.uri.as_str();
+            let change = proto::notebook_change(params.change);
+            let encoding = self.encoding();
+            let changed = lock(&self.documents).change_notebook(uri, change, encoding);
+            // An edit in one cell changes the prompt of every later one.
+            for (cell, text) in &changed.prompts {
+                self.completions.changed(cell, text);
             }
+            self.forget(&changed.closed);
+            self.warn_all(
+                &format!("notebook change ignored in part: {uri}"),
+                changed.problems,
+            )
+            .await;
+        })
+        .await
+    }
+
+    async fn notebook_did_save(&self, _: DidSaveNotebookDocumentParams) {}
+
+    async fn notebook_did_close(&self, params: DidCloseNotebookDocumentParams) {
+        self.guarded_notification("notebookDocument/didClose", async move {
+            let also = (params.cell_text_documents.into_iter())
+                .map(|doc| doc.uri.as_str().to_string())
+                .collect();
+            let closed = lock(&self.documents).close_notebook(params.notebook_document.uri.as_str(), also);
+            self.forget(&closed);
         })
         .await
     }

@@ -231,6 +231,9 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     documentSelector: [
       { scheme: "file", language: "python" },
       { scheme: "untitled", language: "python" },
+      // Python cells of Jupyter notebooks: the server syncs them as notebooks (notebookDocument/*,
+      // declared in its capabilities), so a cell's prompt has the earlier cells before it.
+      { notebook: "*", language: "python" },
     ],
     outputChannel: log,
     initializationOptions: serverSettings(),
