@@ -239,17 +239,14 @@ impl Documents {
                 .push(NotebookError::Unknown(uri.to_string()).to_string());
             return out;
         }
-        let problem = |out: &mut NotebookChanged, e: &dyn fmt::Display| {
-            out.problems.push(e.to_string());
-        };
         for cell in &change.opened {
             if let Err(e) = self.open(&cell.uri, &cell.text, cell.version, &cell.language_id) {
-                problem(&mut out, &e);
+                out.problems.push(e.to_string());
             }
         }
         if let Some((start, delete, cells)) = change.splice {
             if let Err(e) = self.notebooks.splice(uri, start, delete, cells) {
-                problem(&mut out, &e);
+                out.problems.push(e.to_string());
             }
         }
         for cell in change.closed {
@@ -258,12 +255,12 @@ impl Documents {
         }
         if !change.kinds.is_empty() {
             if let Err(e) = self.notebooks.set_kinds(uri, &change.kinds) {
-                problem(&mut out, &e);
+                out.problems.push(e.to_string());
             }
         }
         for (cell, version, edits) in &change.text {
             if let Err(e) = self.change(cell, *version, edits, enc) {
-                problem(&mut out, &e);
+                out.problems.push(e.to_string());
             }
         }
         let cells: Vec<String> = (self.notebooks.cells(uri).iter())
