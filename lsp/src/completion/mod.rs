@@ -96,6 +96,7 @@ pub enum Trigger {
 }
 
 /// A completion request at `cursor` (a char index) of `rope`, the text of the document `key`.
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     pub key: &'a str,
     pub rope: &'a Rope,
