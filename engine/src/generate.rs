@@ -18,6 +18,33 @@ use crate::weights::Engine;
 /// is thrown away.
 pub const PREFILL_CHUNK: usize = 128;
 
+/// A prefill that may go on for newer jobs (`keep_prefilling`: [`Slot::sync_serving`]) runs its last
+/// this many positions as a chunk of their own. Typing changes the tokens at the cursor, and a
+/// chunk cut short is thrown away, so the positions before them must not share a chunk with them.
+pub const PREFILL_TAIL: usize = 16;
+
+/// Asked, while a cancelled job prefills, whether the prompt's positions through the chunk in hand
+/// (the prefix given) are still worth computing for a newer job.
+pub type KeepPrefilling<'a> = &'a dyn Fn(&[u32]) -> bool;
+
+/// The chunks, `(start, end)`, in which `n` new positions are prefilled: [`PREFILL_CHUNK`] at a
+/// time, the last [`PREFILL_TAIL`] apart when `tail` (and there is more than a tail).
+fn chunk_bounds(n: usize, tail: bool) -> Vec<(usize, usize)> {
+    let body = if tail && n > PREFILL_TAIL {
+        n - PREFILL_TAIL
+    } else {
+        n
+    };
+    let mut bounds: Vec<(usize, usize)> = (0..body)
+        .step_by(PREFILL_CHUNK)
+        .map(|start| (start, (start + PREFILL_CHUNK).min(body)))
+        .collect();
+    if body < n {
+        bounds.push((body, n));
+    }
+    bounds
+}
+
 /// A KV cache and the token ids it holds. Invariant: `ids.len() == cache.len()`.
 pub struct Slot {
     cache: KvCache,
@@ -131,6 +158,21 @@ impl Slot {
         prompt: &[u32],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<SyncOutcome> {
+        self.sync_serving(model, prompt, cancelled, None)
+    }
+
+    /// [`Self::sync`], where a prefill that `cancelled` would stop goes on while `keep_prefilling`
+    /// says the prompt's positions through the chunk in hand (the prefix it is given) are worth
+    /// computing for a newer job, which then finds them in the cache: a keystroke at the same place
+    /// does not throw away the prefill the last one started. With it, the last [`PREFILL_TAIL`]
+    /// positions are a chunk of their own.
+    pub fn sync_serving(
+        &mut self,
+        model: &PhiModel,
+        prompt: &[u32],
+        cancelled: &dyn Fn() -> bool,
+        keep_prefilling: Option<KeepPrefilling<'_>>,
+    ) -> Result<SyncOutcome> {
         if prompt.is_empty() {
             return Err(crate::EngineError::Request("the prompt has no tokens".into()));
         }
@@ -141,12 +183,18 @@ impl Slot {
             prefilled: 0,
         };
         let mut logits = None;
-        for chunk in prompt[common..].chunks(PREFILL_CHUNK) {
-            match self.forward(model, chunk, cancelled)? {
+        for (start, end) in chunk_bounds(prompt.len() - common, keep_prefilling.is_some()) {
+            let through = &prompt[..common + end];
+            let stop = || cancelled() && !keep_prefilling.is_some_and(|keep| keep(through));
+            match self.forward(model, &prompt[common + start..common + end], &stop)? {
                 Some(chunk_logits) => logits = Some(chunk_logits),
                 None => return Ok(SyncOutcome::Cancelled(stats)),
             }
-            stats.prefilled += chunk.len();
+            stats.prefilled += end - start;
+        }
+        // Kept for a newer job alone: it generates nothing.
+        if cancelled() {
+            return Ok(SyncOutcome::Cancelled(stats));
         }
         match logits {
             Some(logits) => Ok(SyncOutcome::Ready(logits, stats)),
@@ -363,6 +411,10 @@ pub struct Watch<'a> {
     /// Polled before every layer of the prefill and after every token; `true` ends it
     /// ([`StopReason::Cancelled`]).
     pub cancelled: &'a dyn Fn() -> bool,
+    /// While `cancelled` fires during the prefill: whether the prompt's positions through the
+    /// chunk in hand (the prefix given) are worth computing for a newer job ([`Slot::sync_serving`]);
+    /// `None`: never, the prefill stops at once.
+    pub keep_prefilling: Option<KeepPrefilling<'a>>,
     /// Sees the figures so far after the prefill and after each token, while it runs.
     pub progress: Option<&'a mut dyn FnMut(&GenerationStats)>,
 }
@@ -379,6 +431,7 @@ pub fn generate(
     let Watch {
         stop,
         cancelled,
+        keep_prefilling,
         mut progress,
     } = watch;
     let mut report = |stats: &GenerationStats| {
@@ -399,7 +452,7 @@ pub fn generate(
         stop: StopReason::Cancelled,
         stats: GenerationStats::default(),
     };
-    let mut logits = match slot.sync(model, prompt, cancelled)? {
+    let mut logits = match slot.sync_serving(model, prompt, cancelled, keep_prefilling)? {
         SyncOutcome::Ready(logits, sync) => {
             stats.reused_tokens = sync.reused;
             stats.prefilled_tokens = sync.prefilled;
@@ -542,6 +595,19 @@ fn ms(d: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_bounds_cover_the_positions_once_with_the_tail_apart() {
+        assert_eq!(chunk_bounds(300, false), [(0, 128), (128, 256), (256, 300)]);
+        assert_eq!(
+            chunk_bounds(300, true),
+            [(0, 128), (128, 256), (256, 284), (284, 300)]
+        );
+        assert_eq!(chunk_bounds(272, true), [(0, 128), (128, 256), (256, 272)]);
+        assert_eq!(chunk_bounds(16, true), [(0, 16)]);
+        assert_eq!(chunk_bounds(1, true), [(0, 1)]);
+        assert_eq!(chunk_bounds(0, true), []);
+    }
 
     #[test]
     fn common_prefix_counts_equal_leading_ids() {

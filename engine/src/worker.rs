@@ -1,6 +1,8 @@
 //! The one thread that owns the model and its slots. Jobs arrive on a channel, each with its own
-//! reply; a job whose requester has gone (its [`Ticket`] dropped) or that a newer job for the same
-//! key superseded is dropped, before it starts or within one token.
+//! reply; a job whose requester has gone (its [`Ticket`] dropped or released) or that a newer job
+//! for the same key superseded is dropped, before it starts or within one token — except that its
+//! prefill goes on while it computes positions the newest job's prompt starts with (typing at the
+//! same place keeps the work of the keystroke before), or, released, while no other job waits.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -70,28 +72,56 @@ pub enum JobOutcome {
 
 pub type Reply = Box<dyn FnOnce(Result<JobOutcome>) + Send>;
 
-/// Cancels its job when dropped (or on [`Ticket::cancel`]).
+/// Cancels its job when dropped (or on [`Ticket::cancel`]); [`Ticket::release`] lets it finish the
+/// prefill a newer job can use instead.
 pub struct Ticket {
-    cancel: Arc<AtomicBool>,
+    flags: Arc<Flags>,
+    armed: bool,
+}
+
+#[derive(Default)]
+struct Flags {
+    cancelled: AtomicBool,
+    released: AtomicBool,
 }
 
 impl Ticket {
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
+        self.flags.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// The requester no longer wants the answer, but the prompt's prefill may still serve the
+    /// next job (the user typed at the same place): the job generates nothing more, and goes on
+    /// prefilling only while no other job waits or the newest one, of the same key, has a prompt
+    /// that starts with the positions in hand.
+    pub fn release(mut self) {
+        self.flags.released.store(true, Ordering::Relaxed);
+        self.armed = false;
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.cancel();
+        if self.armed {
+            self.cancel();
+        }
     }
+}
+
+/// The job submitted last, of any key: a job that is no longer wanted prefills on only for it.
+#[derive(Default)]
+struct Newest {
+    seq: u64,
+    key: String,
+    /// Its prompt, when it came as ids.
+    ids: Option<Vec<u32>>,
 }
 
 struct Envelope {
     job: Job,
     seq: u64,
     latest: Arc<AtomicU64>,
-    cancel: Arc<AtomicBool>,
+    flags: Arc<Flags>,
     reply: Reply,
 }
 
@@ -112,6 +142,7 @@ pub struct WorkerStats {
 pub struct Worker {
     tx: mpsc::Sender<Message>,
     latest: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    newest: Arc<Mutex<Newest>>,
     next_seq: AtomicU64,
     tokenizer: Arc<PhiTokenizer>,
     config: PhiConfig,
@@ -125,11 +156,13 @@ impl Worker {
         let tokenizer = engine.tokenizer.clone();
         let config = engine.model.config().clone();
         let stats = Arc::new(Mutex::new(WorkerStats::default()));
+        let newest = Arc::new(Mutex::new(Newest::default()));
         let mut state = WorkerState {
             engine,
             options,
             slots: Vec::new(),
             stats: stats.clone(),
+            newest: newest.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("phi-model".into())
@@ -142,6 +175,7 @@ impl Worker {
         Ok(Worker {
             tx,
             latest: Mutex::new(HashMap::new()),
+            newest,
             next_seq: AtomicU64::new(1),
             tokenizer,
             config,
@@ -171,18 +205,26 @@ impl Worker {
             map.entry(job.key.clone()).or_default().clone()
         };
         latest.store(seq, Ordering::Relaxed);
-        let cancel = Arc::new(AtomicBool::new(false));
+        *self.newest.lock().unwrap_or_else(|e| e.into_inner()) = Newest {
+            seq,
+            key: job.key.clone(),
+            ids: match &job.prompt {
+                Prompt::Ids(ids) => Some(ids.clone()),
+                Prompt::Text(_) => None,
+            },
+        };
+        let flags = Arc::new(Flags::default());
         let envelope = Envelope {
             job,
             seq,
             latest,
-            cancel: cancel.clone(),
+            flags: flags.clone(),
             reply,
         };
         if let Err(mpsc::SendError(Message::Run(envelope))) = self.tx.send(Message::Run(Box::new(envelope))) {
             (envelope.reply)(Err(EngineError::Worker("the model thread has exited".into())));
         }
-        Ticket { cancel }
+        Ticket { flags, armed: true }
     }
 
     /// Submits `job` and waits for its outcome on this thread (for the CLI and tests).
@@ -217,6 +259,7 @@ struct WorkerState {
     /// Least recently used first.
     slots: Vec<(String, Slot)>,
     stats: Arc<Mutex<WorkerStats>>,
+    newest: Arc<Mutex<Newest>>,
 }
 
 impl WorkerState {
@@ -231,17 +274,31 @@ impl WorkerState {
                     job,
                     seq,
                     latest,
-                    cancel,
+                    flags,
                     reply,
                 } = *envelope;
-                let stale = || cancel.load(Ordering::Relaxed) || latest.load(Ordering::Relaxed) != seq;
+                let stale = || {
+                    flags.cancelled.load(Ordering::Relaxed)
+                        || flags.released.load(Ordering::Relaxed)
+                        || latest.load(Ordering::Relaxed) != seq
+                };
                 if stale() {
                     self.count(|s| s.jobs_dropped += 1);
                     reply(Ok(JobOutcome::Dropped));
                     return;
                 }
                 let key = job.key.clone();
-                let result = catch_unwind(AssertUnwindSafe(|| self.generate(job, &stale)));
+                let newest = self.newest.clone();
+                // A job no longer wanted prefills on only for the job after it (see Ticket::release).
+                let keep_prefilling = |prefix: &[u32]| {
+                    let newest = newest.lock().unwrap_or_else(|e| e.into_inner());
+                    if newest.seq == seq {
+                        !flags.cancelled.load(Ordering::Relaxed)
+                    } else {
+                        newest.key == key && newest.ids.as_ref().is_some_and(|ids| ids.starts_with(prefix))
+                    }
+                };
+                let result = catch_unwind(AssertUnwindSafe(|| self.generate(job, &stale, &keep_prefilling)));
                 let result = match result {
                     Ok(result) => result,
                     Err(panic) => {
@@ -277,7 +334,12 @@ impl WorkerState {
         }
     }
 
-    fn generate(&mut self, job: Job, cancelled: &dyn Fn() -> bool) -> Result<Generation> {
+    fn generate(
+        &mut self,
+        job: Job,
+        cancelled: &dyn Fn() -> bool,
+        keep_prefilling: &dyn Fn(&[u32]) -> bool,
+    ) -> Result<Generation> {
         let Job {
             key,
             prompt,
@@ -316,6 +378,7 @@ impl WorkerState {
             Watch {
                 stop,
                 cancelled,
+                keep_prefilling: Some(keep_prefilling),
                 progress,
             },
         )

@@ -85,6 +85,7 @@ fn run(
         Watch {
             stop: &mut stop,
             cancelled: &never,
+            keep_prefilling: None,
             progress: None,
         },
     )
@@ -279,6 +280,7 @@ fn a_script_chooses_the_tokens_and_decides_which_drafts_are_accepted() {
                 Watch {
                     stop: &mut |_: &str| false,
                     cancelled: &never,
+                    keep_prefilling: None,
                     progress: None,
                 },
             )

@@ -190,6 +190,7 @@ fn f32_round_trip_equals_safetensors_and_transformers() {
             Watch {
                 stop: &mut |_| false,
                 cancelled: &|| false,
+                keep_prefilling: None,
                 progress: None,
             },
         )

@@ -104,6 +104,7 @@ fn healed_generation_equals_the_transformers_reference() {
             Watch {
                 stop: &mut |_| false,
                 cancelled: &|| false,
+                keep_prefilling: None,
                 progress: None,
             },
         )
@@ -139,6 +140,7 @@ fn healing_reuses_the_cache_of_the_prompt_without_its_last_token() {
         let watch = Watch {
             stop: &mut |_| false,
             cancelled: &|| false,
+            keep_prefilling: None,
             progress: None,
         };
         generate(&engine, slot, prompt, &params, watch).expect("generates")

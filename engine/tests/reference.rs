@@ -163,6 +163,7 @@ fn greedy_tokens_match_transformers_generate() {
             Watch {
                 stop: &mut |_| false,
                 cancelled: &never_cancelled,
+                keep_prefilling: None,
                 progress: None,
             },
         )
@@ -297,6 +298,7 @@ fn cancelling_mid_generation_leaves_the_slot_consistent() {
                 false
             },
             cancelled: &cancel_soon,
+            keep_prefilling: None,
             progress: None,
         },
     )
@@ -339,4 +341,53 @@ fn cancelling_mid_generation_leaves_the_slot_consistent() {
     );
     assert_eq!(stats.prefilled, phi_engine::generate::PREFILL_CHUNK);
     assert_eq!(slot.ids(), &long[..stats.prefilled]);
+}
+
+#[test]
+fn a_cancelled_prefill_goes_on_through_the_chunks_a_newer_prompt_shares() {
+    let (engine, reference) = load();
+    let long: Vec<u32> = (0..300)
+        .map(|i| (i * 11 % reference.tokenizer_size) as u32)
+        .collect();
+    // Cancelled from the start; the newer job's prompt shares the first 290 positions. The chunks
+    // are 128, 128, 28 and the last 16 apart (PREFILL_TAIL): the first three are wanted, the tail
+    // is not (it runs past 290), so the prefill stops there.
+    let shared = 290;
+    let mut slot = Slot::new(&engine.model, 512).expect("slot");
+    let asked = std::sync::Mutex::new(Vec::new());
+    let keep = |prefix: &[u32]| {
+        asked.lock().expect("lock").push(prefix.len());
+        prefix.len() <= shared && *prefix == long[..prefix.len()]
+    };
+    let SyncOutcome::Cancelled(stats) = slot
+        .sync_serving(&engine.model, &long, &|| true, Some(&keep))
+        .expect("sync")
+    else {
+        panic!("a cancelled job generates nothing");
+    };
+    let tail = long.len() - phi_engine::generate::PREFILL_TAIL;
+    assert_eq!(stats.prefilled, tail, "{:?}", asked.lock());
+    assert_eq!(slot.ids(), &long[..tail]);
+    // Asked before every layer of each chunk it kept, and once for the tail, which it dropped.
+    let n_layers = engine.model.config().num_hidden_layers;
+    assert_eq!(asked.lock().expect("lock").len(), 3 * n_layers + 1);
+    // What it kept is the real prefix: the newer prompt, run on it, has the logits of a fresh run.
+    let mut next = long[..shared].to_vec();
+    next.extend_from_slice(&[5, 6, 7]);
+    let SyncOutcome::Ready(logits, stats) = slot.sync(&engine.model, &next, &|| false).expect("sync") else {
+        panic!("sync was not cancelled");
+    };
+    assert_eq!(stats.reused, tail);
+    let diff = max_abs_diff(
+        &logits.to_vec1::<f32>().expect("1-d"),
+        &fresh_logits(&engine, &next),
+    );
+    assert!(diff < TOLERANCE, "max |diff| {diff}");
+
+    // Without keep_prefilling the same cancel stops before the first layer and keeps nothing.
+    let mut slot = Slot::new(&engine.model, 512).expect("slot");
+    let SyncOutcome::Cancelled(stats) = slot.sync(&engine.model, &long, &|| true).expect("sync") else {
+        panic!("cancelled");
+    };
+    assert_eq!((stats.prefilled, slot.ids().len()), (0, 0));
 }

@@ -15,7 +15,7 @@ use phi_engine::{GenerationStats, StopReason};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::completion::backend::{Backend, BackendError, Generated, GenerationRequest, Pending};
+use crate::completion::backend::{Backend, BackendError, Cancel, Generated, GenerationRequest, Pending};
 use crate::completion::lock;
 
 /// The environment variable holding the API key sent as `Authorization: Bearer` (optional).
@@ -244,6 +244,9 @@ impl Drop for CancelOnDrop {
         self.0.store(true, Ordering::Relaxed);
     }
 }
+
+/// A remote request has no prefill to keep: released is cancelled.
+impl Cancel for CancelOnDrop {}
 
 impl Backend for Remote {
     /// Runs the request on a blocking thread (ureq reads the stream synchronously).

@@ -20,6 +20,7 @@ fn watch(no_stop: &mut dyn FnMut(&str) -> bool) -> Watch<'_> {
     Watch {
         stop: no_stop,
         cancelled: &never,
+        keep_prefilling: None,
         progress: None,
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use phi_engine::{
-    GenerateParams, GenerationStats, Job, JobOutcome, ProgressFn, Prompt, Sampling, StopReason, Worker,
-    WorkerStats,
+    GenerateParams, GenerationStats, Job, JobOutcome, ProgressFn, Prompt, Sampling, StopReason, Ticket,
+    Worker, WorkerStats,
 };
 use tokio::sync::oneshot;
 
@@ -70,17 +70,32 @@ pub enum BackendError {
 
 pub type Outcome = Result<Option<Generated>, BackendError>;
 
+/// What a generation's [`Pending`] holds to stop it. Dropped, it cancels the work; released, the
+/// work may still finish the prompt's prefill for the next request at the same place (the model
+/// thread's [`Ticket::release`]), and generates nothing more.
+pub trait Cancel: Send + Sync {
+    fn release(self: Box<Self>) {}
+}
+
+impl Cancel for () {}
+
+impl Cancel for Ticket {
+    fn release(self: Box<Self>) {
+        Ticket::release(*self);
+    }
+}
+
 /// A generation in progress. Dropping it cancels the work (the model thread stops within a token,
 /// the remote request at its next chunk).
 pub struct Pending {
     result: oneshot::Receiver<Outcome>,
-    _cancel: Box<dyn Send + Sync>,
+    _cancel: Box<dyn Cancel>,
     healed: Option<String>,
     prompt: Option<String>,
 }
 
 impl Pending {
-    pub fn new(result: oneshot::Receiver<Outcome>, cancel: impl Send + Sync + 'static) -> Self {
+    pub fn new(result: oneshot::Receiver<Outcome>, cancel: impl Cancel + 'static) -> Self {
         Pending {
             result,
             _cancel: Box::new(cancel),
@@ -125,7 +140,7 @@ impl Pending {
     /// The answer's receiver and the guard that cancels the work when dropped, apart: the answer
     /// can then be awaited in one place while the guard is kept (or dropped) in another. A
     /// dropped sender means the model thread is gone ([`BackendError::Stopped`]).
-    pub fn into_parts(self) -> (oneshot::Receiver<Outcome>, Box<dyn Send + Sync>) {
+    pub fn into_parts(self) -> (oneshot::Receiver<Outcome>, Box<dyn Cancel>) {
         (self.result, self._cancel)
     }
 }

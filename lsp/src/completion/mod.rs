@@ -36,7 +36,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::settings::Settings;
-use backend::{Backend, BackendError, Generated, Pending};
+use backend::{Backend, BackendError, Cancel, Generated, Pending};
 use growth::{Finished, Grew, Growth, Place};
 pub use neighbours::{OpenDocument, Workspace};
 use prepared::Prepared;
@@ -143,7 +143,7 @@ struct Growing {
     rope: Rope,
     cursor: usize,
     growth: Growth,
-    _cancel: Box<dyn Send + Sync>,
+    cancel: Box<dyn Cancel>,
 }
 
 /// The suggestion for the text as it will be once the one just shown is accepted, computed while
@@ -398,7 +398,7 @@ impl Completions {
                     rope: rope.clone(),
                     cursor,
                     growth: growth.clone(),
-                    _cancel: cancel,
+                    cancel,
                 },
             );
         }
@@ -642,7 +642,10 @@ impl Completions {
             return;
         };
         if !types_through(growing, rope) {
-            state.growing.remove(key);
+            // The next request is most likely at the same place: the prompt's prefill may serve it.
+            if let Some(growing) = state.growing.remove(key) {
+                growing.cancel.release();
+            }
         }
     }
 
