@@ -386,3 +386,70 @@ fn bench_replays_humaneval_bodies_through_the_completion_code() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("humaneval"), "{stderr}");
 }
+
+#[test]
+fn bench_session_types_at_each_place_and_times_each_pause() {
+    let output = phi_lsp()
+        .args(["bench", "--model"])
+        .arg(fixture_dir())
+        .args([
+            "--dtype",
+            "f32",
+            "--repeats",
+            "1",
+            "--keystrokes",
+            "1",
+            "--skip-server",
+        ])
+        .args([
+            "--decode-tokens",
+            "4",
+            "--bandwidth-mib",
+            "64",
+            "--json",
+            "--session",
+        ])
+        .output()
+        .expect("phi-lsp runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("one JSON object");
+    let pauses = report["session_pauses"].as_array().expect("pauses");
+    let steps: Vec<&str> = pauses.iter().filter_map(|p| p["step"].as_str()).collect();
+    assert_eq!(
+        steps,
+        [
+            "deep in the first file",
+            "600 lines up",
+            "the second file",
+            "back at the first place"
+        ],
+        "{report}"
+    );
+    let files: Vec<&str> = pauses.iter().filter_map(|p| p["file"].as_str()).collect();
+    assert_eq!(files, ["first.py", "first.py", "second.py", "first.py"]);
+    let line = |i: usize| pauses[i]["line"].as_u64().expect("line");
+    // The second place is the body start nearest 600 lines up (HumanEval's problems are tens of
+    // lines each); coming back, the cursor is two lines further down: the line typed there, and
+    // the line typed 600 lines above it.
+    assert!(line(0).abs_diff(line(1) + 600) < 60, "{report}");
+    assert_eq!(line(3), line(0) + 2, "{report}");
+    let text = |i: usize, key: &str| pauses[i][key].as_str().expect(key).to_string();
+    for (i, pause) in pauses.iter().enumerate() {
+        let typed = text(i, "typed");
+        assert!(typed.trim_end().len() > 4 && typed.contains('\n'), "{pause}");
+        // What the server's model saw ends with what was typed there: the places are right.
+        let expected = if i == 3 { text(0, "typed") + &typed } else { typed };
+        assert!(text(i, "prompt_end").ends_with(&expected), "{pause}");
+        let (wait, ready) = (pause["wait_ms"].as_f64(), pause["ready_ms"].as_f64());
+        assert!(wait.is_some_and(|w| w > 0.0) && ready <= wait, "{pause}");
+        let tokens = |key: &str| pause[key].as_u64().expect(key);
+        assert_eq!(
+            tokens("reused_tokens") + tokens("prefilled_tokens"),
+            tokens("prompt_tokens"),
+            "{pause}"
+        );
+    }
+    assert!(report["session_ready_ms_max"].as_f64().is_some(), "{report}");
+}

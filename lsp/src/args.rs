@@ -165,6 +165,11 @@ pub struct BenchArgs {
     /// Replay only the first N problems.
     #[arg(long, value_name = "N")]
     pub replay_limit: Option<usize>,
+    /// Also run a scripted editing session through the server at 5 characters a second (two long
+    /// modules made of HumanEval's problems; type deep in one, 600 lines up, in the other, back):
+    /// how long each pause waits for its answer, and how much of that was prefill.
+    #[arg(long)]
+    pub session: bool,
 }
 
 impl ModelArgs {

@@ -5,7 +5,8 @@
 //!
 //! One module per job: [`target`] (what is benchmarked), [`machine`] (the CPU), [`bandwidth`],
 //! [`rss`], [`in_process`] and [`server`] (the runs), [`replay`] (HumanEval through the completion
-//! code), [`profile`], [`stats`] and [`report`].
+//! code), [`session`] (a scripted editing session through the server), [`profile`], [`stats`] and
+//! [`report`].
 
 mod bandwidth;
 mod in_process;
@@ -16,6 +17,7 @@ mod replay;
 mod report;
 mod rss;
 mod server;
+mod session;
 mod stats;
 mod target;
 
@@ -162,6 +164,12 @@ fn measure_dtype(
         Some(server::server_keystrokes(&spec, threads, args, &text)?)
     };
 
+    let session = if args.session {
+        Some(session::session(&spec, threads, &replay::humaneval(None)?)?.json())
+    } else {
+        None
+    };
+
     let mut report = Measured {
         dtype,
         threads,
@@ -179,8 +187,12 @@ fn measure_dtype(
         server,
     }
     .json();
-    if let (Some(Value::Object(replay)), Value::Object(map)) = (replay, &mut report) {
-        map.extend(replay);
+    if let Value::Object(map) = &mut report {
+        for extra in [replay, session].into_iter().flatten() {
+            if let Value::Object(extra) = extra {
+                map.extend(extra);
+            }
+        }
     }
     Ok(report)
 }
