@@ -74,6 +74,18 @@ pub fn server_keystrokes(
     let name = &spec.dtype;
     let typed = &text.typed[..args.keystrokes.min(text.typed.len())];
 
+    let command = server_command(spec, threads)?;
+    progress(&format!("{name}: starting the server"));
+    let start = Instant::now();
+    let mut client = LspClient::spawn(command)?.with_timeout(ANSWER_TIMEOUT);
+    let result = type_into(&mut client, start, name, &text.prefix, typed);
+    // The figures are in; a server that does not leave is killed when the client is dropped.
+    let _ = client.shutdown();
+    result
+}
+
+/// This binary as `phi-lsp --stdio` for `spec`'s model on `threads` threads.
+pub fn server_command(spec: &ModelSpec, threads: usize) -> Result<Command> {
     let exe = std::env::current_exe().context("cannot find the phi-lsp executable to start the server")?;
     let mut command = Command::new(exe);
     command
@@ -82,7 +94,7 @@ pub fn server_keystrokes(
             "--model",
             &spec.model,
             "--dtype",
-            name,
+            &spec.dtype,
             "--device",
             &spec.device,
         ])
@@ -90,13 +102,7 @@ pub fn server_keystrokes(
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .env("PHI_LSP_LOG", "warn");
-    progress(&format!("{name}: starting the server"));
-    let start = Instant::now();
-    let mut client = LspClient::spawn(command)?.with_timeout(ANSWER_TIMEOUT);
-    let result = type_into(&mut client, start, name, &text.prefix, typed);
-    // The figures are in; a server that does not leave is killed when the client is dropped.
-    let _ = client.shutdown();
-    result
+    Ok(command)
 }
 
 /// Initializes the server, opens `prefix`, types `typed` one character at a time and accepts the

@@ -12,7 +12,6 @@
 //! `deadlineMs` of decoding), and `ready_ms`, that less the answer's own decoding (`last.decode_ms`):
 //! how long the prompt's prefill still held the model up once the user stopped typing.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::progress;
 use super::replay::Problem;
+use super::server::server_command;
 use super::stats::{ms, round, Spread};
 use crate::convert::{self, Pos, PositionEncoding};
 use crate::lsp_client::LspClient;
@@ -212,22 +212,7 @@ pub fn session(spec: &ModelSpec, threads: usize, problems: &[Problem]) -> Result
         },
     ];
 
-    let exe = std::env::current_exe().context("cannot find the phi-lsp executable to start the server")?;
-    let mut command = Command::new(exe);
-    command
-        .args([
-            "--stdio",
-            "--model",
-            &spec.model,
-            "--dtype",
-            &spec.dtype,
-            "--device",
-            &spec.device,
-        ])
-        .args(spec.tokenizer.iter().flat_map(|path| ["--tokenizer", path]))
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string())
-        .env("PHI_LSP_LOG", "warn");
+    let command = server_command(spec, threads)?;
     progress(&format!("{}: session: starting the server", spec.dtype));
     let mut client = LspClient::spawn(command)?.with_timeout(TIMEOUT);
     let result = run_session(&mut client, &mut modules, &mut places, &spec.dtype);
