@@ -328,11 +328,9 @@ fn bench_reports_every_measurement_and_keystrokes_reuse_the_cache() {
     }
 }
 
-/// `bench --replay humaneval` on the fixture: the first problems through the server's completion
-/// code with each token scripted to the canonical body, so every body arrives whole (the canonical
-/// solution is the reference), with and without drafts, and every figure of the replay is there.
-#[test]
-fn bench_replays_humaneval_bodies_through_the_completion_code() {
+/// `bench` on the fixture at f32 with the in-process runs cut short and no server keystrokes, plus
+/// `extra`: its one JSON report, and its stderr.
+fn quick_bench(extra: &[&str]) -> (serde_json::Value, String) {
     let output = phi_lsp()
         .args(["bench", "--model"])
         .arg(fixture_dir())
@@ -346,13 +344,22 @@ fn bench_replays_humaneval_bodies_through_the_completion_code() {
             "--skip-server",
         ])
         .args(["--decode-tokens", "4", "--bandwidth-mib", "64", "--json"])
-        .args(["--replay", "humaneval", "--replay-limit", "3"])
+        .args(extra)
         .output()
         .expect("phi-lsp runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{stderr}");
-    let report: serde_json::Value =
+    let report =
         serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("one JSON object");
+    (report, stderr)
+}
+
+/// `bench --replay humaneval` on the fixture: the first problems through the server's completion
+/// code with each token scripted to the canonical body, so every body arrives whole (the canonical
+/// solution is the reference), with and without drafts, and every figure of the replay is there.
+#[test]
+fn bench_replays_humaneval_bodies_through_the_completion_code() {
+    let (report, stderr) = quick_bench(&["--replay", "humaneval", "--replay-limit", "3"]);
     assert_eq!(report["replay_problems"], 3, "{report}");
     assert_eq!(report["replay_bodies_complete"], 1.0, "{stderr}");
     // HumanEval/0..2's canonical bodies are tens of tokens with this tokenizer.
@@ -389,32 +396,7 @@ fn bench_replays_humaneval_bodies_through_the_completion_code() {
 
 #[test]
 fn bench_session_types_at_each_place_and_times_each_pause() {
-    let output = phi_lsp()
-        .args(["bench", "--model"])
-        .arg(fixture_dir())
-        .args([
-            "--dtype",
-            "f32",
-            "--repeats",
-            "1",
-            "--keystrokes",
-            "1",
-            "--skip-server",
-        ])
-        .args([
-            "--decode-tokens",
-            "4",
-            "--bandwidth-mib",
-            "64",
-            "--json",
-            "--session",
-        ])
-        .output()
-        .expect("phi-lsp runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).expect("one JSON object");
+    let (report, _) = quick_bench(&["--session"]);
     let pauses = report["session_pauses"].as_array().expect("pauses");
     let steps: Vec<&str> = pauses.iter().filter_map(|p| p["step"].as_str()).collect();
     assert_eq!(

@@ -232,7 +232,7 @@ fn version(n: usize) -> i32 {
 }
 
 /// The `insertText` of the first item of an inlineCompletion answer.
-fn first_insert_text(answer: &Value) -> Option<String> {
+pub fn first_insert_text(answer: &Value) -> Option<String> {
     let items = answer.as_array().or_else(|| answer["items"].as_array())?;
     Some(items.first()?["insertText"].as_str()?.to_string()).filter(|t| !t.is_empty())
 }

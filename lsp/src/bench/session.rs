@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::progress;
 use super::replay::Problem;
-use super::server::server_command;
+use super::server::{first_insert_text, server_command};
 use super::stats::{ms, round, Spread};
 use crate::convert::{self, Pos, PositionEncoding};
 use crate::lsp_client::LspClient;
@@ -313,11 +313,7 @@ fn type_and_pause(
         .response_within(id, TIMEOUT)?
         .context("no answer to the last keystroke")?;
     let wait_ms = ms(last_keystroke.elapsed());
-    let shown = (answer["result"]["items"].as_array())
-        .or_else(|| answer["result"].as_array())
-        .and_then(|items| items.first())
-        .and_then(|item| item["insertText"].as_str())
-        .is_some_and(|t| !t.is_empty());
+    let shown = first_insert_text(&answer["result"]).is_some();
     let last = client.status()?["last"].clone();
     let decode_ms = last["decode_ms"].as_f64().unwrap_or(0.0);
     client.notifications.clear();
